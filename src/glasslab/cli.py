@@ -1,0 +1,210 @@
+"""The `glasslab` command. Thin: parse, resolve the config, call one function per command."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from glasslab import __version__
+from glasslab.config import Config, resolve
+from glasslab.errors import GlasslabError
+from glasslab.ui import console, emit_json
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="glasslab: a small-LLM lab you can see through.")
+
+Preset = Annotated[str, typer.Option(help="smoke | tiny | small | gpt2-124m")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="a TOML file layered over the preset")]
+Sets = Annotated[Optional[list[str]], typer.Option("--set", help="override a config key: --set train.lr=3e-3")]
+Name = Annotated[Optional[str], typer.Option(help="the run's name (default: stage-preset-time)")]
+RunsDir = Annotated[Path, typer.Option("--runs-dir", help="where runs live")]
+Seed = Annotated[Optional[int], typer.Option(help="random seed (overrides the config)")]
+Json = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
+Overwrite = Annotated[bool, typer.Option(help="replace an existing run of that name")]
+Resume = Annotated[bool, typer.Option(help="continue an existing run of that name")]
+RunArg = Annotated[Path, typer.Argument(help="a run directory, e.g. runs/my-run")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"glasslab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version")] = False,
+) -> None:
+    """Train a GPT from scratch through tokenizer -> pretraining -> SFT -> RL, and see inside every step."""
+
+
+def _config(preset: str, config_file: Path | None, sets: list[str] | None, seed: int | None) -> Config:
+    cfg = resolve(preset, config_file, sets)
+    if seed is not None:
+        cfg.seed = seed
+    return cfg
+
+
+def _new_run(runs_dir: Path, name: str | None, default: str, overwrite: bool, resume: bool):
+    from glasslab.track.rundir import RunDir
+
+    path = runs_dir / (name or f"{default}-{datetime.now():%Y%m%d-%H%M%S}")
+    if resume and (path / "manifest.json").exists():
+        return RunDir.open(path), True
+    return RunDir.create(path, overwrite=overwrite), False
+
+
+def _summary(run) -> dict:
+    from glasslab.track.rundir import list_runs
+
+    return next(r for r in list_runs(run.path.parent) if Path(r["path"]).resolve() == run.path.resolve())
+
+
+def _finish(run, as_json: bool) -> None:
+    summary = _summary(run)
+    if as_json:
+        emit_json(summary)
+        return
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in summary.get("metrics", {}).items())
+    console.print(f"[green]{summary['status']}[/] {run.path} at step {summary['last_step']}: {metrics}")
+
+
+@app.command()
+def pretrain(
+    preset: Preset = "tiny",
+    config: ConfigFile = None,
+    data: Annotated[Optional[str], typer.Option(help="text file, directory, .jsonl, .parquet or datasets dir")] = None,
+    set_: Sets = None,
+    name: Name = None,
+    runs_dir: RunsDir = Path("runs"),
+    seed: Seed = None,
+    overwrite: Overwrite = False,
+    resume: Resume = False,
+    json_: Json = False,
+) -> None:
+    """Pretrain a GPT on the embedded Shakespeare corpus or your own text."""
+    from glasslab.stages.pretrain import pretrain as run_pretrain
+    from glasslab.ui import progress
+
+    cfg = _config(preset, config, set_, seed)
+    if data is not None:
+        cfg.data.source = data
+    run, resumed = _new_run(runs_dir, name, f"pretrain-{preset}", overwrite, resume)
+    if resumed:
+        _resume(run, json_)
+        return
+    run.update_manifest(pipeline=["pretrain"], preset=preset)
+    with progress() as bar:
+        run_pretrain(cfg, run, progress=bar)
+    run.set_status("completed")
+    _finish(run, json_)
+
+
+def _resume(run, as_json: bool) -> None:
+    from glasslab.stages.common import load_run_config
+    from glasslab.stages.pretrain import pretrain as run_pretrain
+    from glasslab.ui import progress
+
+    manifest = run.read_manifest()
+    stages = {"pretrain": run_pretrain}
+    todo = [s for s in manifest.get("pipeline", []) if s not in manifest.get("stages_done", [])]
+    cfg = load_run_config(run)
+    with progress() as bar:
+        for stage in todo:
+            stages[stage](cfg, run, progress=bar)
+    run.set_status("completed")
+    _finish(run, as_json)
+
+
+@app.command()
+def resume(run_dir: RunArg, json_: Json = False) -> None:
+    """Continue a stopped or killed run from its last checkpoint."""
+    from glasslab.track.rundir import RunDir
+
+    _resume(RunDir.open(run_dir), json_)
+
+
+@app.command()
+def sample(
+    run_dir: RunArg,
+    prompt: Annotated[str, typer.Option(help="text to continue")] = "\n",
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 200,
+    temperature: Annotated[float, typer.Option(help="0 for greedy")] = 0.8,
+    top_k: Annotated[Optional[int], typer.Option(help="keep the k most likely tokens")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="nucleus sampling mass")] = 0.95,
+    n: Annotated[int, typer.Option(help="number of samples")] = 1,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    json_: Json = False,
+) -> None:
+    """Generate text from a run's newest checkpoint."""
+    from glasslab.model.generate import generate
+    from glasslab.stages.common import load_model
+    from glasslab.track.rundir import RunDir
+
+    model, tok, _ = load_model(RunDir.open(run_dir))
+    ids = [tok.bos_id, *tok.encode(prompt)]
+    out = generate(model, [ids] * n, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   stop_ids=(tok.end_id,), pad_id=tok.pad_id, seed=seed)  # fmt: skip
+    texts = [prompt + tok.decode(t, skip_special=True) for t in out.tokens]
+    if json_:
+        emit_json({"run": str(run_dir), "prompt": prompt, "seed": seed, "samples": texts})
+        return
+    for i, text in enumerate(texts):
+        if n > 1:
+            console.rule(f"sample {i + 1}")
+        print(text)
+
+
+@app.command()
+def runs(
+    runs_dir: RunsDir = Path("runs"),
+    compact: Annotated[bool, typer.Option(help="rewrite every run's metrics.parquet from its live store")] = False,
+    json_: Json = False,
+) -> None:
+    """List every run with its status, stage, step and key metrics."""
+    from rich.table import Table
+
+    from glasslab.track.metrics import MetricStore
+    from glasslab.track.rundir import RunDir, list_runs
+
+    rows = list_runs(runs_dir)
+    if compact:
+        for r in rows:
+            run = RunDir.open(Path(r["path"]))
+            if run.metrics_db_path.exists():
+                with MetricStore(run.metrics_db_path) as store:
+                    store.compact(run.metrics_parquet_path)
+    if json_:
+        emit_json(rows)
+        return
+    table = Table("name", "status", "stage", "step", "metrics", title=f"runs in {runs_dir}")
+    for r in rows:
+        metrics = "  ".join(f"{k} {v:.4g}" for k, v in r.get("metrics", {}).items())
+        table.add_row(r["name"], r["status"], str(r.get("stage")), str(r.get("last_step")), metrics)
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point: user-fixable errors become one line on stderr and exit code 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except GlasslabError as e:
+        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: continue with `glasslab resume RUN`")
+        sys.exit(130)
+    except Exception as e:  # click's usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise

@@ -1,0 +1,61 @@
+"""The task-environment protocol, shared by SFT (to make data), evaluation, and RL (prompts and rewards).
+
+An environment makes problems with a hidden reference answer, renders the ideal assistant answer for SFT,
+and scores a completion with named reward functions. Train and eval problems never overlap: a problem
+belongs to the eval split iff a hash of its prompt says so, whatever the seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal
+
+Split = Literal["train", "eval"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str  # the user's message
+    answer: str  # the hidden reference
+    difficulty: int  # e.g. for arithmetic: digits of the largest operand
+    meta: dict = field(default_factory=dict, compare=False)
+
+
+def split_of(prompt: str, eval_share: float = 0.2) -> Split:
+    """Stable held-out assignment by content hash (independent of seed and of generation order)."""
+    h = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big")
+    return "eval" if h / 2**64 < eval_share else "train"
+
+
+class Environment(ABC):
+    name: str
+    reward_names: tuple[str, ...]  # e.g. ("correct", "format")
+    system_prompt: str | None = None
+
+    @abstractmethod
+    def sample_problem(self, rng: random.Random) -> Problem:
+        """One random problem (either split); `problems` filters by split."""
+
+    def problems(self, split: Split, n: int, seed: int) -> list[Problem]:
+        """n distinct problems of one split, fixed by seed."""
+        rng, seen, out = random.Random(seed), set(), []
+        for _ in range(200 * n):
+            p = self.sample_problem(rng)
+            if p.prompt not in seen and split_of(p.prompt) == split:
+                seen.add(p.prompt)
+                out.append(p)
+                if len(out) == n:
+                    return out
+        raise ValueError(f"{self.name}: could not draw {n} distinct {split} problems; widen its settings")
+
+    @abstractmethod
+    def ideal_answer(self, problem: Problem) -> list[tuple[str, str]]:
+        """The turns after the user's message that solve it, as (role, content): usually one assistant turn;
+        with a tool, an assistant tool call, the tool's result, and the final assistant answer."""
+
+    @abstractmethod
+    def score(self, problem: Problem, completion: str) -> dict[str, float]:
+        """Reward per name in reward_names for a completion (the decoded assistant text, specials kept)."""

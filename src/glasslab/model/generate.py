@@ -1,0 +1,127 @@
+"""Batched, seeded generation with a KV cache.
+
+Prompts of different lengths are left-padded; each row gets its own positions and a key mask, so a padded row
+computes exactly what it would alone. Every row advances one token per step: a token is either sampled or
+*forced* (e.g. a tool's result, injected by an `Interceptor`), and the result records which, so RL can train on
+sampled tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from glasslab.model.gpt import GPT, KVCache
+
+
+class Interceptor(Protocol):
+    """Sees each row's completion after every sampled token; may return tokens to force next (a tool result).
+    Forcing tokens after a stop token keeps the row going, so a tool call can end with `<|end|>`."""
+
+    def __call__(self, row: int, completion: list[int]) -> list[int] | None: ...
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # completion tokens per row (prompt excluded), stop token included when hit
+    sampled: list[list[bool]]  # True where the token was sampled by the model, False where forced
+    logprobs: list[list[float]]  # log p(token) under the model at temperature 1 (0.0 for forced tokens)
+    truncated: list[bool] = field(default_factory=list)  # hit max_new_tokens before a stop token
+
+
+def filter_logits(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
+    """Temperature, then top-k, then nucleus (top-p) filtering, on (B, V) logits."""
+    logits = logits / max(temperature, 1e-6)
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def _pad_left(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    width = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros((len(prompts), width), dtype=torch.bool, device=device)
+    for r, p in enumerate(prompts):
+        idx[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        valid[r, width - len(p) :] = True
+    return idx, valid
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_ids: tuple[int, ...] = (),
+    pad_id: int = 0,
+    seed: int | None = None,
+    interceptor: Interceptor | None = None,
+) -> Generation:
+    """Complete every prompt; greedy when temperature == 0."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed is not None else torch.seed())
+    idx, valid = _pad_left(prompts, pad_id, device)
+    B, T = idx.shape
+    cache = KVCache(model, B, T + max_new_tokens)
+    keys = torch.cat([valid, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
+    positions = (valid.cumsum(1) - 1).clamp(min=0)
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    # Fully padded query rows would attend to nothing (NaN); let them see themselves, their output is unused.
+    mask = (causal & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=device)
+    was_training = model.training
+    model.eval()
+    logits = model(idx, positions=positions, mask=mask[:, None], cache=cache)[:, -1]
+    next_pos = positions[:, -1] + 1
+
+    out = Generation([[] for _ in range(B)], [[] for _ in range(B)], [[] for _ in range(B)], [False] * B)
+    forced: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    for i in range(max_new_tokens):
+        logp = F.log_softmax(logits, dim=-1)
+        if temperature == 0:
+            choice = logits.argmax(-1)
+        else:
+            probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+            choice = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+        chosen_logp = logp.gather(1, choice[:, None]).squeeze(1).tolist()
+        step = choice.tolist()
+        for r in range(B):
+            if done[r]:
+                continue
+            if forced[r]:
+                step[r] = forced[r].pop(0)
+                out.sampled[r].append(False)
+                out.logprobs[r].append(0.0)
+            else:
+                out.sampled[r].append(True)
+                out.logprobs[r].append(chosen_logp[r])
+            out.tokens[r].append(step[r])
+            if not out.sampled[r][-1]:
+                continue
+            if interceptor is not None:
+                forced[r] = list(interceptor(r, out.tokens[r]) or [])
+            done[r] = not forced[r] and step[r] in stop_ids
+        if all(done) or i == max_new_tokens - 1:
+            break
+        token = torch.tensor(step, dtype=torch.long, device=device)[:, None]
+        length = cache.length + 1
+        logits = model(token, positions=next_pos[:, None], mask=keys[:, None, None, :length], cache=cache)[:, -1]
+        next_pos = next_pos + 1
+    out.truncated = [not d for d in done]
+    model.train(was_training)
+    return out

@@ -1,0 +1,193 @@
+"""A whole modern GPT in one file: RoPE, RMSNorm, optional QK-norm, GQA, GELU/SwiGLU/ReLU² MLPs,
+tied or untied embeddings and soft-capped logits. Attention runs through `F.scaled_dot_product_attention`.
+
+The forward pass carries no instrumentation: probes attach forward hooks to named submodules
+(`blocks.i.attn.core` sees q, k, v after RoPE and QK-norm; `blocks.i` sees the residual stream).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from glasslab.config import ModelConfig
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding tables, grown on demand so positions past block_size still work."""
+
+    def __init__(self, head_dim: int, theta: float, length: int) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", theta ** (-torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
+        self._build(length)
+
+    def _build(self, length: int) -> None:
+        freqs = torch.outer(torch.arange(length, device=self.inv_freq.device).float(), self.inv_freq)
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions: (T,) shared by every row, or (B, T). Returns cos, sin broadcastable to (B, H, T, D/2)."""
+        if int(positions.max()) >= self.cos.size(0):
+            self._build(2 * int(positions.max()) + 1)
+        cos, sin = self.cos[positions], self.sin[positions]
+        return (cos, sin) if positions.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
+
+
+class AttentionCore(nn.Module):
+    """softmax(q kᵀ / √d + mask) v. Its own module so a probe can hook the exact q, k, v the model attends with."""
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head or cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.q = nn.Linear(cfg.n_embd, self.n_head * self.head_dim, bias=False)
+        self.k = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.v = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.o = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
+        self.core = AttentionCore()
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: LayerCache | None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        y = self.core(q, k, v, mask)
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def _swiglu(h: Tensor) -> Tensor:
+    a, gate = h.chunk(2, dim=-1)
+    return F.silu(gate) * a
+
+
+# name -> (activation, how many hidden-width slices the up-projection produces)
+ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], int]] = {
+    "gelu": (F.gelu, 1),
+    "relu2": (lambda h: F.relu(h).square(), 1),
+    "swiglu": (_swiglu, 2),
+}
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.act, width = ACTIVATIONS[cfg.mlp]
+        # SwiGLU has three matrices: shrink its hidden width by 2/3 to keep the parameter count.
+        hidden = int(cfg.mlp_ratio * cfg.n_embd * (2 / 3 if width == 2 else 1))
+        self.up = nn.Linear(cfg.n_embd, width * hidden, bias=False)
+        self.down = nn.Linear(hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(self.act(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.RMSNorm(cfg.n_embd), Attention(cfg)
+        self.norm2, self.mlp = nn.RMSNorm(cfg.n_embd), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: LayerCache | None) -> Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), cos, sin, mask, cache))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size must be set (it comes from the tokenizer)")
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.wte.weight
+        self.rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.rope_theta, cfg.block_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02), residual projections shrunk by √(2·n_layer) so the stream's variance stays flat."""
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, std=residual_std if name.endswith(("attn.o.weight", "mlp.down.weight")) else 0.02)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n if embeddings or self.cfg.tie_embeddings else n - self.wte.weight.numel()
+
+    def forward(
+        self,
+        idx: Tensor,
+        positions: Tensor | None = None,
+        mask: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """idx (B, T) -> logits (B, T, V). `mask` is a boolean (B, 1, T, T_keys) attention mask (True = attend);
+        without one, attention is causal. `positions` default to 0..T-1 after whatever the cache holds."""
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + idx.size(1), device=idx.device)
+        cos, sin = self.rotary(positions)
+        x = self.drop(self.wte(idx))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, cache.layer(i) if cache is not None else None)
+        logits = self.head(self.norm(x)).float()
+        if self.cfg.logit_softcap:
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+        if cache is not None:
+            cache.length += idx.size(1)
+        return logits
+
+
+class LayerCache:
+    """One layer's view of the KV cache: writes new keys/values at the cache's fill position."""
+
+    def __init__(self, cache: KVCache, i: int) -> None:
+        self.cache, self.i = cache, i
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        c, start, end = self.cache, self.cache.length, self.cache.length + k.size(2)
+        c.k[self.i, :, :, start:end] = k
+        c.v[self.i, :, :, start:end] = v
+        return c.k[self.i, :, :, :end], c.v[self.i, :, :, :end]
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, so generation attends to the past without recomputing it."""
+
+    def __init__(self, model: GPT, batch: int, max_len: int) -> None:
+        cfg, p = model.cfg, next(model.parameters())
+        shape = (cfg.n_layer, batch, cfg.n_kv_head or cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.length = 0
+
+    def layer(self, i: int) -> LayerCache:
+        return LayerCache(self, i)

@@ -1,0 +1,33 @@
+"""Pretraining: documents -> tokenizer -> token shards -> GPT trained on next-token prediction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from glasslab.config import Config
+from glasslab.data.tokens import build_token_splits
+from glasslab.model.gpt import GPT
+from glasslab.stages.common import cache_dir, documents, save_config, setup_runtime, stage_run, tokenizer_for
+from glasslab.track.rundir import RunDir
+from glasslab.train.lm import LanguageModeling
+from glasslab.train.loop import Hook, train
+
+
+def pretrain(cfg: Config, run: RunDir, *, hooks: list[Hook] = (), progress: Any = None) -> GPT:  # type: ignore[assignment]
+    device = setup_runtime(cfg.system, cfg.seed)
+    run.update_manifest(device=str(device), seed=cfg.seed)
+    docs = documents(cfg)
+    tokenizer = tokenizer_for(run, cfg, docs)
+    cfg.model.vocab_size = tokenizer.vocab_size
+    save_config(run, cfg)
+    splits = build_token_splits(docs, tokenizer, cache_dir(run), cfg.data.val_fraction, cfg.seed)
+    model = GPT(cfg.model).to(device)
+    objective = LanguageModeling(
+        splits, tokenizer,
+        batch_size=cfg.train.batch_size, block_size=cfg.model.block_size, eval_batches_n=cfg.train.eval_batches,
+        z_loss=cfg.train.z_loss, seed=cfg.seed, device=device,
+    )  # fmt: skip
+    with stage_run(run, objective.stage) as store:
+        train(model, objective, cfg.train, run, store, arch=cfg.model.model_dump(), hooks=hooks,
+              progress=progress, compile=cfg.system.compile)  # fmt: skip
+    return model

@@ -1,0 +1,82 @@
+"""Next-token prediction on a token stream: the pretraining objective."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from glasslab.data.tokenizer import Tokenizer
+from glasslab.data.tokens import BatchSampler, TokenSplits, eval_batches
+from glasslab.model.generate import generate
+
+
+def lm_loss(logits: Tensor, targets: Tensor, z_loss: float = 0.0, ignore_index: int = -100) -> tuple[Tensor, dict[str, float]]:
+    """Cross-entropy, plus z-loss (mean squared log-partition) when asked: it keeps output logits from drifting."""
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+    if not z_loss:
+        return ce, {"train/loss": ce.item()}
+    keep = targets.flatten() != ignore_index
+    log_z = torch.logsumexp(logits.flatten(0, 1)[keep], dim=-1)
+    z = log_z.square().mean()
+    return ce + z_loss * z, {"train/loss": ce.item(), "train/z_loss": z.item()}
+
+
+class LanguageModeling:
+    """Random windows of the training tokens; validation on a fixed set of windows so curves are comparable."""
+
+    stage = "pretrain"
+
+    def __init__(
+        self,
+        splits: TokenSplits,
+        tokenizer: Tokenizer,
+        *,
+        batch_size: int,
+        block_size: int,
+        eval_batches_n: int,
+        z_loss: float,
+        seed: int,
+        device: torch.device,
+        sample_prompt: str = "\n",
+        sample_tokens: int = 128,
+    ) -> None:
+        self.splits, self.tokenizer, self.device, self.z_loss = splits, tokenizer, device, z_loss
+        self.sampler = BatchSampler(splits.train, batch_size, block_size, seed)
+        self.val = eval_batches(splits.val, batch_size, block_size, eval_batches_n)
+        self.sample_prompt, self.sample_tokens, self.seed = sample_prompt, sample_tokens, seed
+
+    def next_batch(self, model: nn.Module) -> tuple[Tensor, Tensor]:
+        x, y = self.sampler.next_batch()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        x, y = batch
+        return lm_loss(model(x), y, self.z_loss)
+
+    def batch_tokens(self, batch: tuple[Tensor, Tensor]) -> int:
+        return batch[0].numel()
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        model.eval()
+        total = sum(F.cross_entropy(model(x.to(self.device)).flatten(0, 1), y.to(self.device).flatten()).item() for x, y in self.val)
+        loss = total / len(self.val)
+        return {
+            "val/loss": loss,
+            "val/bpb": loss / math.log(2) / self.splits.bytes_per_token,
+            "val/ppl": math.exp(min(loss, 50.0)),
+        }
+
+    def samples(self, model: nn.Module) -> list[dict]:
+        prompt = [self.tokenizer.bos_id, *self.tokenizer.encode(self.sample_prompt)]
+        out = generate(model, [prompt], self.sample_tokens, temperature=0.8, top_p=0.95, seed=self.seed)
+        return [{"prompt": self.sample_prompt, "completion": self.tokenizer.decode(out.tokens[0])}]
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])

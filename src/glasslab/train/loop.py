@@ -1,0 +1,242 @@
+"""The one training loop. Every stage (pretrain, SFT, GRPO, DPO) is an `Objective` run through `train()`;
+probes and other plug-ins are `Hook`s called at fixed points of each step, never inside the model.
+
+A step: objective.next_batch -> objective.loss -> backward -> hooks.on_backward (raw gradients) -> clip ->
+optimizer.step -> hooks.on_optimizer_step (the update just made) -> log. Evaluation, samples and checkpoints
+happen between steps, so a checkpoint always holds a consistent state and a resumed run repeats the
+uninterrupted run step for step.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from glasslab.config import TrainConfig
+from glasslab.errors import GlasslabError
+from glasslab.track.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from glasslab.track.metrics import MetricStore
+from glasslab.track.rundir import RunDir
+from glasslab.train.optim import build_optimizer, set_lr
+
+
+class Objective(Protocol):
+    """What makes a stage a stage: its data, its loss, its evaluation."""
+
+    stage: str
+
+    def next_batch(self, model: nn.Module) -> Any: ...
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]: ...
+
+    def batch_tokens(self, batch: Any) -> int: ...
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
+
+    def samples(self, model: nn.Module) -> list[dict]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class StepContext:
+    """What hooks see. `metrics` is filled by everyone during a step and logged once at its end."""
+
+    stage: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    objective: Objective
+    run: RunDir
+    cfg: TrainConfig
+    step: int = 0
+    batch: Any = None
+    loss: float = float("nan")
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Hook:
+    """A plug-in called by the loop; override the moments you need."""
+
+    def on_train_start(self, ctx: StepContext) -> None: ...
+
+    def on_step_start(self, ctx: StepContext) -> None: ...
+
+    def on_backward(self, ctx: StepContext) -> None: ...
+
+    def on_optimizer_step(self, ctx: StepContext) -> None: ...
+
+    def on_eval(self, ctx: StepContext) -> None: ...
+
+    def on_train_end(self, ctx: StepContext) -> None: ...
+
+
+class Diverged(GlasslabError):
+    """Loss or gradient became NaN/inf."""
+
+
+class StopRequested:
+    """Turns Ctrl-C / SIGTERM into a flag read between steps, so the loop can checkpoint a consistent state."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequested:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Interrupted(Exception):
+    """Raised after the loop saved a checkpoint because a stop was requested."""
+
+
+def _rng_state() -> dict[str, Tensor]:
+    state = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Tensor]) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["torch_cuda"])
+
+
+def check_architecture(saved: dict, current: dict, path: Path) -> None:
+    diff = [f"{k}: {saved.get(k)!r} vs {current.get(k)!r}" for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if diff:
+        raise GlasslabError(
+            f"checkpoint {path} is from another architecture ({'; '.join(diff)}): "
+            "resume with the run's own config, or start a new run"
+        )
+
+
+def train(
+    model: nn.Module,
+    objective: Objective,
+    cfg: TrainConfig,
+    run: RunDir,
+    store: MetricStore,
+    *,
+    arch: dict,
+    hooks: list[Hook] = (),  # type: ignore[assignment]
+    progress: Any = None,
+    compile: bool = False,
+) -> int:
+    """Run (or resume) one stage to cfg.steps. Returns the final step. With `compile`, the objective's training
+    forward runs through torch.compile; evaluation, sampling and probes use the plain module."""
+    stage = objective.stage
+    forward = torch.compile(model) if compile else model
+    optimizer = build_optimizer(model, cfg)
+    ctx = StepContext(stage, model, optimizer, objective, run, cfg)
+    ckpt_root = run.checkpoints_dir
+    resume_from = latest_checkpoint(ckpt_root, stage)
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from)
+        check_architecture(ckpt.extra["arch"], arch, resume_from)
+        model.load_state_dict(ckpt.model)
+        optimizer.load_state_dict(ckpt.optimizer)
+        objective.load_state_dict(ckpt.extra["objective"])
+        _set_rng_state(ckpt.rng)
+        ctx.step = ckpt.step
+    store.truncate_after(stage, ctx.step)  # rows a killed run logged after its last checkpoint
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            ckpt_root, stage, ctx.step,
+            model=model.state_dict(), optimizer=optimizer.state_dict(),
+            extra={"arch": arch, "objective": objective.state_dict()},
+            rng=_rng_state(), keep_last=cfg.keep_last,
+        )  # fmt: skip
+
+    run.update_manifest(status="running", stage=stage, last_step=ctx.step)
+    task = progress.add_task(stage, total=cfg.steps, completed=ctx.step, loss=float("nan"), tps=0.0) if progress else None
+    for h in hooks:
+        h.on_train_start(ctx)
+    model.train()
+    with StopRequested() as stop:
+        while ctx.step < cfg.steps:
+            t0 = time.perf_counter()
+            ctx.metrics = {"optim/lr": set_lr(optimizer, ctx.step, cfg)}
+            for h in hooks:
+                h.on_step_start(ctx)
+            loss_sum, tokens, parts = 0.0, 0, {}
+            for _ in range(cfg.grad_accum):
+                ctx.batch = objective.next_batch(model)
+                loss, parts = objective.loss(forward, ctx.batch)
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.item() / cfg.grad_accum
+                tokens += objective.batch_tokens(ctx.batch)
+            ctx.loss = loss_sum
+            if not math.isfinite(loss_sum):
+                raise Diverged(_diverged("loss", loss_sum, ctx.step + 1, ckpt_root, stage))
+            for h in hooks:
+                h.on_backward(ctx)
+            clip = cfg.grad_clip if cfg.grad_clip else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+            if not math.isfinite(grad_norm):
+                raise Diverged(_diverged("gradient norm", grad_norm, ctx.step + 1, ckpt_root, stage))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ctx.step += 1
+            for h in hooks:
+                h.on_optimizer_step(ctx)
+            dt = time.perf_counter() - t0
+            ctx.metrics.update(parts)
+            ctx.metrics.update({
+                "optim/grad_norm": grad_norm,
+                "optim/clipped": float(grad_norm > clip),
+                "throughput/tokens_per_s": tokens / dt,
+                "time/step_s": dt,
+            })  # fmt: skip
+            store.log(ctx.step, stage, ctx.metrics)
+            last = ctx.step == cfg.steps
+            if (cfg.eval_every and ctx.step % cfg.eval_every == 0) or last:
+                ctx.metrics = objective.evaluate(model)
+                for h in hooks:
+                    h.on_eval(ctx)
+                store.log(ctx.step, stage, ctx.metrics)
+                model.train()
+            if (cfg.sample_every and ctx.step % cfg.sample_every == 0) or last:
+                for record in objective.samples(model):
+                    run.log_sample({"stage": stage, "step": ctx.step, **record})
+                model.train()
+            if ctx.step % cfg.checkpoint_every == 0 or last or stop.requested:
+                checkpoint()
+                run.update_manifest(last_step=ctx.step)
+            if progress:
+                progress.update(task, completed=ctx.step, loss=loss_sum, tps=tokens / dt)
+            if stop.requested and not last:
+                raise Interrupted(f"stopped at step {ctx.step} of {stage}")
+    for h in hooks:
+        h.on_train_end(ctx)
+    return ctx.step
+
+
+def _diverged(what: str, value: float, step: int, ckpt_root: Path, stage: str) -> str:
+    good = latest_checkpoint(ckpt_root, stage)
+    where = f"last good checkpoint: {good}" if good else "no checkpoint was written yet"
+    return f"{what} became {value} at step {step} of {stage} ({where}): lower train.lr or set train.grad_clip"
