@@ -95,12 +95,75 @@ class SystemConfig(Section):
     threads: int | None = None  # None: torch's default
 
 
+class ProbesConfig(Section):
+    """Which probes run and how often (in steps). `--probes full` sets every cadence to 1; `off` disables all."""
+
+    mode: Literal["off", "default", "full"] = "default"
+    grads_every: int = 10
+    attention_every: int = 50
+    activations_every: int = 50
+    loss_by_position: bool = True
+    position_buckets: int = 8
+    spikes: bool = True
+    spike_window: int = 50
+    spike_threshold: float = 6.0
+    spike_history: int = 8
+    spike_topk: int = 8
+
+
+class SFTConfig(Section):
+    """Supervised fine-tuning on chat conversations: made by task environments, or read from a JSONL file."""
+
+    tasks: list[str] = ["arithmetic"]
+    data: str | None = None  # a conversations JSONL instead of (or besides) the tasks
+    examples: int = 20000
+    train: TrainConfig = TrainConfig(steps=600, batch_size=32, lr=1e-3, warmup_steps=30, eval_every=200, checkpoint_every=200)
+
+
+class RLConfig(Section):
+    """Reinforcement learning from an environment's rewards: GRPO, or DPO on pairs built from it."""
+
+    algo: Literal["grpo", "dpo"] = "grpo"
+    env: str = "arithmetic"
+    group_size: int = 8
+    prompts_per_step: int = 8
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    beta: float = 0.04
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    num_iterations: int = 1
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = "dapo"
+    mask_truncated: bool = True
+    drop_zero_std: bool = True
+    entropy_coef: float = 0.0
+    reward_weights: dict[str, float] = {"correct": 1.0, "format": 0.1}
+    ref_reset_every: int = 0  # 0: the reference stays the SFT model
+    dpo_beta: float = 0.1
+    eval_n: int = 200
+    table_every: int = 25
+    train: TrainConfig = TrainConfig(steps=150, batch_size=1, lr=5e-5, warmup_steps=5, weight_decay=0.0, eval_every=50, checkpoint_every=25, schedule="constant")
+
+
+class EvalConfig(Section):
+    n: int = 200
+    pass_k: list[int] = [1, 4]
+    samples: int = 4  # sampled answers per problem for pass@k
+    temperature: float = 1.0
+
+
 class Config(Section):
     seed: int = 1337
     model: ModelConfig = ModelConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    probes: ProbesConfig = ProbesConfig()
+    sft: SFTConfig = SFTConfig()
+    rl: RLConfig = RLConfig()
+    eval: EvalConfig = EvalConfig()
     system: SystemConfig = SystemConfig()
 
     def to_toml(self) -> str:
@@ -182,8 +245,10 @@ def _explain(err: ValidationError, model: type[BaseModel]) -> str:
 
 
 def build_config(data: dict[str, Any]) -> Config:
+    """Validate over the full default tree, so overriding one key of a nested section keeps that
+    section's own defaults (sft.train's lr is not the pretraining lr)."""
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(_merge(Config().model_dump(), data))
     except ValidationError as err:
         raise GlasslabError(_explain(err, Config)) from None
 

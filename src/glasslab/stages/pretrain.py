@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from glasslab.config import Config
@@ -13,7 +14,10 @@ from glasslab.train.lm import LanguageModeling
 from glasslab.train.loop import Hook, train
 
 
-def pretrain(cfg: Config, run: RunDir, *, hooks: list[Hook] = (), progress: Any = None) -> GPT:  # type: ignore[assignment]
+def pretrain(
+    cfg: Config, run: RunDir, *, init: Path | None = None, hooks: list[Hook] = (), progress: Any = None  # type: ignore[assignment]
+) -> GPT:
+    """`init` is accepted for the common stage signature; pretraining starts from scratch."""
     device = setup_runtime(cfg.system, cfg.seed)
     run.update_manifest(device=str(device), seed=cfg.seed)
     docs = documents(cfg)
