@@ -3,30 +3,20 @@
 from __future__ import annotations
 
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from glasslab import __version__
-from glasslab.config import Config, resolve
+from glasslab.commands.common import config_from_options, finish, new_run, resume_run
+from glasslab.commands.options import (
+    ConfigFile, Json, Name, Overwrite, Preset, Resume, RunArg, RunsDir, Seed, Sets,
+)  # fmt: skip
 from glasslab.errors import GlasslabError
 from glasslab.ui import console, emit_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="glasslab: a small-LLM lab you can see through.")
-
-Preset = Annotated[str, typer.Option(help="smoke | tiny | small | gpt2-124m")]
-ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="a TOML file layered over the preset")]
-Sets = Annotated[Optional[list[str]], typer.Option("--set", help="override a config key: --set train.lr=3e-3")]
-Name = Annotated[Optional[str], typer.Option(help="the run's name (default: stage-preset-time)")]
-RunsDir = Annotated[Path, typer.Option("--runs-dir", help="where runs live")]
-Seed = Annotated[Optional[int], typer.Option(help="random seed (overrides the config)")]
-Json = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
-Overwrite = Annotated[bool, typer.Option(help="replace an existing run of that name")]
-Resume = Annotated[bool, typer.Option(help="continue an existing run of that name")]
-RunArg = Annotated[Path, typer.Argument(help="a run directory, e.g. runs/my-run")]
-
 
 def _version(value: bool) -> None:
     if value:
@@ -39,37 +29,6 @@ def _main(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version")] = False,
 ) -> None:
     """Train a GPT from scratch through tokenizer -> pretraining -> SFT -> RL, and see inside every step."""
-
-
-def _config(preset: str, config_file: Path | None, sets: list[str] | None, seed: int | None) -> Config:
-    cfg = resolve(preset, config_file, sets)
-    if seed is not None:
-        cfg.seed = seed
-    return cfg
-
-
-def _new_run(runs_dir: Path, name: str | None, default: str, overwrite: bool, resume: bool):
-    from glasslab.track.rundir import RunDir
-
-    path = runs_dir / (name or f"{default}-{datetime.now():%Y%m%d-%H%M%S}")
-    if resume and (path / "manifest.json").exists():
-        return RunDir.open(path), True
-    return RunDir.create(path, overwrite=overwrite), False
-
-
-def _summary(run) -> dict:
-    from glasslab.track.rundir import list_runs
-
-    return next(r for r in list_runs(run.path.parent) if Path(r["path"]).resolve() == run.path.resolve())
-
-
-def _finish(run, as_json: bool) -> None:
-    summary = _summary(run)
-    if as_json:
-        emit_json(summary)
-        return
-    metrics = ", ".join(f"{k} {v:.4g}" for k, v in summary.get("metrics", {}).items())
-    console.print(f"[green]{summary['status']}[/] {run.path} at step {summary['last_step']}: {metrics}")
 
 
 @app.command()
@@ -89,34 +48,18 @@ def pretrain(
     from glasslab.stages.pretrain import pretrain as run_pretrain
     from glasslab.ui import progress
 
-    cfg = _config(preset, config, set_, seed)
+    cfg = config_from_options(preset, config, set_, seed)
     if data is not None:
         cfg.data.source = data
-    run, resumed = _new_run(runs_dir, name, f"pretrain-{preset}", overwrite, resume)
+    run, resumed = new_run(runs_dir, name, f"pretrain-{preset}", overwrite, resume)
     if resumed:
-        _resume(run, json_)
+        resume_run(run, json_)
         return
     run.update_manifest(pipeline=["pretrain"], preset=preset)
     with progress() as bar:
         run_pretrain(cfg, run, progress=bar)
     run.set_status("completed")
-    _finish(run, json_)
-
-
-def _resume(run, as_json: bool) -> None:
-    from glasslab.stages.common import load_run_config
-    from glasslab.stages.pretrain import pretrain as run_pretrain
-    from glasslab.ui import progress
-
-    manifest = run.read_manifest()
-    stages = {"pretrain": run_pretrain}
-    todo = [s for s in manifest.get("pipeline", []) if s not in manifest.get("stages_done", [])]
-    cfg = load_run_config(run)
-    with progress() as bar:
-        for stage in todo:
-            stages[stage](cfg, run, progress=bar)
-    run.set_status("completed")
-    _finish(run, as_json)
+    finish(run, json_)
 
 
 @app.command()
@@ -124,7 +67,7 @@ def resume(run_dir: RunArg, json_: Json = False) -> None:
     """Continue a stopped or killed run from its last checkpoint."""
     from glasslab.track.rundir import RunDir
 
-    _resume(RunDir.open(run_dir), json_)
+    resume_run(RunDir.open(run_dir), json_)
 
 
 @app.command()
@@ -185,6 +128,9 @@ def runs(
         metrics = "  ".join(f"{k} {v:.4g}" for k, v in r.get("metrics", {}).items())
         table.add_row(r["name"], r["status"], str(r.get("stage")), str(r.get("last_step")), metrics)
     console.print(table)
+
+
+# Feature commands, each defined in its own module under glasslab/commands/ (one registration line each):
 
 
 def main() -> None:

@@ -3,3 +3,17 @@
 Every stage has the signature `stage(cfg, run, *, init=None, hooks=(), progress=None)`, where `init` is a
 checkpoint directory whose weights start the stage (None: the run's own previous stage, or scratch).
 """
+
+from importlib import import_module
+from typing import Callable
+
+STAGES = {
+    "pretrain": "glasslab.stages.pretrain:pretrain",
+    "sft": "glasslab.stages.sft:sft",
+    "rl": "glasslab.stages.rl:rl",
+}
+
+
+def get_stage(name: str) -> Callable:
+    module, fn = STAGES[name].split(":")
+    return getattr(import_module(module), fn)

@@ -1,0 +1,57 @@
+"""What the stage commands share: the config from options, a new or resumed run, the closing summary."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+from glasslab.config import Config, resolve
+from glasslab.track.rundir import RunDir
+from glasslab.ui import console, emit_json
+
+
+def config_from_options(preset: str, config_file: Path | None, sets: list[str] | None, seed: int | None) -> Config:
+    cfg = resolve(preset, config_file, sets)
+    if seed is not None:
+        cfg.seed = seed
+    return cfg
+
+
+def new_run(runs_dir: Path, name: str | None, default: str, overwrite: bool, resume: bool) -> tuple[RunDir, bool]:
+    path = runs_dir / (name or f"{default}-{datetime.now():%Y%m%d-%H%M%S}")
+    if resume and (path / "manifest.json").exists():
+        return RunDir.open(path), True
+    return RunDir.create(path, overwrite=overwrite), False
+
+
+def summary(run: RunDir) -> dict:
+    from glasslab.track.rundir import list_runs
+
+    return next(r for r in list_runs(run.path.parent) if Path(r["path"]).resolve() == run.path.resolve())
+
+
+def finish(run: RunDir, as_json: bool) -> None:
+    """Print the run's one-line summary, or its JSON."""
+    info = summary(run)
+    if as_json:
+        emit_json(info)
+        return
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in info.get("metrics", {}).items())
+    console.print(f"[green]{info['status']}[/] {run.path} at step {info['last_step']}: {metrics}")
+
+
+def resume_run(run: RunDir, as_json: bool) -> None:
+    """Run every stage of the run's pipeline that is not done yet; each picks up from its last checkpoint."""
+    from glasslab.stages import get_stage
+    from glasslab.stages.common import load_run_config
+    from glasslab.ui import progress
+
+    manifest = run.read_manifest()
+    todo = [s for s in manifest.get("pipeline", []) if s not in manifest.get("stages_done", [])]
+    init = Path(manifest["init"]) if manifest.get("init") else None
+    cfg = load_run_config(run)
+    with progress() as bar:
+        for stage in todo:
+            get_stage(stage)(cfg, run, init=init, progress=bar)
+    run.set_status("completed")
+    finish(run, as_json)
