@@ -164,6 +164,7 @@ class Config(Section):
     sft: SFTConfig = SFTConfig()
     rl: RLConfig = RLConfig()
     eval: EvalConfig = EvalConfig()
+    envs: dict[str, dict[str, Any]] = {}  # per-environment options, e.g. [envs.arithmetic] max_digits = 3
     system: SystemConfig = SystemConfig()
 
     def to_toml(self) -> str:
