@@ -131,6 +131,7 @@ def runs(
 
 
 # Feature commands, each defined in its own module under glasslab/commands/ (one registration line each):
+app.command(name="run")(__import__("glasslab.commands.run", fromlist=["run"]).run)
 
 
 def main() -> None:

@@ -41,17 +41,21 @@ def finish(run: RunDir, as_json: bool) -> None:
 
 
 def resume_run(run: RunDir, as_json: bool) -> None:
-    """Run every stage of the run's pipeline that is not done yet; each picks up from its last checkpoint."""
-    from glasslab.stages import get_stage
+    """Run every stage of the run's pipeline that is not done yet; each picks up from its last checkpoint.
+    A run made by `glasslab run` also gets its final evaluation and report."""
     from glasslab.stages.common import load_run_config
+    from glasslab.stages.pipeline import finalize, run_pipeline
     from glasslab.ui import progress
 
     manifest = run.read_manifest()
-    todo = [s for s in manifest.get("pipeline", []) if s not in manifest.get("stages_done", [])]
     init = Path(manifest["init"]) if manifest.get("init") else None
     cfg = load_run_config(run)
     with progress() as bar:
-        for stage in todo:
-            get_stage(stage)(cfg, run, init=init, progress=bar)
+        run_pipeline(cfg, run, manifest.get("pipeline", []), init=init, progress=bar)
+    if manifest.get("command") == "run":
+        result = finalize(cfg, run, report=manifest.get("make_report", True))
+        if as_json:
+            emit_json(result)
+            return
     run.set_status("completed")
     finish(run, as_json)

@@ -1,0 +1,71 @@
+"""`glasslab run`: the main job, tokenizer -> pretrain -> SFT -> RL -> eval -> report in one run directory."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from glasslab.commands.common import config_from_options, new_run
+from glasslab.commands.options import ConfigFile, Json, Name, Overwrite, Preset, Resume, RunsDir, Seed, Sets
+from glasslab.errors import GlasslabError
+
+
+def run(
+    preset: Preset = "tiny",
+    config: ConfigFile = None,
+    set_: Sets = None,
+    name: Name = None,
+    runs_dir: RunsDir = Path("runs"),
+    seed: Seed = None,
+    stages: Annotated[str, typer.Option(help="comma-separated, in order: pretrain,sft,rl")] = "pretrain,sft,rl",
+    from_: Annotated[Optional[Path], typer.Option("--from", help="start the first stage from this run's checkpoint")] = None,
+    report: Annotated[bool, typer.Option(help="write report.html at the end")] = True,
+    overwrite: Overwrite = False,
+    resume: Resume = False,
+    json_: Json = False,
+) -> None:
+    """Run the whole pipeline (or the listed stages) in one run directory, evaluate, and write the report."""
+    from glasslab.stages.common import load_run_config, save_config
+    from glasslab.stages.pipeline import PIPELINE, finalize, run_pipeline
+    from glasslab.track.checkpoint import latest_checkpoint
+    from glasslab.track.rundir import RunDir
+    from glasslab.ui import console, emit_json, progress
+
+    order = [s.strip() for s in stages.split(",") if s.strip()]
+    unknown = [s for s in order if s not in PIPELINE]
+    if unknown or not order:
+        raise GlasslabError(f"unknown stage '{','.join(unknown)}' in --stages: use some of {','.join(PIPELINE)}, in that order")
+    cfg = config_from_options(preset, config, set_, seed)
+    parent = RunDir.open(from_) if from_ else None
+    init = latest_checkpoint(parent.checkpoints_dir) if parent else None
+    if parent and init is None:
+        raise GlasslabError(f"run {from_} has no checkpoint to start from: train it first")
+    run_dir, resumed = new_run(runs_dir, name, f"run-{preset}", overwrite, resume)
+    if resumed:
+        cfg = load_run_config(run_dir)
+        manifest = run_dir.read_manifest()
+        order, init = manifest["pipeline"], Path(manifest["init"]) if manifest.get("init") else None
+    else:
+        if parent:
+            base = load_run_config(parent)
+            cfg.model, cfg.tokenizer = base.model, base.tokenizer
+            shutil.copyfile(parent.tokenizer_path, run_dir.tokenizer_path)
+        run_dir.update_manifest(command="run", pipeline=order, preset=preset, init=str(init) if init else None,
+                                parent=str(parent.path) if parent else None, make_report=report)  # fmt: skip
+        save_config(run_dir, cfg)
+    t0 = time.time()
+    with progress() as bar:
+        run_pipeline(cfg, run_dir, order, init=init, progress=bar)
+    run_dir.update_manifest(wall_time_s=run_dir.read_manifest().get("wall_time_s", 0.0) + time.time() - t0)
+    result = finalize(cfg, run_dir, report=report)
+    if json_:
+        emit_json(result)
+        return
+    console.print(f"[green]done[/] in {result['wall_time_s']:.0f} s: {run_dir.path}")
+    for key, value in result.items():
+        if key not in ("run", "status", "wall_time_s") and value is not None:
+            console.print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")

@@ -1,0 +1,83 @@
+"""The main job: every stage in one run directory, then a final held-out evaluation and the report.
+
+Each stage starts from the previous stage's last checkpoint in the same run; a resumed pipeline skips the
+stages the manifest records as done and continues the interrupted one from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from glasslab.config import Config
+from glasslab.stages import get_stage
+from glasslab.stages.common import load_model, setup_runtime
+from glasslab.track.atomic import write_json_atomic
+from glasslab.track.metrics import MetricStore, read_metrics
+from glasslab.track.rundir import RunDir
+
+PIPELINE = ("pretrain", "sft", "rl")
+
+
+def run_pipeline(cfg: Config, run: RunDir, stages: list[str], *, init: Path | None = None, progress: Any = None) -> None:
+    """Run the stages not yet done; `init` (a checkpoint dir) starts the first stage when it is not pretraining."""
+    done = run.read_manifest().get("stages_done", [])
+    for i, stage in enumerate(stages):
+        if stage not in done:
+            get_stage(stage)(cfg, run, init=init if i == 0 else None, progress=progress)
+
+
+def final_evaluation(cfg: Config, run: RunDir) -> dict[str, dict]:
+    """Greedy accuracy and pass@k of each trained chat stage (SFT, RL) on the same held-out problems, so the
+    numbers before and after RL are directly comparable. Logged as `eval/<env>/after_<stage>/...`."""
+    from glasslab.envs import get_env
+    from glasslab.evaluate import evaluate_env
+
+    device = setup_runtime(cfg.system, cfg.seed)
+    env = get_env(cfg.rl.env, cfg.envs.get(cfg.rl.env))
+    results: dict[str, dict] = {}
+    done = run.read_manifest().get("stages_done", [])
+    with MetricStore(run.metrics_db_path) as store:
+        for stage in ("sft", "rl"):
+            if stage not in done:
+                continue
+            model, tok, _ = load_model(run, device, stage=stage)
+            res = evaluate_env(model, tok, env, n=cfg.eval.n, seed=cfg.seed, pass_k=tuple(cfg.eval.pass_k),
+                               samples=cfg.eval.samples, temperature=cfg.eval.temperature,
+                               max_new_tokens=cfg.rl.max_new_tokens)  # fmt: skip
+            results[stage] = res.as_dict()
+            values = {f"eval/{env.name}/after_{stage}/accuracy": res.accuracy}
+            values |= {f"eval/{env.name}/after_{stage}/pass@{k}": v for k, v in res.pass_at_k.items()}
+            store.log(0, "eval", values)
+        store.compact(run.metrics_parquet_path)
+    write_json_atomic(run.path / "eval" / "final.json", results)
+    return results
+
+
+def headline(run: RunDir) -> dict[str, Any]:
+    """The numbers the main job ends with."""
+    table = read_metrics(run.path).to_pylist()
+    last: dict[tuple[str, str], float] = {}
+    for row in table:
+        last[(row["stage"], row["name"])] = row["value"]
+    out: dict[str, Any] = {"run": str(run.path), "val_bpb": last.get(("pretrain", "val/bpb"))}
+    for (stage, name), value in last.items():
+        if stage == "eval" and name.endswith("/accuracy"):
+            out[name] = value
+    manifest = run.read_manifest()
+    out |= {k: manifest.get(k) for k in ("status", "wall_time_s", "report")}
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
+
+
+def finalize(cfg: Config, run: RunDir, *, report: bool) -> dict[str, Any]:
+    """After the last stage: held-out evaluation of the chat stages, the report, the headline numbers."""
+    stages = run.read_manifest().get("pipeline", [])
+    if {"sft", "rl"} & set(stages):
+        final_evaluation(cfg, run)
+    if report:
+        from glasslab.report import build_report
+
+        run.update_manifest(report=str(build_report(run.path)))
+    run.set_status("completed")
+    return headline(run)
