@@ -165,6 +165,7 @@ def train(
     store.truncate_after(stage, ctx.step)  # rows a killed run logged after its last checkpoint
 
     def checkpoint() -> None:
+        store.flush()  # metrics up to a checkpoint are as durable as the checkpoint
         save_checkpoint(
             ckpt_root, stage, ctx.step,
             model=model.state_dict(), optimizer=optimizer.state_dict(),

@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+
+from glasslab.config import PRESETS, Config, parse_overrides, resolve
+from glasslab.errors import GlasslabError
+
+
+def test_every_preset_resolves():
+    for name in PRESETS:
+        cfg = resolve(name)
+        assert isinstance(cfg, Config)
+    assert resolve("smoke").train.steps < resolve("tiny").train.steps < resolve("small").train.steps
+
+
+def test_set_parses_toml_literals_and_keeps_section_defaults():
+    cfg = resolve("tiny", overrides=["train.lr=3e-3", "model.qk_norm=false", "sft.train.steps=7", "data.source=my.txt"])
+    assert cfg.train.lr == 3e-3 and cfg.model.qk_norm is False and cfg.data.source == "my.txt"
+    assert cfg.sft.train.steps == 7
+    assert cfg.sft.train.lr == Config().sft.train.lr  # the stage's own default, not the pretraining lr
+
+
+def test_unknown_key_names_the_nearest_valid_key():
+    with pytest.raises(GlasslabError, match=r"unknown config key 'train.lrr': did you mean 'train.lr'"):
+        resolve("tiny", overrides=["train.lrr=1"])
+    with pytest.raises(GlasslabError, match=r"'rl.bta'.*'rl.beta'"):
+        resolve("tiny", overrides=["rl.bta=0"])
+
+
+def test_wrong_type_and_bad_preset_and_malformed_set():
+    with pytest.raises(GlasslabError, match="bad value for config key 'train.steps'"):
+        resolve("tiny", overrides=["train.steps=many"])
+    with pytest.raises(GlasslabError, match="did you mean 'tiny'"):
+        resolve("tinny")
+    with pytest.raises(GlasslabError, match="KEY=VALUE"):
+        parse_overrides(["train.lr"])
+    with pytest.raises(GlasslabError, match="divisible"):
+        resolve("tiny", overrides=["model.n_head=3"])
+
+
+def test_toml_round_trip(tmp_path: Path):
+    cfg = resolve("smoke", overrides=["model.n_kv_head=1", "envs.arithmetic.max_digits=3"])
+    path = tmp_path / "c.toml"
+    path.write_text(cfg.to_toml())
+    again = resolve(None, config_file=path)
+    assert again == cfg
+
+
+def test_config_file_errors(tmp_path: Path):
+    with pytest.raises(GlasslabError, match="not found"):
+        resolve("tiny", config_file=tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nlr = 1")
+    with pytest.raises(GlasslabError, match="not valid TOML"):
+        resolve("tiny", config_file=bad)
