@@ -30,10 +30,11 @@ class Rotary(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """positions: (T,) shared by every row, or (B, T). Returns cos, sin broadcastable to (B, H, T, D/2)."""
-        if int(positions.max()) >= self.cos.size(0):
-            self._build(2 * int(positions.max()) + 1)
+    def forward(self, positions: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """positions: (T,) shared by every row, or (B, T), all below `length` (a Python int, so a compiled
+        graph needs no data-dependent check). Returns cos, sin broadcastable to (B, H, T, D/2)."""
+        if length > self.cos.size(0):
+            self._build(2 * length)
         cos, sin = self.cos[positions], self.sin[positions]
         return (cos, sin) if positions.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
 
@@ -153,8 +154,10 @@ class GPT(nn.Module):
         without one, attention is causal. `positions` default to 0..T-1 after whatever the cache holds."""
         if positions is None:
             start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + idx.size(1), device=idx.device)
-        cos, sin = self.rotary(positions)
+            positions, length = torch.arange(start, start + idx.size(1), device=idx.device), start + idx.size(1)
+        else:
+            length = int(positions.max()) + 1
+        cos, sin = self.rotary(positions, length)
         x = self.drop(self.wte(idx))
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, cache.layer(i) if cache is not None else None)
