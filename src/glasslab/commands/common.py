@@ -11,17 +11,25 @@ from glasslab.ui import console, emit_json
 
 
 def config_from_options(preset: str, config_file: Path | None, sets: list[str] | None, seed: int | None) -> Config:
+    from glasslab.train.distributed import init_from_env
+
     cfg = resolve(preset, config_file, sets)
     if seed is not None:
         cfg.seed = seed
+    init_from_env(cfg.system.device)  # under torchrun: join the process group before touching the run
     return cfg
 
 
 def new_run(runs_dir: Path, name: str | None, default: str, overwrite: bool, resume: bool) -> tuple[RunDir, bool]:
+    from glasslab.train.distributed import barrier, is_main
+
     path = runs_dir / (name or f"{default}-{datetime.now():%Y%m%d-%H%M%S}")
     if resume and (path / "manifest.json").exists():
         return RunDir.open(path), True
-    return RunDir.create(path, overwrite=overwrite), False
+    if is_main():
+        run = RunDir.create(path, overwrite=overwrite)
+    barrier()  # other ranks open the run rank 0 made
+    return (run if is_main() else RunDir.open(path)), False
 
 
 def summary(run: RunDir) -> dict:

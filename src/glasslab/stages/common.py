@@ -18,6 +18,7 @@ from glasslab.model.gpt import GPT
 from glasslab.track.atomic import write_text_atomic
 from glasslab.track.metrics import MetricStore
 from glasslab.track.rundir import RunDir
+from glasslab.train.distributed import barrier, init_from_env, is_main
 from glasslab.train.loop import Interrupted
 
 
@@ -27,6 +28,9 @@ def setup_runtime(system: SystemConfig, seed: int) -> torch.device:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    distributed = init_from_env(system.device)
+    if distributed is not None:
+        return distributed
     if system.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if system.device.startswith("cuda") and not torch.cuda.is_available():
@@ -40,16 +44,16 @@ def cache_dir(run: RunDir) -> Path:
 
 
 def save_config(run: RunDir, cfg: Config) -> None:
-    write_text_atomic(run.config_path, cfg.to_toml())
+    if is_main():
+        write_text_atomic(run.config_path, cfg.to_toml())
 
 
 def tokenizer_for(run: RunDir, cfg: Config, docs: list[str]) -> Tokenizer:
     """The run's tokenizer: trained once, then always read back from the run directory."""
-    if run.tokenizer_path.exists():
-        return Tokenizer.load(run.tokenizer_path)
-    tok = Tokenizer.train(docs, cfg.tokenizer.kind, cfg.tokenizer.vocab_size)
-    tok.save(run.tokenizer_path)
-    return tok
+    if not run.tokenizer_path.exists() and is_main():
+        Tokenizer.train(docs, cfg.tokenizer.kind, cfg.tokenizer.vocab_size).save(run.tokenizer_path)
+    barrier()
+    return Tokenizer.load(run.tokenizer_path)
 
 
 def documents(cfg: Config) -> list[str]:
@@ -69,6 +73,9 @@ def documents(cfg: Config) -> list[str]:
 def stage_run(run: RunDir, stage: str) -> Iterator[MetricStore]:
     """Opens the metric store and records how the stage ended: completed, interrupted or failed.
     Whatever happens, metrics.parquet is brought up to date."""
+    if not is_main():  # other ranks train but write nothing
+        yield MetricStore(run.metrics_db_path)
+        return
     store = MetricStore(run.metrics_db_path)
     try:
         yield store

@@ -8,9 +8,11 @@ from typing import Any
 from glasslab.config import Config
 from glasslab.data.tokens import build_token_splits
 from glasslab.model.gpt import GPT
+from glasslab.probes import build_probes
 from glasslab.stages.common import cache_dir, documents, save_config, setup_runtime, stage_run, tokenizer_for
 from glasslab.track.rundir import RunDir
 from glasslab.train.lm import LanguageModeling
+from glasslab.train.distributed import rank, world_size
 from glasslab.train.loop import Hook, train
 
 
@@ -19,7 +21,7 @@ def pretrain(
 ) -> GPT:
     """`init` is accepted for the common stage signature; pretraining starts from scratch."""
     device = setup_runtime(cfg.system, cfg.seed)
-    run.update_manifest(device=str(device), seed=cfg.seed)
+    run.update_manifest(device=str(device), seed=cfg.seed, world_size=world_size())
     docs = documents(cfg)
     tokenizer = tokenizer_for(run, cfg, docs)
     cfg.model.vocab_size = tokenizer.vocab_size
@@ -29,9 +31,10 @@ def pretrain(
     objective = LanguageModeling(
         splits, tokenizer,
         batch_size=cfg.train.batch_size, block_size=cfg.model.block_size, eval_batches_n=cfg.train.eval_batches,
-        z_loss=cfg.train.z_loss, seed=cfg.seed, device=device,
+        z_loss=cfg.train.z_loss, seed=cfg.seed + rank(), device=device,
     )  # fmt: skip
     with stage_run(run, objective.stage) as store:
-        train(model, objective, cfg.train, run, store, arch=cfg.model.model_dump(), hooks=hooks,
+        train(model, objective, cfg.train, run, store, arch=cfg.model.model_dump(),
+              hooks=[*hooks, *build_probes(cfg, run, tokenizer)],
               progress=progress, compile=cfg.system.compile)  # fmt: skip
     return model

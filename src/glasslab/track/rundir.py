@@ -134,7 +134,10 @@ class RunDir:
             ) from e
 
     def update_manifest(self, **fields: Any) -> dict[str, Any]:
-        """Read-modify-write the manifest atomically (single writer: the process running the stage)."""
+        """Read-modify-write the manifest atomically (single writer: the process running the stage;
+        under torchrun, rank 0 — other ranks only read)."""
+        if not _writer():
+            return self.read_manifest()
         manifest = self.read_manifest() | fields
         manifest["updated"] = _now()
         write_json_atomic(self.manifest_path, manifest)
@@ -156,6 +159,8 @@ class RunDir:
         self, kind: str, message: str, step: int | None = None, stage: str | None = None, **data: Any
     ) -> None:
         """Record a warning or notice (loss spike, reward hacking, ...). `time` is Unix seconds, like metrics."""
+        if not _writer():
+            return
         append_jsonl(
             self.events_path,
             {"time": time.time(), "kind": kind, "message": message, "step": step, "stage": stage, **data},
@@ -165,7 +170,8 @@ class RunDir:
         return read_jsonl(self.events_path)
 
     def log_sample(self, record: dict) -> None:
-        append_jsonl(self.samples_path, record)
+        if _writer():
+            append_jsonl(self.samples_path, record)
 
     def samples(self) -> list[dict]:
         return read_jsonl(self.samples_path)
@@ -191,6 +197,13 @@ def list_runs(runs_dir: Path) -> list[dict]:
             }
         )
     return sorted(runs, key=lambda r: (r["created"] or "", r["name"]))
+
+
+def _writer() -> bool:
+    """Under torchrun only rank 0 writes the run directory."""
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _now() -> str:

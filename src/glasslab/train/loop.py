@@ -24,11 +24,20 @@ from glasslab.errors import GlasslabError
 from glasslab.track.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from glasslab.track.metrics import MetricStore
 from glasslab.track.rundir import RunDir
+from glasslab.train.distributed import is_main, world_size, wrap
 from glasslab.train.optim import build_optimizer, set_lr
 
 
 class Objective(Protocol):
-    """What makes a stage a stage: its data, its loss, its evaluation."""
+    """What makes a stage a stage: its data, its loss, its evaluation.
+
+    Optional methods, used by the probes (glasslab.probes) and skipped gracefully when absent:
+      probe_inputs() -> Tensor               fixed (B <= 8, T) token rows, the same every call, so attention and
+                                             activation probes are comparable across steps and runs
+      token_losses(model, batch) -> Tensor   per-token loss (B, T) of a batch, NaN where a target is not trained on
+      val_batches() -> list                  the fixed evaluation batches (for loss by position)
+      batch_ids(batch) -> (inputs, targets)  the (B, T) token ids of a batch, to decode a spike's worst tokens
+    """
 
     stage: str
 
@@ -77,6 +86,9 @@ class Hook:
     def on_eval(self, ctx: StepContext) -> None: ...
 
     def on_train_end(self, ctx: StepContext) -> None: ...
+
+    def on_nonfinite(self, ctx: StepContext) -> None:
+        """The loss or gradient norm of this step is NaN/inf; the loop raises Diverged right after."""
 
 
 class Diverged(GlasslabError):
@@ -149,7 +161,10 @@ def train(
     """Run (or resume) one stage to cfg.steps. Returns the final step. With `compile`, the objective's training
     forward runs through torch.compile; evaluation, sampling and probes use the plain module."""
     stage = objective.stage
-    forward = torch.compile(model) if compile else model
+    main = is_main()  # under torchrun, only rank 0 writes the run directory
+    if not main:
+        hooks, progress = [], None
+    forward = wrap(torch.compile(model) if compile else model)
     optimizer = build_optimizer(model, cfg)
     ctx = StepContext(stage, model, optimizer, objective, run, cfg)
     ckpt_root = run.checkpoints_dir
@@ -162,9 +177,12 @@ def train(
         objective.load_state_dict(ckpt.extra["objective"])
         _set_rng_state(ckpt.rng)
         ctx.step = ckpt.step
-    store.truncate_after(stage, ctx.step)  # rows a killed run logged after its last checkpoint
+    if main:
+        store.truncate_after(stage, ctx.step)  # rows a killed run logged after its last checkpoint
 
     def checkpoint() -> None:
+        if not main:
+            return
         store.flush()  # metrics up to a checkpoint are as durable as the checkpoint
         save_checkpoint(
             ckpt_root, stage, ctx.step,
@@ -173,7 +191,8 @@ def train(
             rng=_rng_state(), keep_last=cfg.keep_last,
         )  # fmt: skip
 
-    run.update_manifest(status="running", stage=stage, last_step=ctx.step)
+    if main:
+        run.update_manifest(status="running", stage=stage, last_step=ctx.step)
     task = progress.add_task(stage, total=cfg.steps, completed=ctx.step, loss=float("nan"), tps=0.0) if progress else None
     for h in hooks:
         h.on_train_start(ctx)
@@ -193,12 +212,16 @@ def train(
                 tokens += objective.batch_tokens(ctx.batch)
             ctx.loss = loss_sum
             if not math.isfinite(loss_sum):
+                for h in hooks:
+                    h.on_nonfinite(ctx)
                 raise Diverged(_diverged("loss", loss_sum, ctx.step + 1, ckpt_root, stage))
             for h in hooks:
                 h.on_backward(ctx)
             clip = cfg.grad_clip if cfg.grad_clip else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
             if not math.isfinite(grad_norm):
+                for h in hooks:
+                    h.on_nonfinite(ctx)
                 raise Diverged(_diverged("gradient norm", grad_norm, ctx.step + 1, ckpt_root, stage))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -210,24 +233,27 @@ def train(
             ctx.metrics.update({
                 "optim/grad_norm": grad_norm,
                 "optim/clipped": float(grad_norm > clip),
-                "throughput/tokens_per_s": tokens / dt,
+                "throughput/tokens_per_s": tokens * world_size() / dt,
                 "time/step_s": dt,
             })  # fmt: skip
-            store.log(ctx.step, stage, ctx.metrics)
+            if main:
+                store.log(ctx.step, stage, ctx.metrics)
             last = ctx.step == cfg.steps
             if (cfg.eval_every and ctx.step % cfg.eval_every == 0) or last:
                 ctx.metrics = objective.evaluate(model)
                 for h in hooks:
                     h.on_eval(ctx)
-                store.log(ctx.step, stage, ctx.metrics)
+                if main:
+                    store.log(ctx.step, stage, ctx.metrics)
                 model.train()
-            if (cfg.sample_every and ctx.step % cfg.sample_every == 0) or last:
+            if main and ((cfg.sample_every and ctx.step % cfg.sample_every == 0) or last):
                 for record in objective.samples(model):
                     run.log_sample({"stage": stage, "step": ctx.step, **record})
                 model.train()
             if ctx.step % cfg.checkpoint_every == 0 or last or stop.requested:
                 checkpoint()
-                run.update_manifest(last_step=ctx.step)
+                if main:
+                    run.update_manifest(last_step=ctx.step)
             if progress:
                 progress.update(task, completed=ctx.step, loss=loss_sum, tps=tokens / dt)
             if stop.requested and not last:
