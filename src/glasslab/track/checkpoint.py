@@ -126,15 +126,20 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise corrupt(f"{type(e).__name__}: {e}") from e
 
 
+STAGE_ORDER = ("pretrain", "sft", "rl")
+
+
 def latest_checkpoint(ckpt_root: Path, stage: str | None = None) -> Path | None:
-    """The newest complete checkpoint: highest step of `stage`, or with stage=None the most recently
-    written across all stages. Interrupted saves (.tmp-* dirs, no COMPLETE marker) are ignored."""
+    """The newest complete checkpoint: highest step of `stage`, or with stage=None the highest step of the
+    latest pipeline stage present (pretrain < sft < rl), which a copy of the run directory preserves.
+    Interrupted saves (.tmp-* dirs, no COMPLETE marker) are ignored."""
     ckpt_root = Path(ckpt_root)
     if stage is not None:
         return max(_step_dirs(ckpt_root / stage), key=_step_of, default=None)
     stage_dirs = list(ckpt_root.iterdir()) if ckpt_root.is_dir() else []
     candidates = [d for stage_dir in stage_dirs for d in _step_dirs(stage_dir)]
-    return max(candidates, key=lambda d: ((d / "COMPLETE").stat().st_mtime_ns, _step_of(d)), default=None)
+    order = {name: i for i, name in enumerate(STAGE_ORDER)}
+    return max(candidates, key=lambda d: (order.get(d.parent.name, -1), _step_of(d)), default=None)
 
 
 def _step_dirs(stage_dir: Path) -> list[Path]:
