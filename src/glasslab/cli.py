@@ -131,6 +131,10 @@ def runs(
 
 
 # Feature commands, each defined in its own module under glasslab/commands/ (one registration line each):
+app.command(name="report")(__import__("glasslab.commands.report", fromlist=["report"]).report)
+app.command(name="compare")(__import__("glasslab.commands.report", fromlist=["compare"]).compare)
+app.command(name="plot")(__import__("glasslab.commands.report", fromlist=["plot"]).plot)
+app.command(name="study")(__import__("glasslab.commands.study", fromlist=["study"]).study)
 app.command(name="run")(__import__("glasslab.commands.run", fromlist=["run"]).run)
 
 

@@ -51,6 +51,7 @@ def final_evaluation(cfg: Config, run: RunDir) -> dict[str, dict]:
             values |= {f"eval/{env.name}/after_{stage}/pass@{k}": v for k, v in res.pass_at_k.items()}
             store.log(0, "eval", values)
         store.compact(run.metrics_parquet_path)
+    (run.path / "eval").mkdir(exist_ok=True)
     write_json_atomic(run.path / "eval" / "final.json", results)
     return results
 

@@ -1,0 +1,148 @@
+"""Everything a report reads from one run directory, loaded once into plain Python and numpy.
+
+Every part is optional: a run that is still going, or whose stages logged only some metric families,
+gives a RunData with only those parts, and the report shows only the sections that have data.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from glasslab.errors import GlasslabError
+from glasslab.track.atomic import read_jsonl
+from glasslab.track.metrics import read_metrics
+
+_STEP_FILE = re.compile(r"step-(\d+)\.(json|jsonl)")
+
+
+@dataclass
+class Series:
+    steps: np.ndarray  # int64
+    values: np.ndarray  # float64, NaN where the logged value was NaN
+    times: np.ndarray  # float64 Unix seconds
+
+    @property
+    def last(self) -> float:
+        return float(self.values[-1])
+
+
+@dataclass
+class RunData:
+    path: Path
+    manifest: dict[str, Any]
+    config: dict[str, Any]
+    config_text: str
+    metrics: dict[str, dict[str, Series]]  # stage -> metric name -> series, stages in the order they ran
+    events: list[dict] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)
+    spikes: list[dict] = field(default_factory=list)  # dossiers, by step
+    rollouts: dict[int, list[dict]] = field(default_factory=dict)  # step -> completions
+    evals: dict[str, list[dict]] = field(default_factory=dict)  # "<task>-seed<S>" -> records
+    final_eval: dict[str, dict] = field(default_factory=dict)  # eval/final.json: stage -> evaluation summary
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def stages(self) -> list[str]:
+        return list(self.metrics)
+
+    def names(self, stage: str | None = None) -> set[str]:
+        stages = [stage] if stage else self.stages
+        return {n for s in stages for n in self.metrics.get(s, {})}
+
+    def final(self, name: str, stage: str | None = None) -> float | None:
+        """The last logged value of `name` (in `stage`, or in the last stage that logged it)."""
+        stages = [stage] if stage else reversed(self.stages)
+        for s in stages:
+            if name in self.metrics.get(s, {}):
+                return self.metrics[s][name].last
+        return None
+
+
+def load_run(path: Path) -> RunData:
+    """Read a run directory; a missing manifest is the only fatal problem."""
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise GlasslabError(f"no run at {path} (no manifest.json): pass a run directory like runs/my-run")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError as e:
+        raise GlasslabError(f"manifest {manifest_path} is not valid JSON ({e}): fix or delete that run directory") from e
+    config_text = (path / "config.toml").read_text() if (path / "config.toml").is_file() else ""
+    try:
+        config = tomllib.loads(config_text)
+    except tomllib.TOMLDecodeError as e:
+        raise GlasslabError(f"{path / 'config.toml'} is not valid TOML ({e}): fix or delete that run directory") from e
+    return RunData(
+        path=path,
+        manifest=manifest,
+        config=config,
+        config_text=config_text,
+        metrics=_metric_series(path),
+        events=read_jsonl(path / "events.jsonl"),
+        samples=read_jsonl(path / "samples.jsonl"),
+        spikes=_spike_dossiers(path / "spikes"),
+        rollouts={step: read_jsonl(p) for step, p in _step_files(path / "rollouts", "jsonl")},
+        evals={p.stem: read_jsonl(p) for p in sorted((path / "eval").glob("*.jsonl"))},
+        final_eval=_json_or_empty(path / "eval" / "final.json"),
+    )
+
+
+def _metric_series(path: Path) -> dict[str, dict[str, Series]]:
+    table = read_metrics(path)
+    if table.num_rows == 0:
+        return {}
+    grouped = table.group_by(["stage", "name"], use_threads=False).aggregate(
+        [("step", "list"), ("value", "list"), ("time", "list")]
+    )
+    out: dict[str, dict[str, Series]] = {s: {} for s in dict.fromkeys(table["stage"].to_pylist())}
+    for stage, name, steps, values, times in zip(
+        grouped["stage"].to_pylist(),
+        grouped["name"].to_pylist(),
+        grouped["step_list"].to_pylist(),
+        grouped["value_list"].to_pylist(),
+        grouped["time_list"].to_pylist(),
+    ):
+        out[stage][name] = Series(
+            np.asarray(steps, dtype=np.int64),
+            np.asarray([np.nan if v is None else v for v in values], dtype=np.float64),
+            np.asarray(times, dtype=np.float64),
+        )
+    return out
+
+
+def _json_or_empty(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _step_files(directory: Path, ext: str) -> list[tuple[int, Path]]:
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_FILE.fullmatch(p.name)) and m.group(2) == ext]
+    return sorted(found)
+
+
+def _spike_dossiers(directory: Path) -> list[dict]:
+    dossiers = []
+    for step, p in _step_files(directory, "json"):
+        try:
+            dossier = json.loads(p.read_text())
+        except ValueError:  # being written right now, or torn: the next report picks it up
+            continue
+        dossiers.append(dossier if isinstance(dossier, dict) else {"step": step, "dossier": dossier})
+        dossiers[-1].setdefault("step", step)
+    return dossiers
