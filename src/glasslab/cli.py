@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -42,6 +42,9 @@ def pretrain(
     seed: Seed = None,
     overwrite: Overwrite = False,
     resume: Resume = False,
+    probes: Annotated[
+        Optional[Literal["off", "default", "full"]], typer.Option(help="probes: off | default cadences | full (every step)")
+    ] = None,
     json_: Json = False,
 ) -> None:
     """Pretrain a GPT on the embedded Shakespeare corpus or your own text."""
@@ -51,6 +54,8 @@ def pretrain(
     cfg = config_from_options(preset, config, set_, seed)
     if data is not None:
         cfg.data.source = data
+    if probes is not None:
+        cfg.probes.mode = probes
     run, resumed = new_run(runs_dir, name, f"pretrain-{preset}", overwrite, resume)
     if resumed:
         resume_run(run, json_)
@@ -135,6 +140,7 @@ app.command(name="report")(__import__("glasslab.commands.report", fromlist=["rep
 app.command(name="compare")(__import__("glasslab.commands.report", fromlist=["compare"]).compare)
 app.command(name="plot")(__import__("glasslab.commands.report", fromlist=["plot"]).plot)
 app.command(name="study")(__import__("glasslab.commands.study", fromlist=["study"]).study)
+app.command(name="probes")(__import__("glasslab.commands.probes", fromlist=["probes"]).probes)
 app.command(name="run")(__import__("glasslab.commands.run", fromlist=["run"]).run)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from glasslab.errors import GlasslabError
 
@@ -96,62 +96,82 @@ class SystemConfig(Section):
 
 
 class ProbesConfig(Section):
-    """Which probes run and how often (in steps). `--probes full` sets every cadence to 1; `off` disables all."""
+    """Which probes run and how often, in steps (0 turns a cadenced probe off). `mode = "full"` runs every
+    probe at every step; `"off"` adds no hooks at all. Defaults are cheap enough to leave on (bench/probe_overhead.py)."""
 
     mode: Literal["off", "default", "full"] = "default"
-    grads_every: int = 10
-    attention_every: int = 50
-    activations_every: int = 50
-    loss_by_position: bool = True
-    position_buckets: int = 8
-    spikes: bool = True
-    spike_window: int = 50
-    spike_threshold: float = 6.0
-    spike_history: int = 8
-    spike_topk: int = 8
+    grads_every: int = Field(10, ge=0)  # per-tensor/per-block grad, weight and update norms, update ratio, Adam moments
+    attention_every: int = Field(50, ge=0)  # entropy, max logit and sink share per head, on the fixed probe rows
+    activations_every: int = Field(50, ge=0)  # per-block output RMS / max / kurtosis and output-logit stats, same rows
+    loss_by_position: bool = True  # at every evaluation
+    position_buckets: int = Field(8, ge=1)
+    spikes: bool = True  # spike detector + dossiers, and naming the first non-finite module on divergence
+    spike_window: int = Field(50, ge=8)  # steps in the rolling median/MAD band
+    spike_threshold: float = Field(6.0, gt=0)  # robust z-score (MAD scaled to a σ) that counts as a spike
+    spike_history: int = Field(8, ge=0)  # preceding steps kept in a dossier
+    spike_topk: int = Field(8, ge=1)  # batch rows and token positions listed in a dossier
 
 
 class SFTConfig(Section):
     """Supervised fine-tuning on chat conversations: made by task environments, or read from a JSONL file."""
 
-    tasks: list[str] = ["arithmetic"]
+    tasks: list[str] = ["arithmetic"]  # environments (options in [envs.<name>]); [] to train on `data` only
+    weights: dict[str, float] = {}  # share of the examples per task (default 1 each), e.g. {arithmetic = 3}
     data: str | None = None  # a conversations JSONL instead of (or besides) the tasks
-    examples: int = 20000
+    examples: int = Field(20000, ge=1)  # training conversations drawn from the tasks (a data file adds all its own)
+    val_examples: int = Field(256, ge=0)  # held-out conversations (eval split of the tasks) for val/loss
+    val_fraction: float = Field(0.05, ge=0, lt=1)  # share of the data file's conversations held out for val/loss
+    eval_n: int = Field(100, ge=0)  # held-out problems per task for eval/<task>/accuracy at each evaluation
+    max_new_tokens: int = Field(32, ge=1)  # generation budget of those evaluations and of the samples
     train: TrainConfig = TrainConfig(steps=600, batch_size=32, lr=1e-3, warmup_steps=30, eval_every=200, checkpoint_every=200)
+
+    @model_validator(mode="after")
+    def _check(self) -> SFTConfig:
+        if not self.tasks and not self.data:
+            raise ValueError("give sft.tasks or sft.data (or both): there is nothing to train on")
+        if any(w < 0 for w in self.weights.values()) or (self.tasks and not sum(self.weights.get(t, 1.0) for t in self.tasks)):
+            raise ValueError("task weights must be >= 0 and not all zero")
+        unknown = set(self.weights) - set(self.tasks)
+        if unknown:
+            raise ValueError(f"weights given for {', '.join(sorted(unknown))}, which is not in sft.tasks")
+        return self
 
 
 class RLConfig(Section):
-    """Reinforcement learning from an environment's rewards: GRPO, or DPO on pairs built from it."""
+    """Reinforcement learning from an environment's rewards: GRPO, or DPO on pairs built from it.
+    Each step samples group_size completions for each of prompts_per_step training problems."""
 
     algo: Literal["grpo", "dpo"] = "grpo"
     env: str = "arithmetic"
-    group_size: int = 8
-    prompts_per_step: int = 8
-    max_new_tokens: int = 24
-    temperature: float = 1.0
-    beta: float = 0.04
+    group_size: int = Field(8, ge=2)
+    prompts_per_step: int = Field(8, ge=1)
+    max_new_tokens: int = Field(24, ge=1)
+    temperature: float = Field(1.0, gt=0)  # sampling temperature; the policy trained is softmax(logits / temperature)
+    beta: float = Field(0.04, ge=0)  # KL coefficient; 0 drops the penalty (rl/kl_ref is still measured)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    num_iterations: int = 1
-    scale_rewards: Literal["group", "batch", "none"] = "group"
+    eps_low: float = Field(0.2, ge=0)  # clip ratio to [1 - eps_low, 1 + eps_high]
+    eps_high: float = Field(0.28, ge=0)
+    num_iterations: int = Field(1, ge=1)  # optimizer steps per rollout batch (>1: ratios and clipping matter)
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # divide advantages by this std (none: Dr. GRPO)
     loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = "dapo"
-    mask_truncated: bool = True
-    drop_zero_std: bool = True
-    entropy_coef: float = 0.0
-    reward_weights: dict[str, float] = {"correct": 1.0, "format": 0.1}
-    ref_reset_every: int = 0  # 0: the reference stays the SFT model
-    dpo_beta: float = 0.1
-    eval_n: int = 200
-    table_every: int = 25
+    mask_truncated: bool = True  # completions cut at max_new_tokens get no gradient
+    drop_zero_std: bool = True  # train only on groups whose rewards vary
+    entropy_coef: float = 0.0  # > 0: entropy bonus
+    reward_weights: dict[str, float] = {"correct": 1.0, "format": 0.1}  # the reward is this weighted sum
+    ref_reset_every: int = Field(0, ge=0)  # 0: the reference stays the SFT model
+    dpo_beta: float = Field(0.1, gt=0)
+    eval_n: int = Field(200, ge=1)  # held-out problems for eval/<env>/accuracy and pass@k
+    table_every: int = Field(25, ge=0)  # rollouts/step-N.jsonl every this many steps (0: never)
+    detect_window: int = Field(10, ge=2)  # steps per window of the reward-hacking detectors
     train: TrainConfig = TrainConfig(steps=150, batch_size=1, lr=5e-5, warmup_steps=5, weight_decay=0.0, eval_every=50, checkpoint_every=25, schedule="constant")
 
 
 class EvalConfig(Section):
-    n: int = 200
+    n: int = Field(200, ge=1)
     pass_k: list[int] = [1, 4]
-    samples: int = 4  # sampled answers per problem for pass@k
-    temperature: float = 1.0
+    samples: int = Field(4, ge=0)  # sampled answers per problem for pass@k (0: greedy only)
+    temperature: float = Field(1.0, ge=0)
+    max_new_tokens: int = Field(32, ge=1)  # per answer, tool results included
 
 
 class Config(Section):

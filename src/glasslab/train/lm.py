@@ -59,6 +59,24 @@ class LanguageModeling:
     def batch_tokens(self, batch: tuple[Tensor, Tensor]) -> int:
         return batch[0].numel()
 
+    # Optional methods for the probes (see the Objective protocol).
+
+    def probe_inputs(self) -> Tensor:
+        """The first rows of the first validation batch: fixed, so probe values compare across steps and runs."""
+        return self.val[0][0][:8].to(self.device)
+
+    def token_losses(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """Per-token cross-entropy (B, T) in nats; NaN where the target is ignore_index (-100)."""
+        x, y = (t.to(self.device) for t in batch)
+        losses = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        return losses.masked_fill(y == -100, math.nan)
+
+    def val_batches(self) -> list[tuple[Tensor, Tensor]]:
+        return self.val
+
+    def batch_ids(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        return batch
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         model.eval()

@@ -1,0 +1,97 @@
+"""One extra no-grad forward of the objective's fixed probe rows, with hooks on the modules that matter.
+
+Attention and activation probes share that forward when both are due. The hooks exist only for the
+duration of the forward, so the training forward never carries them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from glasslab.model.gpt import AttentionCore, Block
+from glasslab.probes.activations import activation_stats, logit_stats
+from glasslab.probes.attention import attention_probs, attention_stats
+from glasslab.train.loop import Hook, StepContext
+
+
+@contextlib.contextmanager
+def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable[[nn.Module, tuple, Any], None]]]) -> Iterator[None]:
+    """Register (module, fn) forward hooks for the duration of the block only; fn(module, args, output)."""
+    handles = [m.register_forward_hook(fn) for m, fn in hooks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off for a measurement, then back to whatever mode the model was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def modules_of(model: nn.Module, kind: type, suffix: str = "") -> dict[str, nn.Module]:
+    """Submodules of one type, keyed by their name without `suffix` (`blocks.2.attn.core` -> `blocks.2`)."""
+    return {name.removesuffix(suffix): m for name, m in model.named_modules() if isinstance(m, kind)}
+
+
+class ForwardProbe(Hook):
+    """Attention (every `attention_every` steps) and activation/logit statistics (every `activations_every`)
+    on `objective.probe_inputs()`, measured after the step's update and logged at that step."""
+
+    def __init__(self, attention_every: int, activations_every: int) -> None:
+        self.attention_every, self.activations_every = attention_every, activations_every
+
+    def on_train_start(self, ctx: StepContext) -> None:
+        self.enabled = hasattr(ctx.objective, "probe_inputs")
+        if not self.enabled:
+            ctx.run.log_event(
+                "notice", f"attention and activation probes skipped: the {ctx.stage} objective has no probe_inputs()",
+                step=ctx.step, stage=ctx.stage,
+            )  # fmt: skip
+
+    def on_optimizer_step(self, ctx: StepContext) -> None:
+        attention = bool(self.attention_every) and ctx.step % self.attention_every == 0
+        activations = bool(self.activations_every) and ctx.step % self.activations_every == 0
+        if self.enabled and (attention or activations):
+            ctx.metrics.update(probe_forward(ctx.model, ctx.objective.probe_inputs(), attention, activations))
+
+
+@torch.no_grad()
+def probe_forward(model: nn.Module, inputs: Tensor, attention: bool, activations: bool) -> dict[str, float]:
+    """Run `inputs` through the model in eval mode and return the requested probe metrics."""
+    stats: dict[str, Tensor] = {}
+
+    def on_attention(layer: str, module: nn.Module, args: tuple, output: Any) -> None:
+        q, k, _, mask = args
+        for kind, per_head in attention_stats(*attention_probs(q, k, mask)).items():
+            stats.update({f"attn_{kind}/{layer}.h{h}": v for h, v in enumerate(per_head)})
+            stats[f"attn_{kind}/{layer}"] = per_head.max() if kind == "max_logit" else per_head.mean()
+
+    def on_block(layer: str, module: nn.Module, args: tuple, output: Tensor) -> None:
+        for kind, value in zip(("act_rms", "act_max", "act_kurtosis"), activation_stats(output)):
+            stats[f"{kind}/{layer}"] = value
+
+    hooks = []
+    if attention:
+        hooks += [(m, partial(on_attention, name)) for name, m in modules_of(model, AttentionCore, ".attn.core").items()]
+    if activations:
+        hooks += [(m, partial(on_block, name)) for name, m in modules_of(model, Block).items()]
+    with eval_mode(model), forward_hooks(hooks):
+        logits = model(inputs)
+    if activations:
+        stats.update(logit_stats(logits))
+    values = torch.stack(list(stats.values())).tolist() if stats else []
+    return dict(zip(stats, values))

@@ -1,0 +1,347 @@
+"""Tests for glasslab.probes: every number is checked against a direct computation of what its name says."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from glasslab.config import Config, ModelConfig, ProbesConfig, TrainConfig
+from glasslab.data.tokenizer import Tokenizer
+from glasslab.data.tokens import TokenSplits
+from glasslab.model.gpt import GPT
+from glasslab.probes import build_probes
+from glasslab.probes.activations import activation_stats
+from glasslab.probes.attention import attention_probs, attention_stats
+from glasslab.probes.forward import ForwardProbe, probe_forward
+from glasslab.probes.grads import GradProbe
+from glasslab.probes.positions import LossByPosition
+from glasslab.probes.spikes import SpikeProbe, departures
+from glasslab.track.metrics import MetricStore, last_values
+from glasslab.track.rundir import RunDir
+from glasslab.train.lm import LanguageModeling
+from glasslab.train.loop import Diverged, Hook, StepContext, train
+
+TEXT = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 60
+BLOCK = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread avoids OpenMP spin costs that dominate on a busy shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.train([TEXT], "char", 0)
+
+
+def objective_for(tok: Tokenizer, batch_size: int = 8) -> LanguageModeling:
+    ids = np.array(tok.encode(TEXT), dtype=np.uint16)
+    cut = int(len(ids) * 0.9)
+    splits = TokenSplits(train=ids[:cut], val=ids[cut:], bytes_per_token=1.0)
+    return LanguageModeling(splits, tok, batch_size=batch_size, block_size=BLOCK, eval_batches_n=2, z_loss=0.0,
+                            seed=0, device=torch.device("cpu"), sample_tokens=4)  # fmt: skip
+
+
+def model_for(tok: Tokenizer, **kw) -> GPT:
+    torch.manual_seed(0)
+    return GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=BLOCK, **kw))
+
+
+def run_train(tmp_path, model, objective, hooks, steps=4, **train_kw) -> tuple[RunDir, dict]:
+    """Train through the real loop; returns the run and the last value of every metric."""
+    run = RunDir.create(tmp_path / "run")
+    cfg = TrainConfig(steps=steps, batch_size=objective.sampler.batch_size, warmup_steps=0, eval_every=0,
+                      checkpoint_every=1000, **train_kw)  # fmt: skip
+    with MetricStore(run.metrics_db_path) as store:
+        try:
+            train(model, objective, cfg, run, store, arch={}, hooks=hooks)
+        finally:
+            values = last_values(store.read())
+    return run, values
+
+
+# ---- gradients and updates ---------------------------------------------------------------------
+
+
+class WeightRecorder(Hook):
+    """Independently measures the update of the last step: weights before (on_backward) and after."""
+
+    def on_backward(self, ctx: StepContext) -> None:
+        self.before = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+
+    def on_optimizer_step(self, ctx: StepContext) -> None:
+        self.after = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+        self.state = {n: {k: v.clone() for k, v in ctx.optimizer.state[p].items()} for n, p in ctx.model.named_parameters()}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_grad_norms_combine_and_update_ratio_is_the_measured_change(tmp_path, tok, optimizer):
+    model, recorder = model_for(tok), WeightRecorder()
+    _, m = run_train(tmp_path, model, objective_for(tok), [GradProbe(every=2), recorder], steps=4, optimizer=optimizer)
+    top = [n for n in m if n.startswith("grad_norm/") and n.count(".") <= 1]  # blocks.i, wte, norm
+    assert sorted(top) == ["grad_norm/blocks.0", "grad_norm/blocks.1", "grad_norm/norm", "grad_norm/wte"]
+    assert math.sqrt(sum(m[n] ** 2 for n in top)) == pytest.approx(m["optim/grad_norm"], rel=1e-4)
+    leaves = [n for n in m if n.startswith("grad_norm/blocks.1.attn.")]
+    assert math.sqrt(sum(m[n] ** 2 for n in leaves)) == pytest.approx(m["grad_norm/blocks.1.attn"], rel=1e-4)
+
+    b, a = recorder.before, recorder.after
+    q = "blocks.1.attn.q.weight"
+    assert m["weight_norm/blocks.1.attn.q"] == pytest.approx(b[q].norm().item(), rel=1e-5)
+    assert m["update_norm/blocks.1.attn.q"] == pytest.approx((a[q] - b[q]).norm().item(), rel=1e-4)
+    assert m["update_ratio/blocks.1.attn.q"] == pytest.approx(((a[q] - b[q]).norm() / b[q].norm()).item(), rel=1e-4)
+    mlp = [n for n in b if n.startswith("blocks.0.mlp.")]
+    change = math.sqrt(sum((a[n] - b[n]).norm().item() ** 2 for n in mlp))
+    assert m["update_ratio/blocks.0.mlp"] == pytest.approx(change / math.sqrt(sum(b[n].norm().item() ** 2 for n in mlp)), rel=1e-4)
+    assert m["update_norm/wte"] > 0
+
+    adam_param = "wte.weight"  # AdamW in both optimizers; Muon's block matrices have no Adam moments
+    assert m["adam_m_norm/wte"] == pytest.approx(recorder.state[adam_param]["exp_avg"].norm().item(), rel=1e-5)
+    assert m["adam_v_norm/wte"] == pytest.approx(recorder.state[adam_param]["exp_avg_sq"].norm().item(), rel=1e-5)
+    assert ("adam_m_norm/blocks.1.attn.q" in m) == (optimizer == "adamw")
+
+
+# ---- attention and activations -----------------------------------------------------------------
+
+
+def direct_attention(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, b: int, h: int, group: int) -> dict:
+    """Entropy, max logit and sink share of one (row, head), one query at a time, with no shared code."""
+    ents, norms, sinks, best = [], [], [], -math.inf
+    for t in range(q.size(2)):
+        keys = allowed[b, 0, t].nonzero().flatten() if allowed.dim() == 4 else torch.arange(t + 1)
+        logits = torch.stack([q[b, h, t] @ k[b, h // group, s] / math.sqrt(q.size(-1)) for s in keys])
+        best = max(best, logits.max().item())
+        if len(keys) < 2:
+            continue
+        p = torch.exp(logits - torch.logsumexp(logits, 0))
+        ent = -(p * p.log()).sum().item()
+        ents.append(ent)
+        norms.append(ent / math.log(len(keys)))
+        sinks.append(p[0].item() if keys[0] == 0 else 0.0)
+    return {"entropy": np.mean(ents), "entropy_norm": np.mean(norms), "sink": np.mean(sinks), "max_logit": best}
+
+
+def test_attention_probe_equals_sdpa_and_a_direct_softmax(tok):
+    model = model_for(tok, n_kv_head=1)  # grouped-query attention: 2 query heads share 1 key head
+    x = objective_for(tok).probe_inputs()
+    captured = {}
+    handle = model.blocks[1].attn.core.register_forward_hook(lambda mod, args, out: captured.update(args=args, out=out))
+    metrics = probe_forward(model, x, attention=True, activations=False)
+    handle.remove()
+    q, k, v, mask = captured["args"]
+    logits, probs, allowed = attention_probs(q, k, mask)
+    assert torch.allclose(probs @ v.repeat_interleave(2, dim=1), captured["out"], atol=1e-5)  # what SDPA computed
+    for h in range(2):
+        rows = [direct_attention(q, k, allowed, b, h, group=2) for b in range(x.size(0))]
+        for kind in ("entropy", "entropy_norm", "sink"):
+            assert metrics[f"attn_{kind}/blocks.1.h{h}"] == pytest.approx(np.mean([r[kind] for r in rows]), rel=1e-4)
+        assert metrics[f"attn_max_logit/blocks.1.h{h}"] == pytest.approx(max(r["max_logit"] for r in rows), rel=1e-5)
+    assert metrics["attn_entropy/blocks.1"] == pytest.approx((metrics["attn_entropy/blocks.1.h0"] + metrics["attn_entropy/blocks.1.h1"]) / 2)
+    assert not any(m._forward_hooks for m in model.modules())  # hooks live only for the probe forward
+
+
+def test_attention_with_a_padding_mask_matches_sdpa():
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    mask = torch.ones(6, 6, dtype=torch.bool).tril().repeat(2, 1, 1, 1)
+    mask[1, :, :, :2] = False  # row 1 is left-padded by two tokens
+    mask[1, :, :2, :2] = torch.eye(2, dtype=torch.bool)  # padded queries attend to themselves only
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    logits, probs, allowed = attention_probs(q, k, mask)
+    assert torch.allclose(probs @ v.repeat_interleave(2, dim=1), out, atol=1e-5)
+    stats = attention_stats(logits, probs, allowed)
+    direct = [direct_attention(q, k, mask, b, 0, group=2) for b in range(2)]
+    # per-head means pool every (row, query) with >= 2 keys: row 0 has 5 such queries, row 1 has 3
+    assert stats["entropy"][0].item() == pytest.approx((5 * direct[0]["entropy"] + 3 * direct[1]["entropy"]) / 8, rel=1e-4)
+
+
+def test_activation_and_logit_stats(tok):
+    model = model_for(tok)
+    x = objective_for(tok).probe_inputs()
+    outputs = []
+    handle = model.blocks[0].register_forward_hook(lambda mod, args, out: outputs.append(out))
+    metrics = probe_forward(model, x, attention=False, activations=True)
+    handle.remove()
+    out = outputs[0].double()
+    assert metrics["act_rms/blocks.0"] == pytest.approx(out.pow(2).mean().sqrt().item(), rel=1e-5)
+    assert metrics["act_max/blocks.0"] == pytest.approx(out.abs().max().item(), rel=1e-6)
+    z = (out - out.mean()) / out.std(unbiased=False)
+    assert metrics["act_kurtosis/blocks.0"] == pytest.approx(z.pow(4).mean().item(), rel=1e-4)
+    with torch.no_grad():
+        logits = model.eval()(x)
+    assert metrics["logits/max"] == pytest.approx(logits.max().item(), rel=1e-6)
+    assert metrics["logits/log_z_mean"] == pytest.approx(torch.logsumexp(logits, -1).mean().item(), rel=1e-6)
+    assert activation_stats(torch.randn(200_000))[2].item() == pytest.approx(3.0, abs=0.1)  # Gaussian kurtosis
+    assert not any(k.startswith("attn_") for k in metrics)
+
+
+# ---- loss by position --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("buckets", [8, 5])
+def test_loss_by_position_averages_back_to_the_val_loss(tok, buckets):
+    model, objective = model_for(tok), objective_for(tok)
+    ctx = StepContext("pretrain", model, None, objective, None, TrainConfig())
+    ctx.metrics = objective.evaluate(model)
+    LossByPosition(buckets).on_eval(ctx)
+    spans = {n: [int(p) for p in n.removeprefix("loss_by_pos/").split("-")] for n in ctx.metrics if n.startswith("loss_by_pos/")}
+    assert len(spans) == buckets
+    assert sorted(a for a, _ in spans.values())[0] == 0 and max(b for _, b in spans.values()) == BLOCK - 1
+    sizes = {n: b - a + 1 for n, (a, b) in spans.items()}
+    assert sum(sizes.values()) == BLOCK
+    weighted = sum(ctx.metrics[n] * sizes[n] for n in spans) / BLOCK
+    assert weighted == pytest.approx(ctx.metrics["val/loss"], rel=1e-5)
+
+
+# ---- spikes and divergence ---------------------------------------------------------------------
+
+
+class Poisoned:
+    """The LM objective, but the batch of step `at` has random targets in rows `rows`."""
+
+    def __init__(self, inner: LanguageModeling, at: int, rows: list[int]) -> None:
+        self.inner, self.at, self.rows = inner, at, rows
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def next_batch(self, model):
+        x, y = self.inner.next_batch(model)
+        if self.inner.sampler.batches_drawn == self.at:
+            g = torch.Generator().manual_seed(0)
+            y = y.clone()
+            y[self.rows] = torch.randint(9, self.inner.tokenizer.vocab_size, (len(self.rows), y.size(1)), generator=g)
+        return x, y
+
+
+def test_poisoned_batch_spike_is_caught_at_its_step_with_its_rows(tmp_path, tok):
+    probes = ProbesConfig(spike_window=16, spike_history=4, spike_topk=4)
+    objective = Poisoned(objective_for(tok), at=40, rows=[2, 5])
+    run, m = run_train(tmp_path, model_for(tok), objective, [SpikeProbe(probes, RunDir(tmp_path / "run"), tok)],
+                       steps=42, lr=1e-2)  # fmt: skip
+    dossiers = sorted(run.spikes_dir.glob("step-*.json"))
+    assert [p.name for p in dossiers] == ["step-0000040.json"]
+    d = json.loads(dossiers[0].read_text())
+    assert d["kind"] == "spike" and "loss" in d["signals"]
+    assert {r["row"] for r in d["top_rows"][:2]} == {2, 5}
+    assert {t["row"] for t in d["top_tokens"]} <= {2, 5}
+    assert all(t["context"] and t["target"] for t in d["top_tokens"])
+    assert [r["step"] for r in d["history"]] == [36, 37, 38, 39, 40]
+    assert set(d["history"][-1]["grad_norm"]) == {"wte", "blocks.0", "blocks.1", "norm"}
+    events = [e for e in run.events() if e["kind"] == "spike"]
+    assert [e["step"] for e in events] == [40] and "worst rows" in events[0]["message"]
+    assert "spike/loss_score" in m
+
+    out = CliRunner().invoke(app(), ["probes", str(run.path), "--json"])
+    assert out.exit_code == 0, out.output
+    summary = json.loads(out.stdout)
+    assert [s["step"] for s in summary["spikes"]] == [40]
+    rendered = CliRunner().invoke(app(), ["probes", str(run.path), "--spike", "40"])
+    assert rendered.exit_code == 0 and "highest-loss tokens" in rendered.output
+    missing = CliRunner().invoke(app(), ["probes", str(run.path), "--spike", "7"])
+    assert missing.exit_code != 0 and "choose one of 40" in str(missing.exception)
+
+
+def test_first_departure_is_the_block_that_left_its_band_first():
+    rng = np.random.default_rng(0)
+    records = []
+    for step in range(1, 21):
+        g = {"blocks.0": 1.0 + 0.05 * rng.standard_normal(), "blocks.1": 2.0 + 0.1 * rng.standard_normal()}
+        u = {"blocks.0": 0.01 + 0.001 * rng.standard_normal(), "blocks.1": 0.02 + 0.002 * rng.standard_normal()}
+        if step >= 18:
+            g["blocks.1"] *= 4  # blocks.1 moves first...
+        if step == 20:
+            g["blocks.0"] *= 4  # ...blocks.0 follows at the spike
+            u["blocks.0"] *= 3
+        records.append({"step": step, "grad_norm": g, "update_norm": u})
+    moved = departures(records, history=4, threshold=6.0)
+    assert moved[0] == {"block": "blocks.1", "norm": "grad_norm", "step": 18, "score": moved[0]["score"]}
+    assert [(d["block"], d["norm"], d["step"]) for d in moved[1:]] == [("blocks.0", "grad_norm", 20), ("blocks.0", "update_norm", 20)]
+    assert departures(records[:8], history=4, threshold=6.0) == []  # too little reference to call anything
+
+
+class Sabotage(Hook):
+    """At step `at`, puts an inf into one weight (NaN forward) or a NaN into one gradient (finite forward)."""
+
+    def __init__(self, at: int, where: str) -> None:
+        self.at, self.where = at, where
+
+    def on_step_start(self, ctx: StepContext) -> None:
+        if ctx.step + 1 == self.at and self.where == "weight":
+            with torch.no_grad():
+                ctx.model.blocks[1].mlp.up.weight[0, 0] = math.inf
+
+    def on_backward(self, ctx: StepContext) -> None:
+        if ctx.step + 1 == self.at and self.where == "grad":
+            ctx.model.blocks[0].attn.v.weight.grad[0, 0] = math.nan
+
+
+@pytest.mark.parametrize("where", ["weight", "grad"])
+def test_divergence_names_the_first_nonfinite_module(tmp_path, tok, where):
+    run = RunDir.create(tmp_path / "run")
+    hooks = [Sabotage(3, where), SpikeProbe(ProbesConfig(), run, tok)]  # sabotage runs before the probe sees grads
+    cfg = TrainConfig(steps=5, batch_size=8, warmup_steps=0, eval_every=0, checkpoint_every=1000)
+    with MetricStore(run.metrics_db_path) as store, pytest.raises(Diverged):
+        train(model_for(tok), objective_for(tok), cfg, run, store, arch={}, hooks=hooks)
+    event = next(e for e in run.events() if e["kind"] == "nonfinite")
+    assert event["step"] == 3
+    d = json.loads((run.spikes_dir / "step-0000003.json").read_text())
+    if where == "weight":
+        assert event["module"] == "blocks.1.mlp.up" and "blocks.1.mlp.up" in event["message"]
+        assert d["nonfinite"]["what"] == "loss"
+    else:
+        assert event["module"] is None and event["nonfinite_grads"] == ["blocks.0.attn.v"]
+        assert d["history"][-1]["step"] == 3 and math.isnan(d["history"][-1]["grad_norm"]["blocks.0"])
+    assert [r["step"] for r in d["history"]][:2] == [1, 2]
+
+
+# ---- configuration and wiring ------------------------------------------------------------------
+
+
+def app():
+    from glasslab.cli import app
+
+    return app
+
+
+def test_probe_modes_build_the_right_hooks(tmp_path, tok):
+    run = RunDir.create(tmp_path / "run")
+    assert build_probes(Config(probes=ProbesConfig(mode="off")), run, tok) == []
+    default = build_probes(Config(), run, tok)
+    assert [type(h) for h in default] == [GradProbe, SpikeProbe, ForwardProbe, LossByPosition]
+    assert default[0].every == 10 and default[2].attention_every == 50
+    full = build_probes(Config(probes=ProbesConfig(mode="full", grads_every=0, spikes=False)), run, tok)
+    assert [type(h) for h in full] == [GradProbe, SpikeProbe, ForwardProbe, LossByPosition]
+    assert full[0].every == 1 and full[2].attention_every == 1 and full[2].activations_every == 1
+    only_grads = ProbesConfig(attention_every=0, activations_every=0, spikes=False, loss_by_position=False)
+    assert [type(h) for h in build_probes(Config(probes=only_grads), run, tok)] == [GradProbe]
+
+
+def test_cli_probes_flag_sets_the_mode(tmp_path, monkeypatch):
+    import glasslab.stages.pretrain
+
+    seen = {}
+    monkeypatch.setattr(glasslab.stages.pretrain, "pretrain", lambda cfg, run, **kw: seen.update(mode=cfg.probes.mode))
+    args = ["pretrain", "--preset", "smoke", "--runs-dir", str(tmp_path), "--name", "r", "--probes", "off"]
+    assert CliRunner().invoke(app(), args).exit_code == 0
+    assert seen["mode"] == "off"
+    assert CliRunner().invoke(app(), [*args[:-1], "sometimes", "--overwrite"]).exit_code != 0
+
+
+def test_probe_steps_follow_the_cadence_and_leave_no_hooks(tmp_path, tok):
+    model = model_for(tok)
+    probes = [GradProbe(every=3), ForwardProbe(attention_every=2, activations_every=0)]
+    run, _ = run_train(tmp_path, model, objective_for(tok), probes, steps=6)
+    with MetricStore(run.metrics_db_path) as store:
+        assert store.series("grad_norm/blocks.0")[0].tolist() == [3, 6]
+        assert store.series("attn_entropy/blocks.0.h0")[0].tolist() == [2, 4, 6]
+        assert store.series("act_rms/blocks.0")[0].tolist() == []
+    assert not any(m._forward_hooks for m in model.modules())
