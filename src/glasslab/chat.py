@@ -13,6 +13,7 @@ text are given, not predicted.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from glasslab.data.tokenizer import Tokenizer
@@ -20,6 +21,8 @@ from glasslab.errors import GlasslabError
 
 ROLES = ("system", "user", "assistant", "tool")
 TOOL_CALL = "<|tool_call|>"
+END = "<|end|>"
+_HEADER = re.compile(r"<\|(system|user|assistant|tool)\|>(.*)", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -45,3 +48,18 @@ def render(messages: list[Message], tok: Tokenizer) -> tuple[list[int], list[boo
 def render_prompt(messages: list[Message], tok: Tokenizer) -> list[int]:
     """The conversation so far, ending with the assistant header: what generation continues from."""
     return render(messages, tok)[0] + [tok.id_of("<|assistant|>")]
+
+
+def parse_completion(text: str) -> list[Message]:
+    """The turns of a generated completion, decoded with special tokens kept. Generation starts after an
+    `<|assistant|>` header, so the first turn is the assistant's; each later one starts with its own header.
+    An unterminated last turn (no `<|end|>`: truncated) is kept as it is; text after an `<|end|>` without
+    a header is kept as an assistant turn."""
+    messages = []
+    segments = text.split(END)
+    for i, segment in enumerate(segments):
+        if i == len(segments) - 1 and not segment:
+            break
+        header = _HEADER.fullmatch(segment) if i else None
+        messages.append(Message(header[1], header[2]) if header else Message("assistant", segment))
+    return messages

@@ -141,6 +141,10 @@ app.command(name="compare")(__import__("glasslab.commands.report", fromlist=["co
 app.command(name="plot")(__import__("glasslab.commands.report", fromlist=["plot"]).plot)
 app.command(name="study")(__import__("glasslab.commands.study", fromlist=["study"]).study)
 app.command(name="probes")(__import__("glasslab.commands.probes", fromlist=["probes"]).probes)
+app.command(name="sft")(__import__("glasslab.commands.sft", fromlist=["sft"]).sft)
+app.command(name="eval")(__import__("glasslab.commands.sft", fromlist=["eval_"]).eval_)
+app.command(name="chat")(__import__("glasslab.commands.sft", fromlist=["chat"]).chat)
+app.command(name="rl")(__import__("glasslab.commands.rl", fromlist=["rl"]).rl)
 app.command(name="run")(__import__("glasslab.commands.run", fromlist=["run"]).run)
 
 

@@ -3,6 +3,9 @@
 An environment makes problems with a hidden reference answer, renders the ideal assistant answer for SFT,
 and scores a completion with named reward functions. Train and eval problems never overlap: a problem
 belongs to the eval split iff a hash of its prompt says so, whatever the seed.
+
+Settings come from the config's `[envs.<name>]` table, validated by the environment's `Options` model
+(see `glasslab.envs.get_env`), and are available as `self.options`.
 """
 
 from __future__ import annotations
@@ -11,7 +14,12 @@ import hashlib
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from glasslab.chat import END, TOOL_CALL, parse_completion
+from glasslab.errors import GlasslabError
 
 Split = Literal["train", "eval"]
 
@@ -30,10 +38,29 @@ def split_of(prompt: str, eval_share: float = 0.2) -> Split:
     return "eval" if h / 2**64 < eval_share else "train"
 
 
+def final_answer(completion: str) -> str | None:
+    """The assistant's final answer: the last turn's text, if the completion ended properly (with `<|end|>`,
+    on an assistant turn that is not a tool call); None otherwise. Rewards build on this."""
+    turns = parse_completion(completion)
+    if not completion.endswith(END) or not turns or turns[-1].role != "assistant" or turns[-1].content.startswith(TOOL_CALL):
+        return None
+    return turns[-1].content.strip()
+
+
+class EnvOptions(BaseModel):
+    """Base of every environment's settings: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class Environment(ABC):
     name: str
     reward_names: tuple[str, ...]  # e.g. ("correct", "format")
     system_prompt: str | None = None
+    Options: ClassVar[type[EnvOptions]] = EnvOptions  # subclasses with settings override this
+
+    def __init__(self, options: EnvOptions | None = None) -> None:
+        self.options = options if options is not None else self.Options()
 
     @abstractmethod
     def sample_problem(self, rng: random.Random) -> Problem:
@@ -49,7 +76,7 @@ class Environment(ABC):
                 out.append(p)
                 if len(out) == n:
                     return out
-        raise ValueError(f"{self.name}: could not draw {n} distinct {split} problems; widen its settings")
+        raise GlasslabError(f"{self.name}: could not draw {n} distinct {split} problems: ask for fewer or widen its settings")
 
     @abstractmethod
     def ideal_answer(self, problem: Problem) -> list[tuple[str, str]]:

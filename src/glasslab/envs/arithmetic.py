@@ -1,0 +1,69 @@
+"""Integer arithmetic: `12+45=` -> `57`. The first task a tiny model can learn, and a clean one to study: the
+difficulty of a problem is the number of digits of its largest operand, so accuracy per level shows where
+the model's arithmetic breaks down."""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from glasslab.envs.base import Environment, EnvOptions, Problem, final_answer
+
+INTEGER = re.compile(r"-?\d+")
+
+
+class ArithmeticOptions(EnvOptions):
+    ops: list[Literal["+", "-", "*"]] = Field(default=["+", "-"], min_length=1)
+    min_digits: int = Field(default=1, ge=1, le=9)
+    max_digits: int = Field(default=2, ge=1, le=9)
+    # Relative frequency of each difficulty level, min_digits..max_digits (None: equal), e.g. [1, 4, 1].
+    level_weights: list[float] | None = None
+    negative: bool = False  # allow subtraction results below zero
+
+    @model_validator(mode="after")
+    def _levels(self) -> ArithmeticOptions:
+        if self.min_digits > self.max_digits:
+            raise ValueError(f"min_digits ({self.min_digits}) must not exceed max_digits ({self.max_digits})")
+        levels = self.max_digits - self.min_digits + 1
+        if self.level_weights is not None and (len(self.level_weights) != levels or min(self.level_weights) < 0 or not sum(self.level_weights)):
+            raise ValueError(f"level_weights needs {levels} non-negative weights (one per digit count), not all zero")
+        return self
+
+
+def draw_operands(rng: random.Random, digits: int, op: str, negative: bool) -> tuple[int, int]:
+    """Two operands whose largest has exactly `digits` digits; the other has at most as many."""
+    low = 0 if digits == 1 else 10 ** (digits - 1)
+    big, other = rng.randint(low, 10**digits - 1), rng.randint(0, 10**digits - 1)
+    if op == "-" and not negative:
+        return max(big, other), min(big, other)
+    return (big, other) if rng.random() < 0.5 else (other, big)
+
+
+def compute(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+class Arithmetic(Environment):
+    name = "arithmetic"
+    reward_names = ("correct", "format")
+    Options = ArithmeticOptions
+
+    def sample_problem(self, rng: random.Random) -> Problem:
+        o = self.options
+        levels = list(range(o.min_digits, o.max_digits + 1))
+        digits = rng.choices(levels, weights=o.level_weights)[0]
+        op = rng.choice(o.ops)
+        a, b = draw_operands(rng, digits, op, o.negative)
+        return Problem(f"{a}{op}{b}=", str(compute(a, op, b)), digits, {"a": a, "op": op, "b": b})
+
+    def ideal_answer(self, problem: Problem) -> list[tuple[str, str]]:
+        return [("assistant", problem.answer)]
+
+    def score(self, problem: Problem, completion: str) -> dict[str, float]:
+        """correct: the final answer is the right number; format: it is a plain integer ending with <|end|>."""
+        answer = final_answer(completion)
+        well_formed = answer is not None and INTEGER.fullmatch(answer) is not None
+        return {"correct": float(well_formed and int(answer) == int(problem.answer)), "format": float(well_formed)}

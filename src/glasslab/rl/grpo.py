@@ -1,0 +1,141 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath) as an `Objective` of the one training loop, with the variants that
+followed it: Dr. GRPO's unscaled advantages and constant normaliser, DAPO's token-level mean, clip-higher and
+dropping of groups without signal.
+
+next_batch draws a rollout batch (all prompts x G completions in one generation), scores it, computes group
+advantages, the reference log-probs and, when the batch is used for several steps, the old log-probs, all
+once per batch; loss runs the policy forward and the clipped surrogate + β·KL.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from glasslab.evaluate import prompt_tokens
+from glasslab.rl.losses import aggregate, group_advantages, grpo_token_loss, token_entropy, token_logprobs, zero_std_groups
+from glasslab.rl.rollout import Packed, Rollout, RolloutObjective, pack, sampled_logprobs, sequence_logprobs
+
+
+@dataclass
+class GRPOBatch:
+    rollout: Rollout
+    advantages: Tensor  # (B,) every row, for the tables
+    kept: Tensor  # (B,) bool: rows trained on (groups with no reward variance may be dropped)
+    packed: Packed  # the kept rows
+    ref_logp: Tensor  # (B_kept, L)
+    old_logp: Tensor | None  # (B_kept, L); None with num_iterations = 1, where π_old is the current policy
+    old_per_row: list[list[float]] | None  # the same numbers per row, sampled tokens only (resumable state)
+    metrics: dict[str, float]  # rollout statistics: logged with the first step on this batch only
+    uses: int = 1
+    ready_at: float = field(default_factory=time.perf_counter)
+
+    def records(self) -> list[dict]:
+        return self.rollout.records(advantage=self.advantages.tolist(), trained=self.kept.tolist())
+
+
+class GRPO(RolloutObjective):
+    """Group Relative Policy Optimization. See RLConfig for every option."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch: GRPOBatch | None = None
+        self._restore: dict | None = None  # a stored batch from a checkpoint, rebuilt at the next next_batch
+
+    def next_batch(self, model: nn.Module) -> GRPOBatch:
+        if self._restore is not None:
+            self.batch, self._restore = self._restored(self._restore), None
+        if self.batch is not None and self.batch.uses < self.cfg.num_iterations:
+            self.batch.uses += 1
+            self.batch.metrics = {}
+            self.batch.ready_at = time.perf_counter()
+            return self.batch
+        self.batch = self._prepare(self.rollout(model), policy=model)
+        return self.batch
+
+    @torch.no_grad()
+    def _old_logprobs(self, model: nn.Module, packed: Packed) -> list[list[float]]:
+        logp = sequence_logprobs(model, packed, self.cfg.temperature)
+        return [row[m].tolist() for row, m in zip(logp, packed.mask)]
+
+    def _prepare(self, rollout: Rollout, *, policy: nn.Module | None = None, old: list[list[float]] | None = None) -> GRPOBatch:
+        """Advantages, dropped groups, packed tensors, reference log-probs and (for num_iterations > 1) the old
+        log-probs: everything the batch's steps need, computed once. `old` is given when restoring a batch."""
+        cfg, g = self.cfg, self.cfg.group_size
+        advantages = group_advantages(rollout.rewards, g, cfg.scale_rewards)
+        flat = zero_std_groups(rollout.rewards, g)
+        kept = ~flat.repeat_interleave(g) if cfg.drop_zero_std else torch.ones_like(advantages, dtype=torch.bool)
+        packed = pack(rollout.prompts, rollout.completions, rollout.sampled, self.tok.pad_id, self.device)
+        if old is None and cfg.num_iterations > 1:
+            # At temperature 1 the log-probs recorded while sampling are π_old's; otherwise they are of the
+            # untempered model, and one no-grad forward gives π_old = softmax(logits / T).
+            old = sampled_logprobs(rollout) if cfg.temperature == 1.0 else self._old_logprobs(policy, packed)
+        old_logp = packed.spread(old)[kept] if old is not None else None
+        if cfg.mask_truncated:
+            packed.mask &= ~torch.tensor(rollout.truncated, device=self.device).unsqueeze(1)
+        packed = packed.select(kept)
+        t0 = time.perf_counter()
+        ref_logp = self.reference_logprobs(packed) if kept.any() else torch.zeros(packed.mask.shape, device=self.device)
+        metrics = rollout.metrics() | {
+            "rl/advantage_min": advantages.min().item(),
+            "rl/advantage_mean": advantages.mean().item(),
+            "rl/advantage_max": advantages.max().item(),
+            "rl/groups_dropped": float(flat.sum()) if cfg.drop_zero_std else 0.0,
+            "time/reference_s": time.perf_counter() - t0,
+        }
+        return GRPOBatch(rollout, advantages, kept, packed, ref_logp, old_logp, old, metrics)
+
+    def _token_loss(self, model: nn.Module, batch: GRPOBatch) -> tuple[Tensor, dict[str, float]]:
+        cfg = self.cfg
+        logits = model(batch.packed.inputs) / cfg.temperature
+        return grpo_token_loss(
+            token_logprobs(logits, batch.packed.targets), batch.old_logp, batch.ref_logp, batch.advantages[batch.kept],
+            batch.packed.mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, kl_estimator=cfg.kl_estimator,
+            entropy=token_entropy(logits if cfg.entropy_coef else logits.detach()), entropy_coef=cfg.entropy_coef,
+        )  # fmt: skip
+
+    def loss(self, model: nn.Module, batch: GRPOBatch) -> tuple[Tensor, dict[str, float]]:
+        if not batch.kept.any():  # every group was dropped: nothing to learn from this batch
+            return torch.zeros((), device=self.device, requires_grad=True), {"train/loss": 0.0, **batch.metrics}
+        per_token, stats = self._token_loss(model, batch)
+        loss = aggregate(per_token, batch.packed.mask, self.cfg.loss_type, self.cfg.max_new_tokens)
+        return loss, {"train/loss": loss.item(), **stats, **batch.metrics}
+
+    @torch.no_grad()
+    def token_losses(self, model: nn.Module, batch: GRPOBatch) -> Tensor:
+        """Each trained token's share of the loss before aggregation (NaN elsewhere): what the spike probe ranks."""
+        per_token, _ = self._token_loss(model, batch)
+        return per_token.masked_fill(~batch.packed.mask, float("nan"))
+
+    def batch_ids(self, batch: GRPOBatch) -> tuple[Tensor, Tensor]:
+        return batch.packed.inputs, batch.packed.targets
+
+    def batch_tokens(self, batch: GRPOBatch) -> int:
+        """Generated tokens trained on in this step (what throughput/tokens_per_s counts for RL)."""
+        return sum(len(c) for c in batch.rollout.completions)
+
+    def state_dict(self) -> dict:
+        """The rollout counter and, while a batch still has iterations to go, that batch (its completions and
+        old log-probs: everything else is recomputed from them), so a resumed run repeats the same steps."""
+        b = self.batch
+        pending = None
+        if b is not None and b.uses < self.cfg.num_iterations:
+            r = b.rollout
+            pending = {"uses": b.uses, "completions": r.completions, "sampled": r.sampled, "logprobs": r.logprobs,
+                       "truncated": r.truncated, "old": b.old_per_row}  # fmt: skip
+        return super().state_dict() | {"pending": pending}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.batch, self._restore = None, state.get("pending")
+
+    def _restored(self, s: dict) -> GRPOBatch:
+        problems = self.problems(self.rollouts - 1)
+        prompts = [prompt_tokens(self.env, p, self.tok) for p in problems]
+        rollout = self.scored(problems, prompts, s["completions"], s["sampled"], s["logprobs"], s["truncated"], 0.0)
+        batch = self._prepare(rollout, old=s["old"])
+        batch.uses = s["uses"]
+        return batch

@@ -1,0 +1,293 @@
+"""Rollouts: an environment's prompts, G sampled completions each from ONE batched KV-cache generation, scored
+by the environment's reward functions; then packed into training tensors.
+
+Also what every RL objective shares (`RolloutObjective`: prompts, rollouts, reference log-probs, evaluation,
+samples, resumable state) and the hooks of the RL stage (reference reset, rollout tables, training time).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor, nn
+
+from glasslab.chat import Message, render
+from glasslab.config import EvalConfig, RLConfig
+from glasslab.data.tokenizer import Tokenizer
+from glasslab.envs.base import Environment, Problem
+from glasslab.errors import GlasslabError
+from glasslab.evaluate import completion_text, evaluate_env, prompt_tokens
+from glasslab.model.generate import generate
+from glasslab.rl.hacking import repeat_rate
+from glasslab.rl.losses import token_logprobs, zero_std_groups
+from glasslab.tools import ToolInterceptor
+from glasslab.track.atomic import append_jsonl, write_bytes_atomic
+from glasslab.train.loop import Hook, StepContext
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled completions. Rows are grouped: rows g*G .. g*G+G-1 answer problems[g*G]."""
+
+    problems: list[Problem]  # one per row
+    prompts: list[list[int]]
+    completions: list[list[int]]  # generated tokens, stop token included, forced tool results included
+    sampled: list[list[bool]]  # False for forced tokens: they are not the policy's and are never trained on
+    logprobs: list[list[float]]  # log p(token) at temperature 1, recorded while sampling
+    truncated: list[bool]  # hit max_new_tokens before <|end|>
+    texts: list[str]
+    scores: dict[str, list[float]]  # reward function -> value per row
+    rewards: Tensor  # (B,) the weighted sum of the scores
+    group_size: int
+    generation_s: float
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    def metrics(self) -> dict[str, float]:
+        """Statistics of what was sampled: rewards, lengths, truncation, generation time."""
+        lengths = [len(c) for c in self.completions]
+        out = {
+            "rl/reward_mean": self.rewards.mean().item(),
+            "rl/reward_std": self.rewards.std().item() if len(self) > 1 else 0.0,
+            "rl/frac_reward_zero_std": zero_std_groups(self.rewards, self.group_size).float().mean().item(),
+            "rl/completion_len_mean": sum(lengths) / len(lengths),
+            "rl/completion_len_min": float(min(lengths)),
+            "rl/completion_len_max": float(max(lengths)),
+            "rl/truncated_ratio": sum(self.truncated) / len(self),
+            "rl/repeat_rate": sum(map(repeat_rate, self.completions)) / len(self),
+            "time/generation_s": self.generation_s,
+        }
+        out |= {f"rl/reward/{name}": sum(v) / len(v) for name, v in self.scores.items()}
+        return out
+
+    def records(self, **columns: list) -> list[dict]:
+        """One JSON-able row per completion (for the rollout tables), with extra per-row columns."""
+        return [
+            {
+                "group": r // self.group_size,
+                "prompt": self.problems[r].prompt,
+                "answer": self.problems[r].answer,
+                "completion": self.texts[r],
+                "reward": self.rewards[r].item(),
+                "scores": {name: v[r] for name, v in self.scores.items()},
+                "length": len(self.completions[r]),
+                "truncated": self.truncated[r],
+                **{k: v[r] for k, v in columns.items()},
+            }
+            for r in range(len(self))
+        ]
+
+
+@dataclass
+class Packed:
+    """Prompt + completion per row, right-padded, as next-token inputs/targets. Padding only ever follows a
+    row's real tokens, so plain causal attention computes each row exactly as it would alone.
+    `mask` marks targets that are sampled completion tokens: the only ones a policy loss sees."""
+
+    inputs: Tensor  # (B, L)
+    targets: Tensor  # (B, L)
+    mask: Tensor  # (B, L) bool
+
+    def select(self, rows: Tensor) -> Packed:
+        return Packed(self.inputs[rows], self.targets[rows], self.mask[rows])
+
+    def spread(self, per_row: list[list[float]]) -> Tensor:
+        """Per-row values of the masked tokens (in order) laid out at their positions, 0 elsewhere."""
+        out = torch.zeros(self.mask.shape, device=self.mask.device)
+        out[self.mask] = torch.tensor([v for row in per_row for v in row], device=out.device)
+        return out
+
+
+def pack(prompts: list[list[int]], completions: list[list[int]], sampled: list[list[bool]], pad_id: int, device: torch.device) -> Packed:
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions)) - 1
+    inputs = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for r, (p, c, s) in enumerate(zip(prompts, completions, sampled)):
+        seq = torch.tensor(p + c, dtype=torch.long)
+        inputs[r, : len(seq) - 1], targets[r, : len(seq) - 1] = seq[:-1], seq[1:]
+        mask[r, len(p) - 1 : len(p) - 1 + len(c)] = torch.tensor(s, dtype=torch.bool)
+    return Packed(inputs.to(device), targets.to(device), mask.to(device))
+
+
+def sampled_logprobs(rollout: Rollout) -> list[list[float]]:
+    """The recorded log-probs of the sampled tokens only, per row, in the order `Packed.spread` expects."""
+    return [[lp for lp, s in zip(lps, ss) if s] for lps, ss in zip(rollout.logprobs, rollout.sampled)]
+
+
+def sequence_logprobs(model: nn.Module, packed: Packed, temperature: float) -> Tensor:
+    """log π(token) of every target at the sampling temperature (the policy that RL optimises is π(·/T))."""
+    return token_logprobs(model(packed.inputs) / temperature, packed.targets)
+
+
+class RolloutObjective:
+    """The parts of an RL objective that do not depend on the algorithm. Subclasses add next_batch and loss."""
+
+    stage = "rl"
+
+    def __init__(
+        self, env: Environment, tok: Tokenizer, ref: nn.Module, cfg: RLConfig, eval_cfg: EvalConfig, *, seed: int, device: torch.device
+    ) -> None:
+        unknown = sorted(set(cfg.reward_weights) - set(env.reward_names))
+        if unknown:
+            raise GlasslabError(
+                f"rl.reward_weights names {', '.join(unknown)}, which environment '{env.name}' does not score: "
+                f"use some of {', '.join(env.reward_names)}"
+            )
+        self.env, self.tok, self.ref, self.cfg, self.eval_cfg = env, tok, ref, cfg, eval_cfg
+        self.seed, self.device = seed, device
+        self.interceptor = ToolInterceptor(tok)
+        self.rollouts = 0  # rollout batches drawn so far: seeds the next one, so a resumed run draws the same
+        self._probe_rows: Tensor | None = None
+
+    def problems(self, index: int) -> list[Problem]:
+        """The problems of rollout batch `index`, each repeated group_size times (fixed by seed and index)."""
+        drawn = self.env.problems("train", self.cfg.prompts_per_step, seed=self.seed * 100_003 + index)
+        return [p for p in drawn for _ in range(self.cfg.group_size)]
+
+    def rollout(self, model: nn.Module) -> Rollout:
+        """prompts_per_step fresh training problems x group_size completions, all in one generate() call."""
+        problems = self.problems(self.rollouts)
+        prompts = [prompt_tokens(self.env, p, self.tok) for p in problems]
+        t0 = time.perf_counter()
+        out = generate(
+            model, prompts, self.cfg.max_new_tokens, temperature=self.cfg.temperature, stop_ids=(self.tok.end_id,),
+            pad_id=self.tok.pad_id, seed=self.seed * 100_003 + self.rollouts, interceptor=self.interceptor,
+        )  # fmt: skip
+        self.rollouts += 1
+        return self.scored(problems, prompts, out.tokens, out.sampled, out.logprobs, out.truncated, time.perf_counter() - t0)
+
+    def scored(
+        self, problems: list[Problem], prompts: list[list[int]], completions: list[list[int]], sampled: list[list[bool]],
+        logprobs: list[list[float]], truncated: list[bool], generation_s: float,
+    ) -> Rollout:  # fmt: skip
+        """Score completions with every reward function; the reward is their weighted sum."""
+        texts = [completion_text(self.tok, c) for c in completions]
+        per_row = [self.env.score(p, t) for p, t in zip(problems, texts)]
+        scores = {name: [s[name] for s in per_row] for name in self.env.reward_names}
+        weights = self.cfg.reward_weights
+        rewards = torch.tensor([sum(w * s[name] for name, w in weights.items()) for s in per_row], device=self.device)
+        return Rollout(
+            problems, prompts, completions, sampled, logprobs, truncated, texts, scores, rewards, self.cfg.group_size, generation_s
+        )
+
+    @torch.no_grad()
+    def reference_logprobs(self, packed: Packed) -> Tensor:
+        return sequence_logprobs(self.ref, packed, self.cfg.temperature)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Greedy accuracy (overall, per difficulty), reward means and pass@k on the environment's held-out
+        problems: the same ones at every evaluation, so the curve starts comparably at the SFT model."""
+        e = self.eval_cfg
+        return evaluate_env(
+            model, self.tok, self.env, n=self.cfg.eval_n, seed=self.seed, pass_k=tuple(e.pass_k), samples=e.samples,
+            temperature=e.temperature, max_new_tokens=self.cfg.max_new_tokens, split="eval",
+        ).metrics()  # fmt: skip
+
+    def samples(self, model: nn.Module, n: int = 4) -> list[dict]:
+        """Greedy answers to a few held-out problems, with their rewards."""
+        problems = self.env.problems("eval", n, seed=self.seed)
+        out = generate(
+            model, [prompt_tokens(self.env, p, self.tok) for p in problems], self.cfg.max_new_tokens, temperature=0.0,
+            stop_ids=(self.tok.end_id,), pad_id=self.tok.pad_id, interceptor=self.interceptor,
+        )  # fmt: skip
+        texts = [completion_text(self.tok, c) for c in out.tokens]
+        return [
+            {"prompt": p.prompt, "answer": p.answer, "completion": t, "scores": self.env.score(p, t)}
+            for p, t in zip(problems, texts)
+        ]
+
+    def probe_inputs(self) -> Tensor:
+        """Eight held-out problems with their ideal answers, right-padded: the fixed rows the attention and
+        activation probes read, so their values compare across steps (and with SFT)."""
+        if self._probe_rows is None:
+            rows = []
+            for p in self.env.problems("eval", 8, seed=self.seed):
+                system = [Message("system", self.env.system_prompt)] if self.env.system_prompt else []
+                turns = [Message(role, content) for role, content in self.env.ideal_answer(p)]
+                rows.append(render([*system, Message("user", p.prompt), *turns], self.tok)[0])
+            width = max(map(len, rows))
+            self._probe_rows = torch.tensor([r + [self.tok.pad_id] * (width - len(r)) for r in rows], device=self.device)
+        return self._probe_rows
+
+    def state_dict(self) -> dict:
+        return {"rollouts": self.rollouts}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rollouts = state["rollouts"]
+
+
+# ---- hooks of the RL stage -------------------------------------------------------------------------
+
+_REFERENCE = re.compile(r"reference-step-(\d+)\.safetensors")
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+class ReferenceReset(Hook):
+    """Every `every` steps the reference policy becomes a copy of the current policy, so the KL penalty anchors
+    to a recent policy instead of the SFT model (as in TRL's sync_ref_model). Each new reference is saved
+    beside the checkpoints (checkpoints/rl/reference-step-N.safetensors); a resumed run loads the newest one
+    not after its checkpoint, and before the first reset the reference is the SFT model it started from."""
+
+    def __init__(self, ref: nn.Module, every: int, directory: Path) -> None:
+        self.ref, self.every, self.directory = ref, every, Path(directory)
+
+    def _saved(self) -> dict[int, Path]:
+        files = self.directory.glob("reference-step-*.safetensors") if self.directory.is_dir() else ()
+        return {int(m[1]): f for f in files if (m := _REFERENCE.fullmatch(f.name))}
+
+    def on_train_start(self, ctx: StepContext) -> None:
+        saved = {s: f for s, f in self._saved().items() if s <= ctx.step}
+        if saved:
+            self.ref.load_state_dict(load_file(saved[max(saved)]))
+
+    def on_optimizer_step(self, ctx: StepContext) -> None:
+        if ctx.step % self.every:
+            return
+        weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in ctx.model.state_dict().items()}
+        self.ref.load_state_dict(weights)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(self.directory / f"reference-step-{ctx.step:07d}.safetensors", safetensors_bytes(weights))
+        ctx.run.log_event("notice", f"reference policy reset to the policy at step {ctx.step}", step=ctx.step, stage=ctx.stage)
+        self._prune()
+
+    def _prune(self) -> None:
+        """Keep the references any remaining checkpoint can resume with: from the one in force at the oldest."""
+        ckpts = [int(m[1]) for d in self.directory.iterdir() if (m := _STEP_DIR.fullmatch(d.name))]
+        saved = self._saved()
+        floor = max((s for s in saved if s <= min(ckpts, default=0)), default=None)
+        for s, f in saved.items():
+            if floor is not None and s < floor:
+                f.unlink()
+
+
+class RolloutTable(Hook):
+    """Every `every` steps, the step's completions with their scores (and advantages, for GRPO) go to
+    rollouts/step-N.jsonl: the raw material behind every reward curve."""
+
+    def __init__(self, directory: Path, every: int) -> None:
+        self.directory, self.every = Path(directory), every
+
+    def on_optimizer_step(self, ctx: StepContext) -> None:
+        if not self.every or ctx.step % self.every:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"step-{ctx.step}.jsonl"
+        path.unlink(missing_ok=True)  # a resumed run writes the step again
+        for record in ctx.batch.records():
+            append_jsonl(path, {"step": ctx.step, **record})
+
+
+class TrainingTime(Hook):
+    """time/training_s: from a ready batch to the optimizer step done (policy forward, loss, backward, gradient
+    probes, clipping, update), the part of an RL step that is not generation or reference scoring."""
+
+    def on_optimizer_step(self, ctx: StepContext) -> None:
+        ctx.metrics["time/training_s"] = time.perf_counter() - ctx.batch.ready_at

@@ -1,0 +1,62 @@
+"""Reinforcement learning from an environment's rewards: GRPO, or DPO on pairs built from it.
+
+The policy and a frozen reference both start from the SFT checkpoint. The stage adds its hooks to the one
+training loop: reference resets, rollout tables, training time and the reward-hacking detectors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from glasslab.config import Config
+from glasslab.data.tokenizer import Tokenizer
+from glasslab.envs import get_env
+from glasslab.errors import GlasslabError
+from glasslab.model.gpt import GPT
+from glasslab.probes import build_probes
+from glasslab.rl.dpo import DPO
+from glasslab.rl.grpo import GRPO
+from glasslab.rl.hacking import HackingDetectors, HackingHook
+from glasslab.rl.rollout import ReferenceReset, RolloutTable, TrainingTime
+from glasslab.stages.common import save_config, setup_runtime, stage_run
+from glasslab.track.checkpoint import latest_checkpoint, load_checkpoint
+from glasslab.track.rundir import RunDir
+from glasslab.train.loop import Hook, check_architecture, train
+
+
+def rl(
+    cfg: Config, run: RunDir, *, init: Path | None = None, hooks: list[Hook] = (), progress: Any = None  # type: ignore[assignment]
+) -> GPT:
+    """`init`: the checkpoint directory both policy and reference start from (None: this run's latest SFT one)."""
+    device = setup_runtime(cfg.system, cfg.seed)
+    run.update_manifest(device=str(device), seed=cfg.seed)
+    if not run.tokenizer_path.exists():
+        raise GlasslabError(f"run {run.path} has no tokenizer.json: start RL with `glasslab rl CHAT_RUN`, which copies it")
+    tok = Tokenizer.load(run.tokenizer_path)
+    cfg.model.vocab_size = tok.vocab_size
+    save_config(run, cfg)
+    start = init or latest_checkpoint(run.checkpoints_dir, "sft")
+    if start is None:
+        raise GlasslabError(f"run {run.path} has no SFT checkpoint to start RL from: run `glasslab sft` first, or pass a chat run")
+    weights = load_checkpoint(start)
+    check_architecture(weights.extra["arch"], cfg.model.model_dump(), start)
+    model, ref = GPT(cfg.model), GPT(cfg.model)
+    model.load_state_dict(weights.model)
+    ref.load_state_dict(weights.model)
+    model.to(device)
+    ref.to(device).eval().requires_grad_(False)
+    env = get_env(cfg.rl.env, cfg.envs.get(cfg.rl.env))
+    algo = {"grpo": GRPO, "dpo": DPO}[cfg.rl.algo]
+    objective = algo(env, tok, ref, cfg.rl, cfg.eval, seed=cfg.seed, device=device)
+    stage_hooks: list[Hook] = [TrainingTime(), RolloutTable(run.path / "rollouts", cfg.rl.table_every)]
+    if cfg.rl.ref_reset_every:
+        stage_hooks.append(ReferenceReset(ref, cfg.rl.ref_reset_every, run.checkpoints_dir / objective.stage))
+    stage_hooks.append(HackingHook(HackingDetectors(cfg.rl.detect_window)))
+    with stage_run(run, objective.stage) as store:
+        if latest_checkpoint(run.checkpoints_dir, objective.stage) is None:
+            store.log(0, objective.stage, objective.evaluate(model))  # the curves start at the SFT model
+        all_hooks = [*stage_hooks, *hooks, *build_probes(cfg, run, tok)]
+        train(model, objective, cfg.rl.train, run, store, arch=cfg.model.model_dump(), hooks=all_hooks,
+              progress=progress, compile=cfg.system.compile)  # fmt: skip
+    return model

@@ -1,0 +1,174 @@
+"""Task environments, the safe calculator and the tool interceptor."""
+
+import random
+import sys
+import textwrap
+from fractions import Fraction
+
+import pytest
+
+from glasslab.chat import Message, parse_completion
+from glasslab.data.tokenizer import Tokenizer
+from glasslab.envs import ENVIRONMENTS, get_env
+from glasslab.envs.base import final_answer, split_of
+from glasslab.errors import GlasslabError
+from glasslab.tools import CalcError, ToolInterceptor, calculate, numbers_in, run_calculator
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(["0123456789+-*/=() Reach with Use the calculator. error: not arithmetic"], "char", 0)
+
+
+# ---- calculator ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "expr, value",
+    [("1+2", 3), ("7/2*2", 7), ("2**10", 1024), ("-3+4*(5-1)", 13), ("10/4", Fraction(5, 2)), ("17//5", 3), ("17%5", 2)],
+)
+def test_calculator_is_exact_arithmetic(expr, value):
+    assert calculate(expr) == value
+
+
+@pytest.mark.parametrize(
+    "expr",
+    ["__import__('os').system('true')", "x+1", "(1).real", "[1, 2]", "1 if 1 else 2", "1<<3", "3<4", "True+1",
+     "'a'*3", "f(2)", "9**9**9", "2**0.5", "1e999", "1/0", "", "1+"],
+)  # fmt: skip
+def test_calculator_refuses_everything_but_arithmetic(expr):
+    with pytest.raises(CalcError):
+        calculate(expr)
+    assert run_calculator(expr).startswith("error: ")
+
+
+def test_numbers_in_counts_every_literal():
+    assert sorted(numbers_in("3*5+7-3")) == [3, 3, 5, 7]
+
+
+def test_tool_interceptor_runs_the_call_and_hands_back_to_the_assistant(tok):
+    tools = ToolInterceptor(tok)
+    assert tok.decode(tools(0, tok.encode("<|tool_call|>12*34<|end|>"))) == "<|tool|>408<|end|><|assistant|>"
+    assert tok.decode(tools(0, tok.encode("<|tool_call|>12*x<|end|>"))).startswith("<|tool|>error: ")
+    # a second call, after the first result, is run too; the final answer's <|end|> is not a call
+    second = "<|tool_call|>1+1<|end|><|tool|>2<|end|><|assistant|><|tool_call|>2*3<|end|>"
+    assert tok.decode(tools(0, tok.encode(second))) == "<|tool|>6<|end|><|assistant|>"
+    assert tools(0, tok.encode("<|tool_call|>1+1<|end|><|tool|>2<|end|><|assistant|>2<|end|>")) is None
+    assert tools(0, tok.encode("408<|end|>")) is None
+    assert tools(0, tok.encode("<|tool_call|>12*3")) is None  # call not finished yet
+
+
+# ---- chat completions ------------------------------------------------------------------------------
+
+
+def test_parse_completion_and_final_answer():
+    text = "<|tool_call|>1*2<|end|><|tool|>2<|end|><|assistant|>2<|end|>"
+    assert parse_completion(text) == [Message("assistant", "<|tool_call|>1*2"), Message("tool", "2"), Message("assistant", "2")]
+    assert final_answer(text) == "2"
+    assert final_answer("57<|end|>") == "57"
+    assert final_answer("57") is None  # truncated: never ended
+    assert final_answer("<|tool_call|>1*2<|end|>") is None  # a call is not an answer
+
+
+# ---- registry --------------------------------------------------------------------------------------
+
+
+def test_get_env_validates_options_and_names():
+    assert set(ENVIRONMENTS) == {"arithmetic", "countdown", "calculator"}
+    assert get_env("arithmetic", {"max_digits": 3}).options.max_digits == 3
+    with pytest.raises(GlasslabError, match="arithmetic, countdown, calculator"):
+        get_env("arithmetc")
+    with pytest.raises(GlasslabError, match="unknown option 'max_digit'.*max_digits"):
+        get_env("arithmetic", {"max_digit": 3})
+    with pytest.raises(GlasslabError, match="min_digits"):
+        get_env("arithmetic", {"min_digits": 3, "max_digits": 2})
+    with pytest.raises(GlasslabError, match="not a subclass"):
+        get_env("glasslab.tools:CalcError")
+    with pytest.raises(GlasslabError, match="cannot import"):
+        get_env("no_such_module_xyz:Env")
+
+
+def test_user_environment_by_module_and_class(tmp_path, monkeypatch):
+    (tmp_path / "my_env.py").write_text(textwrap.dedent("""
+        from glasslab.envs.base import Environment, EnvOptions, Problem
+
+        class Options(EnvOptions):
+            word: str = "hi"
+
+        class Echo(Environment):
+            name = "echo"
+            reward_names = ("correct",)
+            Options = Options
+
+            def sample_problem(self, rng):
+                n = rng.randint(0, 999)
+                return Problem(f"say {self.options.word} {n}", f"{self.options.word} {n}", 1)
+
+            def ideal_answer(self, problem):
+                return [("assistant", problem.answer)]
+
+            def score(self, problem, completion):
+                return {"correct": float(completion == problem.answer + "<|end|>")}
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    env = get_env("my_env:Echo", {"word": "yo"})
+    p = env.problems("eval", 1, 0)[0]
+    assert p.prompt.startswith("say yo") and env.score(p, p.answer + "<|end|>") == {"correct": 1.0}
+    with pytest.raises(GlasslabError, match="unknown option 'wrd'"):
+        get_env("my_env:Echo", {"wrd": "x"})
+    sys.modules.pop("my_env", None)
+
+
+# ---- the built-in environments ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["arithmetic", "countdown", "calculator"])
+def test_eval_set_is_fixed_by_seed_and_never_overlaps_training(name):
+    env = get_env(name)
+    train = {p.prompt for p in env.problems("train", 300, seed=1)}
+    evals = [env.problems("eval", 50, seed=s) for s in (1, 1, 2)]
+    assert [p.prompt for p in evals[0]] == [p.prompt for p in evals[1]]  # fixed by the seed
+    assert [p.prompt for p in evals[0]] != [p.prompt for p in evals[2]]  # another seed, another set
+    assert not train & {p.prompt for e in evals for p in e}
+    assert all(split_of(p.prompt) == "eval" for p in evals[2])
+
+
+@pytest.mark.parametrize("name", ["arithmetic", "countdown", "calculator"])
+def test_ideal_answers_get_full_reward_and_garbage_none(name):
+    env = get_env(name)
+    for p in env.problems("train", 30, seed=0):
+        turns = env.ideal_answer(p)
+        completion = "<|end|>".join(c if i == 0 else f"<|{r}|>{c}" for i, (r, c) in enumerate(turns)) + "<|end|>"
+        assert env.score(p, completion) == {"correct": 1.0, "format": 1.0}, (p, completion)
+        assert env.score(p, "banana<|end|>") == {"correct": 0.0, "format": 0.0}
+        assert env.score(p, completion.removesuffix("<|end|>"))["format"] == 0.0  # truncated
+
+
+def test_arithmetic_difficulty_is_digits_of_largest_operand():
+    env = get_env("arithmetic", {"ops": ["+", "-", "*"], "min_digits": 1, "max_digits": 3, "level_weights": [0, 1, 1]})
+    problems = env.problems("train", 200, seed=0)
+    assert {p.difficulty for p in problems} == {2, 3}
+    for p in problems:
+        a, op, b = p.meta["a"], p.meta["op"], p.meta["b"]
+        assert len(str(max(a, b))) == p.difficulty and p.prompt == f"{a}{op}{b}="
+        assert int(p.answer) == calculate(f"{a}{op}{b}") and int(p.answer) >= 0  # no negatives by default
+    p = problems[0]
+    assert env.score(p, f"{int(p.answer) + 1}<|end|>") == {"correct": 0.0, "format": 1.0}
+
+
+def test_countdown_accepts_any_fair_solution():
+    env = get_env("countdown")
+    p = env.sample_problem(random.Random(0))
+    p = type(p)("Reach 22 with 3 5 7", "3*5+7", 3, {"numbers": [3, 5, 7], "target": 22})
+    assert env.score(p, "7+3*5<|end|>") == {"correct": 1.0, "format": 1.0}
+    assert env.score(p, "(7+5)*3-14<|end|>") == {"correct": 0.0, "format": 1.0}  # 14 is not given
+    assert env.score(p, "7+7+7+1<|end|>") == {"correct": 0.0, "format": 1.0}  # 7 used thrice
+    assert env.score(p, "22<|end|>") == {"correct": 0.0, "format": 1.0}
+    assert env.score(p, "__import__('os')<|end|>") == {"correct": 0.0, "format": 0.0}
+
+
+def test_calculator_format_requires_the_tool():
+    env = get_env("calculator")
+    p = env.problems("eval", 1, seed=0)[0]
+    assert env.ideal_answer(p)[0] == ("assistant", "<|tool_call|>" + p.prompt.removesuffix("="))
+    assert env.score(p, p.answer + "<|end|>") == {"correct": 1.0, "format": 0.0}

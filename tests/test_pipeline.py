@@ -1,0 +1,30 @@
+"""The one end-to-end smoke test of the whole pipeline: `glasslab run --preset smoke`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+
+def test_run_smoke_chains_every_stage_into_one_run_directory(tmp_path: Path):
+    proc = subprocess.run([sys.executable, "-m", "glasslab", "run", "--preset", "smoke", "--name", "main", "--json"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    headline = json.loads(proc.stdout)
+    run = tmp_path / "runs" / "main"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["stages_done"] == ["pretrain", "sft", "rl"]
+    assert headline["status"] == "completed" and headline["val_bpb"] > 0
+    assert {"eval/arithmetic/after_sft/accuracy", "eval/arithmetic/after_rl/accuracy"} <= set(headline)
+    for stage in ("pretrain", "sft", "rl"):
+        assert any((run / "checkpoints" / stage).iterdir()), stage
+    stages = set(pq.read_table(run / "metrics.parquet").column("stage").to_pylist())
+    assert stages == {"pretrain", "sft", "rl", "eval"}
+    final = json.loads((run / "eval" / "final.json").read_text())
+    assert set(final) == {"sft", "rl"} and final["rl"]["n"] > 0
+    html = (run / "report.html").read_text()
+    assert "<script" in html and "http://" not in html.split("<body", 1)[1][:200]
