@@ -14,10 +14,10 @@ def test_every_preset_resolves():
 
 
 def test_set_parses_toml_literals_and_keeps_section_defaults():
-    cfg = resolve("tiny", overrides=["train.lr=3e-3", "model.qk_norm=false", "sft.train.steps=7", "data.source=my.txt"])
-    assert cfg.train.lr == 3e-3 and cfg.model.qk_norm is False and cfg.data.source == "my.txt"
-    assert cfg.sft.train.steps == 7
-    assert cfg.sft.train.lr == Config().sft.train.lr  # the stage's own default, not the pretraining lr
+    cfg = resolve(None, overrides=["train.lr=7e-3", "model.qk_norm=false", "rl.train.steps=7", "data.source=my.txt"])
+    assert cfg.train.lr == 7e-3 and cfg.model.qk_norm is False and cfg.data.source == "my.txt"
+    assert cfg.rl.train.steps == 7
+    assert cfg.rl.train.lr == Config().rl.train.lr != cfg.train.lr  # the stage's own default, not the pretraining lr
 
 
 def test_unknown_key_names_the_nearest_valid_key():

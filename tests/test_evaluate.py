@@ -10,8 +10,8 @@ import glasslab.evaluate as evaluate
 from glasslab.config import ModelConfig
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.envs import get_env
-from glasslab.evaluate import completion_text, evaluate_env, pass_at_k, prompt_tokens
 from glasslab.errors import GlasslabError
+from glasslab.evaluate import completion_text, evaluate_env, pass_at_k, prompt_tokens
 from glasslab.model.generate import Generation
 from glasslab.model.gpt import GPT
 

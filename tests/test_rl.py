@@ -525,3 +525,13 @@ def test_rl_command(tmp_path, tok, mcfg, monkeypatch, capsys):
         code, out, err = _cli(monkeypatch, capsys, *bad)
         assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
     assert "unknown task environment 'nope'" in err and not (tmp_path / "x").exists()
+
+
+def test_rl_env_options_layer_over_the_environment_settings():
+    from glasslab.stages.rl import rl_env
+
+    cfg = build_config({"envs": {"arithmetic": {"ops": ["+"], "max_digits": 3}}, "rl": {"env_options": {"min_digits": 2}}})
+    opts = rl_env(cfg).options
+    assert (opts.ops, opts.min_digits, opts.max_digits) == (["+"], 2, 3)
+    with pytest.raises(GlasslabError, match="unknown option 'digits'"):
+        rl_env(build_config({"rl": {"env_options": {"digits": 2}}}))

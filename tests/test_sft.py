@@ -18,9 +18,13 @@ from glasslab.data.tokenizer import Tokenizer
 from glasslab.envs import get_env
 from glasslab.errors import GlasslabError
 from glasslab.model.gpt import GPT
-from glasslab.stages.sft import build_objective, shares, sft
+from glasslab.stages.sft import build_objective, sft, shares
 from glasslab.track.atomic import write_text_atomic
-from glasslab.track.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from glasslab.track.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from glasslab.track.metrics import read_metrics
 from glasslab.track.rundir import RunDir
 from glasslab.train.sft import Example, pad_batch, to_example
@@ -95,7 +99,8 @@ def write_jsonl(path, rows):
 
 def test_conversation_file_errors_name_the_line(tmp_path, tok):
     good = {"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]}
-    assert load_conversations(write_jsonl(tmp_path / "ok.jsonl", [good, "", good]), tok, 65)[0][1] == Message("assistant", "Paris.")
+    loaded = load_conversations(write_jsonl(tmp_path / "ok.jsonl", [good, "", good]), tok, 65)
+    assert len(loaded) == 2 and loaded[0][1] == Message("assistant", "Paris.")
     cases = [
         ([good, {"messages": [{"role": "robot", "content": "hi"}]}], "line 2: .*unknown role 'robot'"),
         ([good, good, {"messages": [{"role": "user", "content": "hi"}]}], "line 3: .*no assistant turn"),

@@ -129,7 +129,7 @@ def repl(model: nn.Module, tok: Tokenizer, *, system: str | None, seed: int, out
     Ctrl-C stops an answer mid-way."""
     base = [Message("system", system)] if system else []
     history = list(base)
-    ui.print("[dim]chat: /reset forgets the conversation, /quit leaves[/]")
+    ui.print("[dim]chat: /reset forgets the conversation, /quit leaves[/]", highlight=False)
     turn = 0
     while True:
         try:

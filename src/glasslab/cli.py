@@ -158,9 +158,14 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: continue with `glasslab resume RUN`")
         sys.exit(130)
-    except Exception as e:  # click's usage errors
+    except Exception as e:  # a stop request (the loop checkpointed), or click's usage errors
         import click
 
+        from glasslab.train.loop import Interrupted
+
+        if isinstance(e, Interrupted):
+            console.print(f"[yellow]interrupted[/]: {e}; continue with `glasslab resume RUN`")
+            sys.exit(130)
         if isinstance(e, click.exceptions.ClickException):
             e.show()
             sys.exit(2)

@@ -141,6 +141,9 @@ class RLConfig(Section):
 
     algo: Literal["grpo", "dpo"] = "grpo"
     env: str = "arithmetic"
+    # The environment's options for RL (training and its evaluations), layered over [envs.<env>]: RL can work
+    # on another difficulty than SFT, e.g. {min_digits = 2} where the SFT model is still weak.
+    env_options: dict[str, Any] = {}
     group_size: int = Field(8, ge=2)
     prompts_per_step: int = Field(8, ge=1)
     max_new_tokens: int = Field(24, ge=1)

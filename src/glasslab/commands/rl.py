@@ -28,16 +28,16 @@ def rl(
     json_: Json = False,
 ) -> None:
     """Improve a chat model with rewards from a task environment: GRPO with a KL-anchored reference, or DPO."""
-    from glasslab.envs import get_env
     from glasslab.stages.common import load_run_config, save_config
     from glasslab.stages.rl import rl as run_rl
+    from glasslab.stages.rl import rl_env
     from glasslab.track.checkpoint import latest_checkpoint
     from glasslab.track.rundir import RunDir
     from glasslab.ui import progress
 
     overrides = [*(set_ or []), *([f'rl.algo="{algo}"'] if algo else []), *([f'rl.env="{env}"'] if env else [])]
     cfg = config_from_options(preset, config, overrides, seed)
-    get_env(cfg.rl.env, cfg.envs.get(cfg.rl.env))  # a misspelt environment or option fails before a run exists
+    rl_env(cfg)  # a misspelt environment or option fails before a run exists
     base = RunDir.open(parent)
     init = latest_checkpoint(base.checkpoints_dir)
     if init is None:

@@ -8,7 +8,18 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from glasslab.commands.options import ConfigFile, Json, Name, Overwrite, Preset, Resume, RunArg, RunsDir, Seed, Sets
+from glasslab.commands.options import (
+    ConfigFile,
+    Json,
+    Name,
+    Overwrite,
+    Preset,
+    Resume,
+    RunArg,
+    RunsDir,
+    Seed,
+    Sets,
+)
 from glasslab.errors import GlasslabError
 from glasslab.ui import console, emit_json
 
@@ -25,7 +36,7 @@ def sft(
     base: Annotated[Path, typer.Argument(help="the run to fine-tune (its newest checkpoint), e.g. runs/base")],
     tasks: Annotated[Optional[str], typer.Option(help="task environments, comma-separated: arithmetic,countdown")] = None,
     data: Annotated[Optional[Path], typer.Option(help="a JSONL file of conversations (alone unless --tasks too)")] = None,
-    show_example: Annotated[bool, typer.Option(help="print a rendered training example, trained tokens highlighted, and exit")] = False,
+    show_example: Annotated[bool, typer.Option(help="print rendered examples, trained tokens highlighted, and exit")] = False,
     preset: Preset = "tiny",
     config: ConfigFile = None,
     set_: Sets = None,
@@ -39,7 +50,12 @@ def sft(
     """Fine-tune a pretrained run on chat conversations from task environments or your own file."""
     import shutil
 
-    from glasslab.commands.common import config_from_options, finish, new_run, resume_run
+    from glasslab.commands.common import (
+        config_from_options,
+        finish,
+        new_run,
+        resume_run,
+    )
     from glasslab.config import build_config
     from glasslab.stages.common import load_run_config
     from glasslab.track.checkpoint import latest_checkpoint
@@ -102,12 +118,12 @@ def eval_(
     run_dir: RunArg,
     task: Annotated[str, typer.Option(help="task environment: arithmetic, countdown, calculator or module:Class")],
     n: Annotated[Optional[int], typer.Option(help="held-out problems (default: the run's eval.n)")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="which held-out set (default: the run's seed, as in training and `glasslab run`)")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="which held-out set (default: the run's seed, as in training)")] = None,
     k: Annotated[Optional[str], typer.Option(help="pass@k values, comma-separated (default: eval.pass_k)")] = None,
     samples: Annotated[Optional[int], typer.Option(help="sampled answers per problem for pass@k (default: eval.samples)")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="sampling temperature for pass@k")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="tokens per answer (default: eval.max_new_tokens)")] = None,
-    text: Annotated[bool, typer.Option("--text", help="also the loss and bits per byte on the pretraining run's held-out text")] = False,
+    text: Annotated[bool, typer.Option("--text", help="also loss and bits per byte on the pretraining's held-out text")] = False,
     set_: Sets = None,
     json_: Json = False,
 ) -> None:
@@ -208,7 +224,7 @@ def chat(
     from rich.console import Console
 
     from glasslab.chat import Message
-    from glasslab.chatrepl import final_text, reply, repl
+    from glasslab.chatrepl import final_text, repl, reply
     from glasslab.stages.common import load_model
     from glasslab.track.rundir import RunDir
 

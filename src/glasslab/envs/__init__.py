@@ -28,7 +28,8 @@ def env_class(name: str) -> type[Environment]:
     try:
         cls = getattr(import_module(module_name), class_name)
     except ImportError as e:
-        raise GlasslabError(f"cannot import module '{module_name}' for environment '{name}' ({e}): check it is on PYTHONPATH") from None
+        msg = f"cannot import module '{module_name}' for environment '{name}' ({e}): check it is on PYTHONPATH"
+        raise GlasslabError(msg) from None
     except AttributeError:
         raise GlasslabError(f"module '{module_name}' has no class '{class_name}': check the name after the ':'") from None
     if not (isinstance(cls, type) and issubclass(cls, Environment)):

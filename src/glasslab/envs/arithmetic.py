@@ -28,7 +28,8 @@ class ArithmeticOptions(EnvOptions):
         if self.min_digits > self.max_digits:
             raise ValueError(f"min_digits ({self.min_digits}) must not exceed max_digits ({self.max_digits})")
         levels = self.max_digits - self.min_digits + 1
-        if self.level_weights is not None and (len(self.level_weights) != levels or min(self.level_weights) < 0 or not sum(self.level_weights)):
+        w = self.level_weights
+        if w is not None and (len(w) != levels or min(w) < 0 or not sum(w)):
             raise ValueError(f"level_weights needs {levels} non-negative weights (one per digit count), not all zero")
         return self
 

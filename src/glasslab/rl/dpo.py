@@ -24,7 +24,7 @@ class DPOBatch:
     rollout: Rollout
     chosen: list[int]  # row of the chosen answer, one per pair
     rejected: list[int]  # row of the rejected answer, same order
-    packed: Packed  # chosen rows, then rejected rows
+    packed: Packed | None  # chosen rows, then rejected rows (None without pairs)
     ref_logp: Tensor  # (2 * pairs, L) reference token log-probs
     metrics: dict[str, float]
     ready_at: float = field(default_factory=time.perf_counter)

@@ -45,7 +45,7 @@ def final_evaluation(cfg: Config, run: RunDir) -> dict[str, dict]:
             model, tok, _ = load_model(run, device, stage=stage)
             res = evaluate_env(model, tok, env, n=cfg.eval.n, seed=cfg.seed, pass_k=tuple(cfg.eval.pass_k),
                                samples=cfg.eval.samples, temperature=cfg.eval.temperature,
-                               max_new_tokens=cfg.rl.max_new_tokens)  # fmt: skip
+                               max_new_tokens=cfg.eval.max_new_tokens)  # fmt: skip
             results[stage] = res.as_dict()
             values = {f"eval/{env.name}/after_{stage}/accuracy": res.accuracy}
             values |= {f"eval/{env.name}/after_{stage}/pass@{k}": v for k, v in res.pass_at_k.items()}

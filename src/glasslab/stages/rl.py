@@ -12,6 +12,7 @@ from typing import Any
 from glasslab.config import Config
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.envs import get_env
+from glasslab.envs.base import Environment
 from glasslab.errors import GlasslabError
 from glasslab.model.gpt import GPT
 from glasslab.probes import build_probes
@@ -23,6 +24,11 @@ from glasslab.stages.common import save_config, setup_runtime, stage_run
 from glasslab.track.checkpoint import latest_checkpoint, load_checkpoint
 from glasslab.track.rundir import RunDir
 from glasslab.train.loop import Hook, check_architecture, train
+
+
+def rl_env(cfg: Config) -> Environment:
+    """The RL environment: [envs.<env>] options with rl.env_options over them."""
+    return get_env(cfg.rl.env, {**cfg.envs.get(cfg.rl.env, {}), **cfg.rl.env_options})
 
 
 def rl(
@@ -46,7 +52,7 @@ def rl(
     ref.load_state_dict(weights.model)
     model.to(device)
     ref.to(device).eval().requires_grad_(False)
-    env = get_env(cfg.rl.env, cfg.envs.get(cfg.rl.env))
+    env = rl_env(cfg)
     algo = {"grpo": GRPO, "dpo": DPO}[cfg.rl.algo]
     objective = algo(env, tok, ref, cfg.rl, cfg.eval, seed=cfg.seed, device=device)
     stage_hooks: list[Hook] = [TrainingTime(), RolloutTable(run.path / "rollouts", cfg.rl.table_every)]

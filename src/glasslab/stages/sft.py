@@ -91,7 +91,8 @@ def sft(
     if latest_checkpoint(run.checkpoints_dir, "sft") is None:
         init = init or latest_checkpoint(run.checkpoints_dir, "pretrain")
         if init is None:
-            raise GlasslabError(f"run {run.path} has no pretrain checkpoint to fine-tune: pretrain first, or use `glasslab sft BASE_RUN`")
+            msg = f"run {run.path} has no pretrain checkpoint to fine-tune: pretrain first, or use `glasslab sft BASE_RUN`"
+            raise GlasslabError(msg)
         ckpt = load_checkpoint(init)
         check_architecture(ckpt.extra["arch"], cfg.model.model_dump(), init)
         model.load_state_dict(ckpt.model)
