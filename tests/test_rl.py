@@ -511,7 +511,7 @@ def test_rl_command(tmp_path, tok, mcfg, monkeypatch, capsys):
     chat = _chat_run(tmp_path / "chat", tok, mcfg)
     sets = ["rl.group_size=4", "rl.prompts_per_step=2", "rl.max_new_tokens=6", "rl.eval_n=4", "eval.samples=2",
             "eval.pass_k=[1, 2]", "rl.train.steps=2", "rl.train.eval_every=2", 'probes.mode="off"', "system.threads=1"]  # fmt: skip
-    args = ["rl", str(chat.path), "--algo", "dpo", "--env", f"{__name__}:FakeEnv", "--runs-dir", str(tmp_path), "--name", "r",
+    args = ["rl", str(chat.path), "--preset", "smoke", "--algo", "dpo", "--env", f"{__name__}:FakeEnv", "--runs-dir", str(tmp_path), "--name", "r",
             "--json", *[a for s in sets for a in ("--set", s)]]  # fmt: skip
     code, out, err = _cli(monkeypatch, capsys, *args)
     assert code == 0, err
