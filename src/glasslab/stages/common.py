@@ -104,16 +104,34 @@ def load_run_config(run: RunDir) -> Config:
 
 def load_model(run: RunDir, device: torch.device | None = None, stage: str | None = None) -> tuple[GPT, Tokenizer, Config]:
     """The newest checkpoint of a run (of `stage`, if given) as a ready model, with its tokenizer and config."""
-    from glasslab.track.checkpoint import latest_checkpoint, load_checkpoint
-    from glasslab.train.loop import check_architecture
+    from glasslab.track.checkpoint import latest_checkpoint
 
     cfg = load_run_config(run)
     path = latest_checkpoint(run.checkpoints_dir, stage)
     if path is None:
         raise GlasslabError(f"run {run.path} has no checkpoint{f' for {stage}' if stage else ''} yet: train it first")
-    ckpt = load_checkpoint(path)
-    check_architecture(ckpt.extra["arch"], cfg.model.model_dump(), path)
     model = GPT(cfg.model)
-    model.load_state_dict(ckpt.model)
+    load_weights(model, path, cfg)
     model.to(device or torch.device("cpu")).eval()
     return model, Tokenizer.load(run.tokenizer_path), cfg
+
+
+def stage_tokenizer(cfg: Config, run: RunDir, command: str) -> Tokenizer:
+    """A fine-tuning stage's tokenizer: the one its run already holds (the stage command copies the parent's)."""
+    if not run.tokenizer_path.exists():
+        raise GlasslabError(f"run {run.path} has no tokenizer.json: start it with `glasslab {command} PARENT_RUN`, which copies it")
+    tok = Tokenizer.load(run.tokenizer_path)
+    cfg.model.vocab_size = tok.vocab_size
+    save_config(run, cfg)
+    return tok
+
+
+def load_weights(model: GPT, path: Path, cfg: Config) -> None:
+    """Start `model` from a checkpoint directory, refusing one from another architecture."""
+    from glasslab.track.checkpoint import load_checkpoint
+    from glasslab.train.loop import check_architecture
+
+    ckpt = load_checkpoint(path)
+    check_architecture(ckpt.extra["arch"], cfg.model.model_dump(), path)
+    model.load_state_dict(ckpt.model)
+

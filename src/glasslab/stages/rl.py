@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from glasslab.config import Config
-from glasslab.data.tokenizer import Tokenizer
 from glasslab.envs import get_env
 from glasslab.envs.base import Environment
 from glasslab.errors import GlasslabError
@@ -20,10 +19,10 @@ from glasslab.rl.dpo import DPO
 from glasslab.rl.grpo import GRPO
 from glasslab.rl.hacking import HackingDetectors, HackingHook
 from glasslab.rl.rollout import ReferenceReset, RolloutTable, TrainingTime
-from glasslab.stages.common import save_config, setup_runtime, stage_run
-from glasslab.track.checkpoint import latest_checkpoint, load_checkpoint
+from glasslab.stages.common import load_weights, setup_runtime, stage_run, stage_tokenizer
+from glasslab.track.checkpoint import latest_checkpoint
 from glasslab.track.rundir import RunDir
-from glasslab.train.loop import Hook, check_architecture, train
+from glasslab.train.loop import Hook, train
 
 
 def rl_env(cfg: Config) -> Environment:
@@ -37,19 +36,13 @@ def rl(
     """`init`: the checkpoint directory both policy and reference start from (None: this run's latest SFT one)."""
     device = setup_runtime(cfg.system, cfg.seed)
     run.update_manifest(device=str(device), seed=cfg.seed)
-    if not run.tokenizer_path.exists():
-        raise GlasslabError(f"run {run.path} has no tokenizer.json: start RL with `glasslab rl CHAT_RUN`, which copies it")
-    tok = Tokenizer.load(run.tokenizer_path)
-    cfg.model.vocab_size = tok.vocab_size
-    save_config(run, cfg)
+    tok = stage_tokenizer(cfg, run, "rl")
     start = init or latest_checkpoint(run.checkpoints_dir, "sft")
     if start is None:
         raise GlasslabError(f"run {run.path} has no SFT checkpoint to start RL from: run `glasslab sft` first, or pass a chat run")
-    weights = load_checkpoint(start)
-    check_architecture(weights.extra["arch"], cfg.model.model_dump(), start)
     model, ref = GPT(cfg.model), GPT(cfg.model)
-    model.load_state_dict(weights.model)
-    ref.load_state_dict(weights.model)
+    load_weights(model, start, cfg)
+    ref.load_state_dict(model.state_dict())
     model.to(device)
     ref.to(device).eval().requires_grad_(False)
     env = rl_env(cfg)

@@ -17,11 +17,11 @@ from glasslab.envs.base import Environment, split_of
 from glasslab.errors import GlasslabError
 from glasslab.model.gpt import GPT
 from glasslab.probes import build_probes
-from glasslab.stages.common import save_config, setup_runtime, stage_run
-from glasslab.track.checkpoint import latest_checkpoint, load_checkpoint
+from glasslab.stages.common import load_weights, setup_runtime, stage_run, stage_tokenizer
+from glasslab.track.checkpoint import latest_checkpoint
 from glasslab.track.rundir import RunDir
 from glasslab.train.distributed import rank
-from glasslab.train.loop import Hook, check_architecture, train
+from glasslab.train.loop import Hook, train
 from glasslab.train.sft import Example, SupervisedFineTuning, check_fits, env_conversations, to_example
 
 
@@ -82,20 +82,14 @@ def sft(
     already has SFT checkpoints resumes from them instead."""
     device = setup_runtime(cfg.system, cfg.seed)
     run.update_manifest(device=str(device), seed=cfg.seed)
-    if not run.tokenizer_path.exists():
-        raise GlasslabError(f"run {run.path} has no tokenizer.json: start SFT with `glasslab sft BASE_RUN`, which copies it")
-    tok = Tokenizer.load(run.tokenizer_path)
-    cfg.model.vocab_size = tok.vocab_size
-    save_config(run, cfg)
+    tok = stage_tokenizer(cfg, run, "sft")
     model = GPT(cfg.model)
     if latest_checkpoint(run.checkpoints_dir, "sft") is None:
         init = init or latest_checkpoint(run.checkpoints_dir, "pretrain")
         if init is None:
             msg = f"run {run.path} has no pretrain checkpoint to fine-tune: pretrain first, or use `glasslab sft BASE_RUN`"
             raise GlasslabError(msg)
-        ckpt = load_checkpoint(init)
-        check_architecture(ckpt.extra["arch"], cfg.model.model_dump(), init)
-        model.load_state_dict(ckpt.model)
+        load_weights(model, init, cfg)
     model.to(device)
     objective = build_objective(cfg, tok, device)
     with stage_run(run, objective.stage) as store:
