@@ -25,7 +25,7 @@ from glasslab.rl.hacking import HackingDetectors, repeat_rate
 from glasslab.rl.losses import (
     dpo_loss, group_advantages, grpo_loss, kl_estimate, token_entropy, token_logprobs, zero_std_groups,
 )  # fmt: skip
-from glasslab.rl.rollout import pack, sampled_logprobs, sequence_logprobs
+from glasslab.rl.rollout import pack, sequence_logprobs
 from glasslab.stages.common import save_config
 from glasslab.track.checkpoint import save_checkpoint
 from glasslab.track.metrics import read_metrics
@@ -167,7 +167,8 @@ def test_dpo_loss_matches_formula():
     pc, pr = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0])
     rc, rr = torch.tensor([-3.5, -4.0]), torch.tensor([-3.0, -2.5])
     loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=0.1)
-    expected = [-math.log(1 / (1 + math.exp(-0.1 * ((a - c) - (b - d))))) for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())]
+    rows = zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())
+    expected = [-math.log(1 / (1 + math.exp(-0.1 * ((a - c) - (b - d))))) for a, b, c, d in rows]
     assert loss.item() == pytest.approx(sum(expected) / 2)
     assert torch.allclose(chosen, 0.1 * (pc - rc)) and torch.allclose(rejected, 0.1 * (pr - rr))
 
@@ -362,8 +363,9 @@ def test_truncated_completions_are_masked(tok, mcfg):
     a, b = tok.encode("ab")
     completions = [[a, b, tok.end_id], [a, a, a], [b, tok.end_id], [b, b, b]]
     truncated = [False, True, False, True]
-    batch = obj._prepare(obj.scored(problems, [prompt_tokens(obj.env, p, tok) for p in problems], completions,
-                                    [[True] * len(c) for c in completions], [[0.0] * len(c) for c in completions], truncated, 0.0))  # fmt: skip
+    prompts = [prompt_tokens(obj.env, p, tok) for p in problems]
+    sampled, logprobs = [[True] * len(c) for c in completions], [[0.0] * len(c) for c in completions]
+    batch = obj._prepare(obj.scored(problems, prompts, completions, sampled, logprobs, truncated, 0.0))
     assert batch.packed.mask.sum(1).tolist() == [3, 0, 2, 0]
 
 
@@ -394,8 +396,10 @@ def test_dpo_step(tok, mcfg):
 
 
 def _healthy(step: int) -> dict[str, float]:
-    return {"rl/reward/correct": 0.3 + 0.004 * step, "rl/reward/format": 0.9, "rl/completion_len_mean": 4.0 + 0.1 * (step % 3),
-            "rl/truncated_ratio": 0.02, "rl/repeat_rate": 0.01, "rl/kl_ref": 0.01 + 0.0005 * step, "rl/frac_reward_zero_std": 0.3}  # fmt: skip
+    return {
+        "rl/reward/correct": 0.3 + 0.004 * step, "rl/reward/format": 0.9, "rl/completion_len_mean": 4.0 + 0.1 * (step % 3),
+        "rl/truncated_ratio": 0.02, "rl/repeat_rate": 0.01, "rl/kl_ref": 0.01 + 0.0005 * step, "rl/frac_reward_zero_std": 0.3,
+    }  # fmt: skip
 
 
 def _run(detectors: HackingDetectors, steps: int, change=None) -> list[tuple[int, str]]:
@@ -434,6 +438,17 @@ def test_a_detector_fires_again_after_recovering():
     assert fired == ["length_cap", "length_cap"]
 
 
+def test_a_flickering_condition_warns_once():
+    det = HackingDetectors(window=5)
+    values = [0.0] * 5 + [0.9, 0.9, 0.2, 0.2] * 10  # the windowed mean hovers around the 0.5 threshold
+    steps_true = 0
+    fired = []
+    for v in values:
+        fired += [n for n, _ in det.update({"rl/truncated_ratio": v})]
+        steps_true += det._length_cap() is not None
+    assert fired == ["length_cap"] and steps_true > 10  # true on many steps, warned once
+
+
 def test_repeat_rate():
     assert repeat_rate([1, 2, 3, 4, 5]) == 0.0
     assert repeat_rate([7] * 10) == pytest.approx(7 / 8)
@@ -465,8 +480,8 @@ def test_rl_stage_end_to_end_and_resume(tmp_path, tok, mcfg):
     from glasslab.stages.rl import rl
 
     run = _chat_run(tmp_path / "chat", tok, mcfg)
-    settings = {"model": mcfg.model_dump(), "rl": RL_SETTINGS, "eval": {"samples": 2, "pass_k": [1, 2]}, "probes": {"mode": "full"},
-                "system": {"threads": 1}}
+    settings = {"model": mcfg.model_dump(), "rl": RL_SETTINGS, "eval": {"samples": 2, "pass_k": [1, 2]},
+                "probes": {"mode": "full"}, "system": {"threads": 1}}  # fmt: skip
     rl(build_config(settings), run)
     table = read_metrics(run.path, stage="rl").to_pylist()
     steps = {(r["name"], r["step"]) for r in table}
@@ -510,9 +525,10 @@ def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 def test_rl_command(tmp_path, tok, mcfg, monkeypatch, capsys):
     chat = _chat_run(tmp_path / "chat", tok, mcfg)
     sets = ["rl.group_size=4", "rl.prompts_per_step=2", "rl.max_new_tokens=6", "rl.eval_n=4", "eval.samples=2",
-            "eval.pass_k=[1, 2]", "rl.train.steps=2", "rl.train.eval_every=2", 'probes.mode="off"', "system.threads=1"]  # fmt: skip
-    args = ["rl", str(chat.path), "--preset", "smoke", "--algo", "dpo", "--env", f"{__name__}:FakeEnv", "--runs-dir", str(tmp_path), "--name", "r",
-            "--json", *[a for s in sets for a in ("--set", s)]]  # fmt: skip
+            "eval.pass_k=[1, 2]", "rl.train.steps=2", "rl.train.eval_every=2", 'probes.mode="off"',
+            "system.threads=1"]  # fmt: skip
+    args = ["rl", str(chat.path), "--preset", "smoke", "--algo", "dpo", "--env", f"{__name__}:FakeEnv",
+            "--runs-dir", str(tmp_path), "--name", "r", "--json", *[a for s in sets for a in ("--set", s)]]  # fmt: skip
     code, out, err = _cli(monkeypatch, capsys, *args)
     assert code == 0, err
     assert json.loads(out)["status"] == "completed"
@@ -521,7 +537,8 @@ def test_rl_command(tmp_path, tok, mcfg, monkeypatch, capsys):
     assert manifest["pipeline"] == ["rl"] and manifest["parent"] == str(chat.path) and manifest["init"].endswith("step-0000010")
     assert read_metrics(run.path, names=["rl/dpo/pairs"])["step"].to_pylist() == [1, 2]
     assert (run.tokenizer_path).read_text() == chat.tokenizer_path.read_text()
-    for bad in (["rl", str(tmp_path / "nowhere")], ["rl", str(chat.path), "--env", "nope", "--name", "x", "--runs-dir", str(tmp_path)]):
+    unknown_env = ["rl", str(chat.path), "--env", "nope", "--name", "x", "--runs-dir", str(tmp_path)]
+    for bad in (["rl", str(tmp_path / "nowhere")], unknown_env):
         code, out, err = _cli(monkeypatch, capsys, *bad)
         assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
     assert "unknown task environment 'nope'" in err and not (tmp_path / "x").exists()
@@ -530,8 +547,10 @@ def test_rl_command(tmp_path, tok, mcfg, monkeypatch, capsys):
 def test_rl_env_options_layer_over_the_environment_settings():
     from glasslab.stages.rl import rl_env
 
-    cfg = build_config({"envs": {"arithmetic": {"ops": ["+"], "max_digits": 3}}, "rl": {"env_options": {"min_digits": 2}}})
+    envs = {"arithmetic": {"ops": ["+"], "max_digits": 3}}
+    cfg = build_config({"envs": envs, "rl": {"env_options": {"arithmetic": {"min_digits": 2}, "countdown": {"x": 1}}}})
     opts = rl_env(cfg).options
     assert (opts.ops, opts.min_digits, opts.max_digits) == (["+"], 2, 3)
+    assert rl_env(build_config({"rl": {"env": "calculator", "env_options": cfg.rl.env_options}})).options.min_digits == 3
     with pytest.raises(GlasslabError, match="unknown option 'digits'"):
-        rl_env(build_config({"rl": {"env_options": {"digits": 2}}}))
+        rl_env(build_config({"rl": {"env_options": {"arithmetic": {"digits": 2}}}}))

@@ -141,9 +141,9 @@ class RLConfig(Section):
 
     algo: Literal["grpo", "dpo"] = "grpo"
     env: str = "arithmetic"
-    # The environment's options for RL (training and its evaluations), layered over [envs.<env>]: RL can work
-    # on another difficulty than SFT, e.g. {min_digits = 2} where the SFT model is still weak.
-    env_options: dict[str, Any] = {}
+    # Per environment, its options for RL (training and the stage's evaluations), layered over [envs.<name>]:
+    # RL can work on another difficulty than SFT, e.g. [rl.env_options.arithmetic] min_digits = 2.
+    env_options: dict[str, dict[str, Any]] = {}
     group_size: int = Field(8, ge=2)
     prompts_per_step: int = Field(8, ge=1)
     max_new_tokens: int = Field(24, ge=1)

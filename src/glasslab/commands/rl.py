@@ -16,7 +16,7 @@ from glasslab.errors import GlasslabError
 def rl(
     parent: RunArg,
     algo: Annotated[Optional[str], typer.Option(help="grpo | dpo (default: the config's rl.algo)")] = None,
-    env: Annotated[Optional[str], typer.Option(help="task environment: arithmetic | countdown | calculator | module:Class")] = None,
+    env: Annotated[Optional[str], typer.Option(help="arithmetic | countdown | calculator | module:Class")] = None,
     preset: Preset = "tiny",
     config: ConfigFile = None,
     set_: Sets = None,

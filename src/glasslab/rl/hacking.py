@@ -12,8 +12,9 @@ Each rule compares `recent` (the mean of the last `window` logged values of a me
     kl_runaway           KL to the reference recent >= kl_limit and still rising (recent > before)
     no_signal            share of groups whose rewards do not vary recent >= no_signal (nothing to learn from)
 
-A detector fires when its rule becomes true and again only after the rule has been false in between, so a
-lasting condition gives one warning, not one per step. History starts afresh when a run is resumed.
+A detector fires when its rule becomes true, and again only after the rule has then stayed false for a whole
+window: a lasting condition, even one that flickers around its threshold, gives one warning, not one per step.
+History starts afresh when a run is resumed.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class HackingDetectors:
         self.window, self.min_delta, self.collapse_ratio, self.cap_ratio = window, min_delta, collapse_ratio, cap_ratio
         self.repeat_rise, self.kl_limit, self.no_signal = repeat_rise, kl_limit, no_signal
         self.history: dict[str, list[float]] = defaultdict(list)
-        self.active: set[str] = set()
+        self.quiet: dict[str, int] = {}  # fired detectors -> steps their rule has been false since
         self.rules: dict[str, Callable[[], str | None]] = {
             "format_over_correct": self._format_over_correct,
             "length_collapse": self._length_collapse,
@@ -66,11 +67,10 @@ class HackingDetectors:
         fired = []
         for name, rule in self.rules.items():
             message = rule()
-            if message is None:
-                self.active.discard(name)
-            elif name not in self.active:
-                self.active.add(name)
+            if message is not None and self.quiet.get(name, self.window) >= self.window:
                 fired.append((name, message))
+            if name in self.quiet or message is not None:
+                self.quiet[name] = 0 if message is not None else self.quiet[name] + 1
         return fired
 
     # windows over one metric's history; None until there is enough of it
@@ -106,7 +106,10 @@ class HackingDetectors:
         start, recent = self._start("rl/completion_len_mean"), self._recent("rl/completion_len_mean")
         if start is None or recent is None or recent >= self.collapse_ratio * start:
             return None
-        return f"completion length collapsed from {start:.1f} to {recent:.1f} tokens: check the rollout tables for empty or stub answers"
+        return (
+            f"completion length collapsed from {start:.1f} to {recent:.1f} tokens: "
+            "check the rollout tables for empty or stub answers"
+        )
 
     def _length_cap(self) -> str | None:
         recent = self._recent("rl/truncated_ratio")

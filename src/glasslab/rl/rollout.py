@@ -105,7 +105,9 @@ class Packed:
         return out
 
 
-def pack(prompts: list[list[int]], completions: list[list[int]], sampled: list[list[bool]], pad_id: int, device: torch.device) -> Packed:
+def pack(
+    prompts: list[list[int]], completions: list[list[int]], sampled: list[list[bool]], pad_id: int, device: torch.device
+) -> Packed:
     width = max(len(p) + len(c) for p, c in zip(prompts, completions)) - 1
     inputs = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     targets = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -133,7 +135,15 @@ class RolloutObjective:
     stage = "rl"
 
     def __init__(
-        self, env: Environment, tok: Tokenizer, ref: nn.Module, cfg: RLConfig, eval_cfg: EvalConfig, *, seed: int, device: torch.device
+        self,
+        env: Environment,
+        tok: Tokenizer,
+        ref: nn.Module,
+        cfg: RLConfig,
+        eval_cfg: EvalConfig,
+        *,
+        seed: int,
+        device: torch.device,
     ) -> None:
         unknown = sorted(set(cfg.reward_weights) - set(env.reward_names))
         if unknown:
@@ -174,9 +184,8 @@ class RolloutObjective:
         scores = {name: [s[name] for s in per_row] for name in self.env.reward_names}
         weights = self.cfg.reward_weights
         rewards = torch.tensor([sum(w * s[name] for name, w in weights.items()) for s in per_row], device=self.device)
-        return Rollout(
-            problems, prompts, completions, sampled, logprobs, truncated, texts, scores, rewards, self.cfg.group_size, generation_s
-        )
+        g = self.cfg.group_size
+        return Rollout(problems, prompts, completions, sampled, logprobs, truncated, texts, scores, rewards, g, generation_s)
 
     @torch.no_grad()
     def reference_logprobs(self, packed: Packed) -> Tensor:

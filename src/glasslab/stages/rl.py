@@ -26,8 +26,9 @@ from glasslab.train.loop import Hook, train
 
 
 def rl_env(cfg: Config) -> Environment:
-    """The RL environment: [envs.<env>] options with rl.env_options over them."""
-    return get_env(cfg.rl.env, {**cfg.envs.get(cfg.rl.env, {}), **cfg.rl.env_options})
+    """The RL environment: its [envs.<env>] options with [rl.env_options.<env>] over them."""
+    name = cfg.rl.env
+    return get_env(name, {**cfg.envs.get(name, {}), **cfg.rl.env_options.get(name, {})})
 
 
 def rl(
@@ -39,7 +40,7 @@ def rl(
     tok = stage_tokenizer(cfg, run, "rl")
     start = init or latest_checkpoint(run.checkpoints_dir, "sft")
     if start is None:
-        raise GlasslabError(f"run {run.path} has no SFT checkpoint to start RL from: run `glasslab sft` first, or pass a chat run")
+        raise GlasslabError(f"run {run.path} has no SFT checkpoint to start RL from: run `glasslab sft` first")
     model, ref = GPT(cfg.model), GPT(cfg.model)
     load_weights(model, start, cfg)
     ref.load_state_dict(model.state_dict())
