@@ -28,6 +28,7 @@ def rl(
     json_: Json = False,
 ) -> None:
     """Improve a chat model with rewards from a task environment: GRPO with a KL-anchored reference, or DPO."""
+    from glasslab.rl.rollout import check_reward_weights
     from glasslab.stages.common import load_run_config, save_config
     from glasslab.stages.rl import rl as run_rl
     from glasslab.stages.rl import rl_env
@@ -37,7 +38,7 @@ def rl(
 
     overrides = [*(set_ or []), *([f'rl.algo="{algo}"'] if algo else []), *([f'rl.env="{env}"'] if env else [])]
     cfg = config_from_options(preset, config, overrides, seed)
-    rl_env(cfg)  # a misspelt environment or option fails before a run exists
+    check_reward_weights(rl_env(cfg), cfg.rl.reward_weights)  # mistakes fail before a run directory exists
     base = RunDir.open(parent)
     init = latest_checkpoint(base.checkpoints_dir)
     if init is None:

@@ -129,6 +129,15 @@ def sequence_logprobs(model: nn.Module, packed: Packed, temperature: float) -> T
     return token_logprobs(model(packed.inputs) / temperature, packed.targets)
 
 
+def check_reward_weights(env: Environment, weights: dict[str, float]) -> None:
+    unknown = sorted(set(weights) - set(env.reward_names))
+    if unknown:
+        raise GlasslabError(
+            f"rl.reward_weights names {', '.join(unknown)}, which environment '{env.name}' does not score: "
+            f"use some of {', '.join(env.reward_names)}"
+        )
+
+
 class RolloutObjective:
     """The parts of an RL objective that do not depend on the algorithm. Subclasses add next_batch and loss."""
 
@@ -145,12 +154,7 @@ class RolloutObjective:
         seed: int,
         device: torch.device,
     ) -> None:
-        unknown = sorted(set(cfg.reward_weights) - set(env.reward_names))
-        if unknown:
-            raise GlasslabError(
-                f"rl.reward_weights names {', '.join(unknown)}, which environment '{env.name}' does not score: "
-                f"use some of {', '.join(env.reward_names)}"
-            )
+        check_reward_weights(env, cfg.reward_weights)
         self.env, self.tok, self.ref, self.cfg, self.eval_cfg = env, tok, ref, cfg, eval_cfg
         self.seed, self.device = seed, device
         self.interceptor = ToolInterceptor(tok)

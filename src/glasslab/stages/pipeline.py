@@ -31,11 +31,11 @@ def run_pipeline(cfg: Config, run: RunDir, stages: list[str], *, init: Path | No
 def final_evaluation(cfg: Config, run: RunDir) -> dict[str, dict]:
     """Greedy accuracy and pass@k of each trained chat stage (SFT, RL) on the same held-out problems, so the
     numbers before and after RL are directly comparable. Logged as `eval/<env>/after_<stage>/...`."""
-    from glasslab.envs import get_env
     from glasslab.evaluate import evaluate_env
+    from glasslab.stages.rl import rl_env
 
     device = setup_runtime(cfg.system, cfg.seed)
-    env = get_env(cfg.rl.env, cfg.envs.get(cfg.rl.env))
+    env = rl_env(cfg)  # the RL task at the RL difficulty, so "after SFT" and "after RL" measure the same thing
     results: dict[str, dict] = {}
     done = run.read_manifest().get("stages_done", [])
     with MetricStore(run.metrics_db_path) as store:
