@@ -56,6 +56,24 @@ def models(run: str | None) -> tuple[GPT, GPT, Tokenizer, str]:
     return model, ref.eval().requires_grad_(False), tok, "random-init tiny model"
 
 
+def grpo_steps(objective: GRPO, model: torch.nn.Module, optimizer: torch.optim.Optimizer, n: int) -> list[dict]:
+    """n GRPO steps as the training loop runs them, each with the time split the run logs."""
+    steps = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        batch = objective.next_batch(model)
+        loss, parts = objective.loss(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        total = time.perf_counter() - t0
+        gen, ref = parts["time/generation_s"], parts["time/reference_s"]
+        steps.append({"step_s": total, "generation_s": gen, "reference_s": ref, "rest_s": total - gen - ref,
+                      "tokens": objective.batch_tokens(batch)})  # fmt: skip
+    return steps
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", help="a chat run to load (default: a random-init tiny model)")
@@ -94,19 +112,7 @@ def main() -> None:
         sequence_logprobs(model, packed, 1.0)
     old_logprob_s = time.perf_counter() - t0
 
-    steps = []
-    for _ in range(args.reps):
-        t0 = time.perf_counter()
-        batch = objective.next_batch(model)
-        loss, parts = objective.loss(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        total = time.perf_counter() - t0
-        gen, ref_s = parts["time/generation_s"], parts["time/reference_s"]
-        steps.append({"step_s": total, "generation_s": gen, "reference_s": ref_s, "rest_s": total - gen - ref_s,
-                      "tokens": objective.batch_tokens(batch)})  # fmt: skip
+    steps = grpo_steps(objective, model, optimizer, args.reps)
 
     med = statistics.median
     result = {

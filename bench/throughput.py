@@ -1,10 +1,16 @@
-"""Training-step throughput (tokens/s) of glasslab on CPU.
+"""Training-step throughput (tokens/s) of glasslab on CPU, optionally side by side with nanoGPT's own model.
 
 Two shapes: nanoGPT's CPU shape (4 layers, 4 heads, width 128, context 64, batch 12, character vocabulary),
-and the `tiny` preset; each with and without torch.compile. A step is what the training loop does: draw a
-batch, forward, backward, clip, optimizer step. Reports the median over timed steps after warm-up.
+and the `tiny` preset; each in float32 and under `system.precision = "auto"` (bfloat16 autocast where the CPU
+has bf16 dot products), with and without torch.compile. A step is what the training loop does: draw a batch,
+forward, backward, clip, optimizer step.
 
-    python bench/throughput.py [--steps 200] [--out bench/results/throughput.json]
+With `--nanogpt DIR` (a checkout of karpathy/nanoGPT), nanoGPT's `model.py` is imported from DIR and its
+training step (its GPT, its `configure_optimizers`, float32 as its train.py runs on CPU, clip 1.0) is timed at
+its CPU shape in the same process. Variants are timed in interleaved rounds, so a change in machine load hits
+every variant alike; the figure is the median step time over all rounds.
+
+    python bench/throughput.py [--nanogpt DIR] [--rounds 5] [--steps 40] [--out bench/results/throughput.json]
 """
 
 from __future__ import annotations
@@ -13,74 +19,118 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from glasslab.config import TrainConfig, resolve
+from glasslab.config import resolve
 from glasslab.data.corpus import load_documents
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.data.tokens import BatchSampler, build_token_splits
 from glasslab.model.gpt import GPT
 from glasslab.train.optim import build_optimizer
+from glasslab.train.precision import autocast_dtype
+
+NANO_SHAPE = ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=64", "train.batch_size=12"]
 
 
-def shapes(docs: list[str], cache: Path) -> dict[str, tuple]:
-    char = Tokenizer.train(docs, "char", 0)
-    tiny = resolve("tiny")
-    bpe = Tokenizer.train(docs, "bpe", tiny.tokenizer.vocab_size)
-    nano = resolve("tiny", overrides=["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=64",
-                                      "train.batch_size=12"])  # fmt: skip
-    return {
-        "nanogpt_shape": (nano, build_token_splits(docs, char, cache, 0.05, 0), char.vocab_size),
-        "tiny_preset": (tiny, build_token_splits(docs, bpe, cache, 0.05, 0), bpe.vocab_size),
-    }
-
-
-def measure(cfg, splits, vocab: int, steps: int, warmup: int, compile_: bool) -> dict:
+def glasslab_step(cfg, sampler: BatchSampler, precision: str, compile_: bool) -> Callable[[], None]:
     torch.manual_seed(0)
-    cfg.model.vocab_size = vocab
     model = GPT(cfg.model)
-    opt = build_optimizer(model, TrainConfig(**{**cfg.train.model_dump()}))
+    opt = build_optimizer(model, cfg.train)
     fwd = torch.compile(model) if compile_ else model
-    sampler = BatchSampler(splits.train, cfg.train.batch_size, cfg.model.block_size, 0)
-    times = []
-    t_start = time.perf_counter()
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
+    amp = autocast_dtype(precision, "cpu")
+
+    def step() -> None:
         x, y = sampler.next_batch()
-        loss = F.cross_entropy(fwd(x).flatten(0, 1), y.flatten())
+        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+            loss = F.cross_entropy(fwd(x).flatten(0, 1), y.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-        elif i == warmup - 1:
-            warm_s = time.perf_counter() - t_start
-    step = statistics.median(times)
-    tokens = cfg.train.batch_size * cfg.model.block_size
-    return {"compile": compile_, "params": model.num_params(), "tokens_per_step": tokens, "median_step_ms": step * 1e3,
-            "tokens_per_s": tokens / step, "warmup_s": warm_s}  # fmt: skip
+
+    return step
+
+
+def nanogpt_step(nanogpt: Path, vocab: int, sampler: BatchSampler) -> Callable[[], None]:
+    """nanoGPT's train.py step at its README CPU settings (dropout 0, bias on, lr 1e-3, betas (0.9, 0.99))."""
+    sys.path.insert(0, str(nanogpt))
+    from model import GPT as NanoGPT, GPTConfig  # noqa: PLC0415 (nanoGPT's own model.py)
+
+    torch.manual_seed(0)
+    model = NanoGPT(GPTConfig(block_size=64, vocab_size=vocab, n_layer=4, n_head=4, n_embd=128, dropout=0.0))
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+
+    def step() -> None:
+        x, y = sampler.next_batch()
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout, to time its step side by side")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=40, help="timed steps per variant per round")
+    ap.add_argument("--warmup", type=int, default=15)
+    ap.add_argument("--shapes", nargs="+", default=["nanogpt_shape", "tiny_preset"])
     ap.add_argument("--out", type=Path, default=Path("bench/results/throughput.json"))
     args = ap.parse_args()
     docs = load_documents(None)
-    results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "load_before": os.getloadavg()}
+    results: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__, "load_before": os.getloadavg(),
+                     "auto_precision": str(autocast_dtype("auto", "cpu") or torch.float32)}  # fmt: skip
     with tempfile.TemporaryDirectory() as cache:
-        for name, (cfg, splits, vocab) in shapes(docs, Path(cache)).items():
-            for compile_ in (False, True):
-                r = measure(cfg.model_copy(deep=True), splits, vocab, args.steps, args.warmup, compile_)
-                results[f"{name}{'_compiled' if compile_ else ''}"] = r
-                print(f"{name:14s} compile={compile_!s:5s} {r['tokens_per_s']:9.0f} tok/s  ({r['median_step_ms']:.2f} ms/step)")
+        char = Tokenizer.train(docs, "char", 0)
+        tiny = resolve("tiny")
+        bpe = Tokenizer.train(docs, "bpe", tiny.tokenizer.vocab_size)
+        shapes = {"nanogpt_shape": (resolve("tiny", overrides=NANO_SHAPE), char), "tiny_preset": (tiny, bpe)}
+        steps: dict[str, tuple[Callable[[], None], int]] = {}
+        for name in args.shapes:
+            cfg, tok = shapes[name]
+            cfg.model.vocab_size = tok.vocab_size
+            splits = build_token_splits(docs, tok, Path(cache), 0.05, 0)
+            tokens = cfg.train.batch_size * cfg.model.block_size
+            for precision in ("float32", "auto"):
+                for compile_ in (False, True):
+                    sampler = BatchSampler(splits.train, cfg.train.batch_size, cfg.model.block_size, 0)
+                    label = f"{name}/{precision}{'/compiled' if compile_ else ''}"
+                    steps[label] = (glasslab_step(cfg.model_copy(deep=True), sampler, precision, compile_), tokens)
+            if name == "nanogpt_shape" and args.nanogpt:
+                sampler = BatchSampler(splits.train, 12, 64, 0)
+                steps["nanogpt_shape/nanoGPT"] = (nanogpt_step(args.nanogpt, tok.vocab_size, sampler), tokens)
+    for label, (step, _) in steps.items():  # warm-up (and compilation) outside the timed rounds
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            step()
+        results.setdefault("warmup_s", {})[label] = time.perf_counter() - t0
+    times: dict[str, list[float]] = {label: [] for label in steps}
+    for _ in range(args.rounds):
+        for label, (step, _) in steps.items():
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                step()
+                times[label].append(time.perf_counter() - t0)
+    for label, (_, tokens) in steps.items():
+        median = statistics.median(times[label])
+        results[label] = {"median_step_ms": median * 1e3, "tokens_per_s": tokens / median, "tokens_per_step": tokens}
+        print(f"{label:36s} {tokens / median:9.0f} tok/s  ({median * 1e3:.2f} ms/step)")
+    if "nanogpt_shape/nanoGPT" in results:
+        base = results["nanogpt_shape/nanoGPT"]["tokens_per_s"]
+        for label in steps:
+            if label.startswith("nanogpt_shape/"):
+                results[label]["vs_nanogpt"] = results[label]["tokens_per_s"] / base
+        print("vs nanoGPT:", {k: round(v["vs_nanogpt"], 2) for k, v in results.items() if isinstance(v, dict) and "vs_nanogpt" in v})
     results["load_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

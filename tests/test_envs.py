@@ -10,7 +10,7 @@ import pytest
 from glasslab.chat import Message, parse_completion
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.envs import ENVIRONMENTS, get_env
-from glasslab.envs.base import final_answer, split_of
+from glasslab.envs.base import Problem, final_answer, split_of
 from glasslab.errors import GlasslabError
 from glasslab.tools import CalcError, ToolInterceptor, calculate, numbers_in, run_calculator
 
@@ -139,8 +139,8 @@ def test_ideal_answers_get_full_reward_and_garbage_none(name):
     for p in env.problems("train", 30, seed=0):
         turns = env.ideal_answer(p)
         completion = "<|end|>".join(c if i == 0 else f"<|{r}|>{c}" for i, (r, c) in enumerate(turns)) + "<|end|>"
-        assert env.score(p, completion) == {"correct": 1.0, "format": 1.0}, (p, completion)
-        assert env.score(p, "banana<|end|>") == {"correct": 0.0, "format": 0.0}
+        assert env.score(p, completion) == dict.fromkeys(env.reward_names, 1.0), (p, completion)
+        assert env.score(p, "banana<|end|>") == dict.fromkeys(env.reward_names, 0.0)
         assert env.score(p, completion.removesuffix("<|end|>"))["format"] == 0.0  # truncated
 
 
@@ -153,7 +153,18 @@ def test_arithmetic_difficulty_is_digits_of_largest_operand():
         assert len(str(max(a, b))) == p.difficulty and p.prompt == f"{a}{op}{b}="
         assert int(p.answer) == calculate(f"{a}{op}{b}") and int(p.answer) >= 0  # no negatives by default
     p = problems[0]
-    assert env.score(p, f"{int(p.answer) + 1}<|end|>") == {"correct": 0.0, "format": 1.0}
+    assert env.score(p, f"{int(p.answer) + 1}<|end|>")["correct"] == 0.0
+
+
+def test_arithmetic_digit_credit_is_aligned_at_the_units():
+    env = get_env("arithmetic")
+    p = Problem("92+32=", "124", 2, {})
+    assert env.score(p, "124<|end|>") == {"correct": 1.0, "digits": 1.0, "format": 1.0}
+    assert env.score(p, "114<|end|>") == {"correct": 0.0, "digits": pytest.approx(2 / 3), "format": 1.0}
+    assert env.score(p, "24<|end|>")["digits"] == pytest.approx(2 / 3)  # a missing digit costs its position
+    assert env.score(p, "1124<|end|>")["digits"] == pytest.approx(3 / 4)  # so does an extra one
+    assert env.score(p, "421<|end|>")["digits"] == pytest.approx(1 / 3)
+    assert env.score(p, "12 4<|end|>")["digits"] == 0.0  # not an integer: no credit
 
 
 def test_countdown_accepts_any_fair_solution():
@@ -171,4 +182,4 @@ def test_calculator_format_requires_the_tool():
     env = get_env("calculator")
     p = env.problems("eval", 1, seed=0)[0]
     assert env.ideal_answer(p)[0] == ("assistant", "<|tool_call|>" + p.prompt.removesuffix("="))
-    assert env.score(p, p.answer + "<|end|>") == {"correct": 1.0, "format": 0.0}
+    assert env.score(p, p.answer + "<|end|>") == {"correct": 1.0, "digits": 1.0, "format": 0.0}

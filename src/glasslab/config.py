@@ -93,6 +93,9 @@ class SystemConfig(Section):
     device: str = "auto"  # auto: cuda when available, else cpu
     compile: bool = False
     threads: int | None = None  # None: torch's default
+    # Training matmuls under bfloat16 autocast (weights, optimizer state and evaluation stay float32).
+    # auto: on where the hardware has fast bf16 (CUDA with bf16, a CPU with AVX512-BF16 or AMX), else off.
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
 class ProbesConfig(Section):

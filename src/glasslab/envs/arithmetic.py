@@ -49,7 +49,7 @@ def compute(a: int, op: str, b: int) -> int:
 
 class Arithmetic(Environment):
     name = "arithmetic"
-    reward_names = ("correct", "format")
+    reward_names = ("correct", "digits", "format")
     Options = ArithmeticOptions
 
     def sample_problem(self, rng: random.Random) -> Problem:
@@ -64,7 +64,19 @@ class Arithmetic(Environment):
         return [("assistant", problem.answer)]
 
     def score(self, problem: Problem, completion: str) -> dict[str, float]:
-        """correct: the final answer is the right number; format: it is a plain integer ending with <|end|>."""
+        """correct: the final answer is the right number; digits: partial credit, the share of its characters
+        that match the right answer's, aligned at the units digit (a dense signal for RL: an answer with one
+        wrong digit scores above one with three); format: it is a plain integer ending with <|end|>."""
         answer = final_answer(completion)
         well_formed = answer is not None and INTEGER.fullmatch(answer) is not None
-        return {"correct": float(well_formed and int(answer) == int(problem.answer)), "format": float(well_formed)}
+        return {
+            "correct": float(well_formed and int(answer) == int(problem.answer)),
+            "digits": digit_match(answer, problem.answer) if well_formed else 0.0,
+            "format": float(well_formed),
+        }
+
+
+def digit_match(answer: str, target: str) -> float:
+    """Share of aligned positions (from the right, over the longer of the two) where answer and target agree."""
+    width = max(len(answer), len(target))
+    return sum(a == b for a, b in zip(answer.rjust(width), target.rjust(width))) / width

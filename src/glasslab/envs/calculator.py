@@ -42,4 +42,4 @@ class Calculator(Arithmetic):
         with a plain integer and <|end|>."""
         rewards = super().score(problem, completion)
         called = any(m.role == "tool" for m in parse_completion(completion))
-        return {"correct": rewards["correct"], "format": rewards["format"] * called}
+        return rewards | {"format": rewards["format"] * called}

@@ -36,5 +36,5 @@ def pretrain(
     with stage_run(run, objective.stage) as store:
         train(model, objective, cfg.train, run, store, arch=cfg.model.model_dump(),
               hooks=[*hooks, *build_probes(cfg, run, tokenizer)],
-              progress=progress, compile=cfg.system.compile)  # fmt: skip
+              progress=progress, system=cfg.system)  # fmt: skip
     return model

@@ -58,5 +58,5 @@ def rl(
             store.log(0, objective.stage, objective.evaluate(model))  # the curves start at the SFT model
         all_hooks = [*stage_hooks, *hooks, *build_probes(cfg, run, tok)]
         train(model, objective, cfg.rl.train, run, store, arch=cfg.model.model_dump(), hooks=all_hooks,
-              progress=progress, compile=cfg.system.compile)  # fmt: skip
+              progress=progress, system=cfg.system)  # fmt: skip
     return model

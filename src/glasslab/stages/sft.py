@@ -94,5 +94,5 @@ def sft(
     objective = build_objective(cfg, tok, device)
     with stage_run(run, objective.stage) as store:
         train(model, objective, cfg.sft.train, run, store, arch=cfg.model.model_dump(),
-              hooks=[*hooks, *build_probes(cfg, run, tok)], progress=progress, compile=cfg.system.compile)  # fmt: skip
+              hooks=[*hooks, *build_probes(cfg, run, tok)], progress=progress, system=cfg.system)  # fmt: skip
     return model

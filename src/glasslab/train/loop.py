@@ -19,13 +19,14 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from glasslab.config import TrainConfig
+from glasslab.config import SystemConfig, TrainConfig
 from glasslab.errors import GlasslabError
 from glasslab.track.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from glasslab.track.metrics import MetricStore
 from glasslab.track.rundir import RunDir
 from glasslab.train.distributed import is_main, world_size, wrap
 from glasslab.train.optim import build_optimizer, set_lr
+from glasslab.train.precision import autocast_dtype
 
 
 class Objective(Protocol):
@@ -37,9 +38,13 @@ class Objective(Protocol):
       token_losses(model, batch) -> Tensor   per-token loss (B, T) of a batch, NaN where a target is not trained on
       val_batches() -> list                  the fixed evaluation batches (for loss by position)
       batch_ids(batch) -> (inputs, targets)  the (B, T) token ids of a batch, to decode a spike's worst tokens
+
+    `mixed_precision`: whether the loss may run under bfloat16 autocast (system.precision). RL objectives say
+    no: their ratios and KL compare against log-probs computed in float32 during the rollout.
     """
 
     stage: str
+    mixed_precision: bool
 
     def next_batch(self, model: nn.Module) -> Any: ...
 
@@ -156,15 +161,18 @@ def train(
     arch: dict,
     hooks: list[Hook] = (),  # type: ignore[assignment]
     progress: Any = None,
-    compile: bool = False,
+    system: SystemConfig = SystemConfig(),
 ) -> int:
-    """Run (or resume) one stage to cfg.steps. Returns the final step. With `compile`, the objective's training
-    forward runs through torch.compile; evaluation, sampling and probes use the plain module."""
+    """Run (or resume) one stage to cfg.steps. Returns the final step. With `system.compile`, the objective's
+    training forward runs through torch.compile, and under `system.precision` in bfloat16 autocast; evaluation,
+    sampling and probes use the plain float32 module."""
     stage = objective.stage
     main = is_main()  # under torchrun, only rank 0 writes the run directory
     if not main:
         hooks, progress = [], None
-    forward = wrap(torch.compile(model) if compile else model)
+    forward = wrap(torch.compile(model) if system.compile else model)
+    device_type = next(model.parameters()).device.type
+    amp = autocast_dtype(system.precision, device_type) if objective.mixed_precision else None
     optimizer = build_optimizer(model, cfg)
     ctx = StepContext(stage, model, optimizer, objective, run, cfg)
     ckpt_root = run.checkpoints_dir
@@ -206,7 +214,8 @@ def train(
             loss_sum, tokens, parts = 0.0, 0, {}
             for _ in range(cfg.grad_accum):
                 ctx.batch = objective.next_batch(model)
-                loss, parts = objective.loss(forward, ctx.batch)
+                with torch.autocast(device_type, dtype=amp, enabled=amp is not None):
+                    loss, parts = objective.loss(forward, ctx.batch)
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
                 tokens += objective.batch_tokens(ctx.batch)
