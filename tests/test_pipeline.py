@@ -19,6 +19,7 @@ def test_run_smoke_chains_every_stage_into_one_run_directory(tmp_path: Path):
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["stages_done"] == ["pretrain", "sft", "rl"]
     assert headline["status"] == "completed" and headline["val_bpb"] > 0
+    assert 0 < headline["wall_time_s"] < 600 and headline["peak_rss_mb"] > 50  # torch alone takes more
     assert {"eval/arithmetic/after_sft/accuracy", "eval/arithmetic/after_rl/accuracy"} <= set(headline)
     for stage in ("pretrain", "sft", "rl"):
         assert any((run / "checkpoints" / stage).iterdir()), stage

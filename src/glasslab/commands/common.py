@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -58,10 +59,11 @@ def resume_run(run: RunDir, as_json: bool) -> None:
     manifest = run.read_manifest()
     init = Path(manifest["init"]) if manifest.get("init") else None
     cfg = load_run_config(run)
+    started = time.time()
     with progress() as bar:
         run_pipeline(cfg, run, manifest.get("pipeline", []), init=init, progress=bar)
     if manifest.get("command") == "run":
-        result = finalize(cfg, run, report=manifest.get("make_report", True))
+        result = finalize(cfg, run, report=manifest.get("make_report", True), started=started)
         if as_json:
             emit_json(result)
             return

@@ -60,12 +60,11 @@ def run(
     t0 = time.time()
     with progress() as bar:
         run_pipeline(cfg, run_dir, order, init=init, progress=bar)
-    run_dir.update_manifest(wall_time_s=run_dir.read_manifest().get("wall_time_s", 0.0) + time.time() - t0)
-    result = finalize(cfg, run_dir, report=report)
+    result = finalize(cfg, run_dir, report=report, started=t0)
     if json_:
         emit_json(result)
         return
-    console.print(f"[green]done[/] in {result['wall_time_s']:.0f} s: {run_dir.path}")
+    console.print(f"[green]done[/] in {result['wall_time_s']:.0f} s, peak memory {result['peak_rss_mb']:.0f} MiB: {run_dir.path}")
     for key, value in result.items():
-        if key not in ("run", "status", "wall_time_s") and value is not None:
+        if key not in ("run", "status", "wall_time_s", "peak_rss_mb") and value is not None:
             console.print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")

@@ -7,6 +7,9 @@ stages the manifest records as done and continues the interrupted one from its c
 from __future__ import annotations
 
 import math
+import resource
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,18 +70,28 @@ def headline(run: RunDir) -> dict[str, Any]:
         if stage == "eval" and name.endswith("/accuracy"):
             out[name] = value
     manifest = run.read_manifest()
-    out |= {k: manifest.get(k) for k in ("status", "wall_time_s", "report")}
+    out |= {k: manifest.get(k) for k in ("status", "wall_time_s", "peak_rss_mb", "report")}
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
 
 
-def finalize(cfg: Config, run: RunDir, *, report: bool) -> dict[str, Any]:
-    """After the last stage: held-out evaluation of the chat stages, the report, the headline numbers."""
-    stages = run.read_manifest().get("pipeline", [])
-    if {"sft", "rl"} & set(stages):
+def finalize(cfg: Config, run: RunDir, *, report: bool, started: float) -> dict[str, Any]:
+    """After the last stage: held-out evaluation of the chat stages, the report, the headline numbers. The
+    manifest gets the job's wall time (summed over resumed sessions; `started` is this session's time.time())
+    and its peak memory."""
+    manifest = run.read_manifest()
+    if {"sft", "rl"} & set(manifest.get("pipeline", [])):
         final_evaluation(cfg, run)
     if report:
         from glasslab.report import build_report
 
         run.update_manifest(report=str(build_report(run.path)))
+    run.update_manifest(wall_time_s=manifest.get("wall_time_s", 0.0) + time.time() - started,
+                        peak_rss_mb=max(manifest.get("peak_rss_mb", 0.0), peak_rss_mb()))  # fmt: skip
     run.set_status("completed")
     return headline(run)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
