@@ -1,7 +1,7 @@
 import torch
 
 from glasslab.config import ModelConfig
-from glasslab.model.generate import filter_logits, generate
+from glasslab.model.generate import filter_logits, generate, sample
 from glasslab.model.gpt import GPT
 
 
@@ -68,6 +68,16 @@ def test_top_k_and_top_p_filtering():
     assert torch.isinf(filter_logits(logits, 1.0, 2, None)[0, 2:]).all()
     kept = torch.isfinite(filter_logits(logits, 1.0, None, 0.7)[0])
     assert kept.tolist() == [True, True, False, False]
+
+
+def test_sampler_draws_from_the_given_distribution():
+    probs = torch.tensor([[0.0, 0.6, 0.3, 0.1, 0.0]]).expand(20_000, 5)  # unnormalised rows work too: x2 below
+    draws = sample(2 * probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=5) / len(draws)
+    # each frequency's standard error is at most sqrt(0.25 / 20000) = 0.0035: 0.015 is over 4 of them
+    assert torch.allclose(freq, probs[0], atol=0.015) and freq[0] == freq[4] == 0
+    again = sample(2 * probs, torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
 
 
 def test_rope_positions_extend_past_block_size(tiny_model):
