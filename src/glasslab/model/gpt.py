@@ -214,3 +214,8 @@ class KVCache:
 
     def layer(self, i: int) -> LayerCache:
         return LayerCache(self, i)
+
+    def select(self, rows: Tensor) -> None:
+        """Keep these batch rows, in this order, repeats allowed: generation prefills a prompt that several rows
+        share once and then repeats it, and drops the rows that have finished."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
