@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from glasslab.rl.losses import dpo_loss, kl_estimate, masked_mean, token_entropy, token_logprobs
-from glasslab.rl.rollout import Packed, Rollout, RolloutObjective, pack
+from glasslab.rl.losses import dpo_loss, kl_estimate, masked_mean, token_logprobs_and_entropy
+from glasslab.rl.rollout import Packed, Rollout, RolloutObjective, completion_logits, pack
 
 
 @dataclass
@@ -67,8 +67,8 @@ class DPO(RolloutObjective):
         if not batch.chosen:  # no group had answers of different reward
             return torch.zeros((), device=self.device, requires_grad=True), {"train/loss": 0.0, **batch.metrics}
         p = batch.packed
-        logits = model(p.inputs) / self.cfg.temperature
-        logp = token_logprobs(logits, p.targets)
+        logp, entropy = token_logprobs_and_entropy(completion_logits(model, p, self.cfg.temperature), p.targets[p.mask])
+        logp = p.scatter(logp)
         seq, ref_seq = (logp * p.mask).sum(1), (batch.ref_logp * p.mask).sum(1)
         n = len(batch.chosen)
         loss, chosen_r, rejected_r = dpo_loss(seq[:n], seq[n:], ref_seq[:n], ref_seq[n:], self.cfg.dpo_beta)
@@ -79,7 +79,7 @@ class DPO(RolloutObjective):
             "rl/dpo/margin": (chosen_r - rejected_r).mean().item(),
             "rl/dpo/accuracy": (chosen_r > rejected_r).float().mean().item(),
             "rl/kl_ref": masked_mean(kl_estimate(logp.detach(), batch.ref_logp, "k3"), p.mask).item(),
-            "rl/entropy": masked_mean(token_entropy(logits.detach()), p.mask).item(),
+            "rl/entropy": masked_mean(p.scatter(entropy.detach()), p.mask).item(),
             **batch.metrics,
         }
 

@@ -16,8 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from glasslab.evaluate import prompt_tokens
-from glasslab.rl.losses import aggregate, group_advantages, grpo_token_loss, token_entropy, token_logprobs, zero_std_groups
-from glasslab.rl.rollout import Packed, Rollout, RolloutObjective, pack, sampled_logprobs, sequence_logprobs
+from glasslab.rl.losses import aggregate, group_advantages, grpo_token_loss, token_logprobs_and_entropy, zero_std_groups
+from glasslab.rl.rollout import (
+    Packed, Rollout, RolloutObjective, completion_logits, pack, sampled_logprobs, sequence_logprobs,
+)
 
 
 @dataclass
@@ -89,12 +91,13 @@ class GRPO(RolloutObjective):
         return GRPOBatch(rollout, advantages, kept, packed, ref_logp, old_logp, old, metrics)
 
     def _token_loss(self, model: nn.Module, batch: GRPOBatch) -> tuple[Tensor, dict[str, float]]:
-        cfg = self.cfg
-        logits = model(batch.packed.inputs) / cfg.temperature
+        cfg, packed = self.cfg, batch.packed
+        logits = completion_logits(model, packed, cfg.temperature)
+        logp, entropy = token_logprobs_and_entropy(logits, packed.targets[packed.mask])
         return grpo_token_loss(
-            token_logprobs(logits, batch.packed.targets), batch.old_logp, batch.ref_logp, batch.advantages[batch.kept],
-            batch.packed.mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, kl_estimator=cfg.kl_estimator,
-            entropy=token_entropy(logits if cfg.entropy_coef else logits.detach()), entropy_coef=cfg.entropy_coef,
+            packed.scatter(logp), batch.old_logp, batch.ref_logp, batch.advantages[batch.kept], packed.mask,
+            eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, kl_estimator=cfg.kl_estimator,
+            entropy=packed.scatter(entropy if cfg.entropy_coef else entropy.detach()), entropy_coef=cfg.entropy_coef,
         )  # fmt: skip
 
     def loss(self, model: nn.Module, batch: GRPOBatch) -> tuple[Tensor, dict[str, float]]:

@@ -20,7 +20,7 @@ LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo"]
 
 
 def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
-    """log p(target) at every position: (B, T, V), (B, T) -> (B, T)."""
+    """log p(target) at every position: (..., V), (...) -> (...), e.g. (B, T, V), (B, T) -> (B, T)."""
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
@@ -28,6 +28,12 @@ def token_entropy(logits: Tensor) -> Tensor:
     """Entropy of the next-token distribution at every position: (B, T, V) -> (B, T)."""
     logp = torch.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def token_logprobs_and_entropy(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """`token_logprobs` and `token_entropy` from one log-softmax, the costliest op of a small model's RL loss."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

@@ -100,9 +100,12 @@ class Packed:
 
     def spread(self, per_row: list[list[float]]) -> Tensor:
         """Per-row values of the masked tokens (in order) laid out at their positions, 0 elsewhere."""
-        out = torch.zeros(self.mask.shape, device=self.mask.device)
-        out[self.mask] = torch.tensor([v for row in per_row for v in row], device=out.device)
-        return out
+        return self.scatter(torch.tensor([v for row in per_row for v in row], device=self.mask.device))
+
+    def scatter(self, values: Tensor) -> Tensor:
+        """(N,) values of the N masked positions in row-major order, laid out (B, L) with 0 elsewhere; gradients
+        flow back to `values`."""
+        return values.new_zeros(self.mask.shape).masked_scatter(self.mask, values)
 
 
 def pack(
@@ -124,9 +127,18 @@ def sampled_logprobs(rollout: Rollout) -> list[list[float]]:
     return [[lp for lp, s in zip(lps, ss) if s] for lps, ss in zip(rollout.logprobs, rollout.sampled)]
 
 
+def completion_logits(model: nn.Module, packed: Packed, temperature: float) -> Tensor:
+    """Logits (N, V) of the N trained positions (`packed.mask`, row-major) at the sampling temperature (the policy
+    that RL optimises is π(·/T)). The head, log-softmax and entropy run on these alone, not on prompt or padding
+    positions. The policy's loss and the reference and old log-probs all start here, so at step 0 the policy and
+    its reference agree to the bit."""
+    logits = model(packed.inputs, select=packed.mask.flatten().nonzero().squeeze(1))
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def sequence_logprobs(model: nn.Module, packed: Packed, temperature: float) -> Tensor:
-    """log π(token) of every target at the sampling temperature (the policy that RL optimises is π(·/T))."""
-    return token_logprobs(model(packed.inputs) / temperature, packed.targets)
+    """log π(token) at the sampling temperature of every trained target (`packed.mask`), 0 elsewhere: (B, L)."""
+    return packed.scatter(token_logprobs(completion_logits(model, packed, temperature), packed.targets[packed.mask]))
 
 
 def check_reward_weights(env: Environment, weights: dict[str, float]) -> None:
