@@ -7,7 +7,7 @@ forward, backward, clip, optimizer step.
 
 With `--nanogpt DIR` (a checkout of karpathy/nanoGPT), nanoGPT's `model.py` is imported from DIR and its
 training step (its GPT, its `configure_optimizers`, float32 as its train.py runs on CPU, clip 1.0) is timed at
-its CPU shape in the same process. Variants are timed in interleaved rounds, so a change in machine load hits
+its CPU shape in the same process, eager (its README's CPU setting) and compiled. Variants are timed in interleaved rounds, so a change in machine load hits
 every variant alike; the figure is the median step time over all rounds.
 
     python bench/throughput.py [--nanogpt DIR] [--rounds 5] [--steps 40] [--out bench/results/throughput.json]
@@ -58,18 +58,20 @@ def glasslab_step(cfg, sampler: BatchSampler, precision: str, compile_: bool) ->
     return step
 
 
-def nanogpt_step(nanogpt: Path, vocab: int, sampler: BatchSampler) -> Callable[[], None]:
-    """nanoGPT's train.py step at its README CPU settings (dropout 0, bias on, lr 1e-3, betas (0.9, 0.99))."""
+def nanogpt_step(nanogpt: Path, vocab: int, sampler: BatchSampler, compile_: bool) -> Callable[[], None]:
+    """nanoGPT's train.py step at its README CPU settings (dropout 0, bias on, lr 1e-3, betas (0.9, 0.99)),
+    optionally through torch.compile as its `--compile=True` does."""
     sys.path.insert(0, str(nanogpt))
     from model import GPT as NanoGPT, GPTConfig  # noqa: PLC0415 (nanoGPT's own model.py)
 
     torch.manual_seed(0)
     model = NanoGPT(GPTConfig(block_size=64, vocab_size=vocab, n_layer=4, n_head=4, n_embd=128, dropout=0.0))
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    fwd = torch.compile(model) if compile_ else model
 
     def step() -> None:
         x, y = sampler.next_batch()
-        _, loss = model(x, y)
+        _, loss = fwd(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -107,8 +109,10 @@ def main() -> None:
                     label = f"{name}/{precision}{'/compiled' if compile_ else ''}"
                     steps[label] = (glasslab_step(cfg.model_copy(deep=True), sampler, precision, compile_), tokens)
             if name == "nanogpt_shape" and args.nanogpt:
-                sampler = BatchSampler(splits.train, 12, 64, 0)
-                steps["nanogpt_shape/nanoGPT"] = (nanogpt_step(args.nanogpt, tok.vocab_size, sampler), tokens)
+                for compile_ in (False, True):
+                    sampler = BatchSampler(splits.train, 12, 64, 0)
+                    label = f"nanogpt_shape/nanoGPT{'/compiled' if compile_ else ''}"
+                    steps[label] = (nanogpt_step(args.nanogpt, tok.vocab_size, sampler, compile_), tokens)
     for label, (step, _) in steps.items():  # warm-up (and compilation) outside the timed rounds
         t0 = time.perf_counter()
         for _ in range(args.warmup):
@@ -125,12 +129,13 @@ def main() -> None:
         median = statistics.median(times[label])
         results[label] = {"median_step_ms": median * 1e3, "tokens_per_s": tokens / median, "tokens_per_step": tokens}
         print(f"{label:36s} {tokens / median:9.0f} tok/s  ({median * 1e3:.2f} ms/step)")
-    if "nanogpt_shape/nanoGPT" in results:
-        base = results["nanogpt_shape/nanoGPT"]["tokens_per_s"]
-        for label in steps:
-            if label.startswith("nanogpt_shape/"):
-                results[label]["vs_nanogpt"] = results[label]["tokens_per_s"] / base
-        print("vs nanoGPT:", {k: round(v["vs_nanogpt"], 2) for k, v in results.items() if isinstance(v, dict) and "vs_nanogpt" in v})
+    for ref in ("nanogpt_shape/nanoGPT", "nanogpt_shape/nanoGPT/compiled"):
+        if ref in results:
+            key = "vs_" + ref.split("/", 1)[1].replace("/", "_")
+            for label in steps:
+                if label.startswith("nanogpt_shape/"):
+                    results[label][key] = results[label]["tokens_per_s"] / results[ref]["tokens_per_s"]
+            print(f"{key}:", {k: round(v[key], 2) for k, v in results.items() if isinstance(v, dict) and key in v})
     results["load_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

@@ -81,13 +81,18 @@ def finalize(cfg: Config, run: RunDir, *, report: bool, started: float) -> dict[
     manifest = run.read_manifest()
     if {"sft", "rl"} & set(manifest.get("pipeline", [])):
         final_evaluation(cfg, run)
+
+    def record_resources() -> None:
+        run.update_manifest(wall_time_s=manifest.get("wall_time_s", 0.0) + time.time() - started,
+                            peak_rss_mb=max(manifest.get("peak_rss_mb", 0.0), peak_rss_mb()))  # fmt: skip
+
+    record_resources()
+    run.set_status("completed")  # before the report, which shows the status
     if report:
         from glasslab.report import build_report
 
         run.update_manifest(report=str(build_report(run.path)))
-    run.update_manifest(wall_time_s=manifest.get("wall_time_s", 0.0) + time.time() - started,
-                        peak_rss_mb=max(manifest.get("peak_rss_mb", 0.0), peak_rss_mb()))  # fmt: skip
-    run.set_status("completed")
+        record_resources()
     return headline(run)
 
 
