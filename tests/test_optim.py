@@ -52,3 +52,13 @@ def test_both_optimizers_reduce_loss(tiny_model: GPT):
         assert losses[-1] < losses[0] * 0.7, name
         if name == "muon":  # AdamW moments under torch's names, for the update probes
             assert "exp_avg_sq" in opt.state[model.wte.weight]
+
+
+def test_precision_setting_maps_to_an_autocast_dtype():
+    from glasslab.train.precision import autocast_dtype
+
+    assert autocast_dtype("float32", "cpu") is None
+    assert autocast_dtype("bfloat16", "cpu") is torch.bfloat16
+    fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert autocast_dtype("auto", "cpu") is (torch.bfloat16 if fast else None)
+    assert autocast_dtype("auto", "mps") is None  # no fast-bf16 check for it: stay in float32
