@@ -441,8 +441,12 @@ def test_each_detector_fires_once_on_its_failure(detector, change):
 def test_a_detector_fires_again_after_recovering():
     det = HackingDetectors(window=5)
     bad = {"rl/truncated_ratio": 0.9}
-    fired = [n for i in range(30) for n, _ in det.update(bad if i < 10 or i >= 20 else {"rl/truncated_ratio": 0.0})]
+    good = {"rl/truncated_ratio": 0.0}
+    fired = [n for i in range(50) for n, _ in det.update(bad if i < 10 or i >= 30 else good)]  # 20 steps healthy
     assert fired == ["length_cap", "length_cap"]
+    det = HackingDetectors(window=5)
+    fired = [n for i in range(40) for n, _ in det.update(bad if i < 10 or i >= 20 else good)]  # 10: too short
+    assert fired == ["length_cap"]
 
 
 def test_a_flickering_condition_warns_once():

@@ -12,8 +12,9 @@ Each rule compares `recent` (the mean of the last `window` logged values of a me
     kl_runaway           KL to the reference recent >= kl_limit and still rising (recent > before)
     no_signal            share of groups whose rewards do not vary recent >= no_signal (nothing to learn from)
 
-A detector fires when its rule becomes true, and again only after the rule has then stayed false for a whole
-window: a lasting condition, even one that flickers around its threshold, gives one warning, not one per step.
+A detector fires when its rule becomes true, and again only after the rule has then stayed false for
+`rearm` windows (3 by default): a lasting condition, even one that hovers around its threshold for hundreds of
+steps, gives one warning, not one per crossing.
 History starts afresh when a run is resumed.
 """
 
@@ -45,7 +46,9 @@ class HackingDetectors:
         repeat_rise: float = 0.2,
         kl_limit: float = 0.5,
         no_signal: float = 0.8,
+        rearm: int = 3,
     ) -> None:
+        self.rearm_steps = rearm * window
         self.window, self.min_delta, self.collapse_ratio, self.cap_ratio = window, min_delta, collapse_ratio, cap_ratio
         self.repeat_rise, self.kl_limit, self.no_signal = repeat_rise, kl_limit, no_signal
         self.history: dict[str, list[float]] = defaultdict(list)
@@ -67,7 +70,7 @@ class HackingDetectors:
         fired = []
         for name, rule in self.rules.items():
             message = rule()
-            if message is not None and self.quiet.get(name, self.window) >= self.window:
+            if message is not None and self.quiet.get(name, self.rearm_steps) >= self.rearm_steps:
                 fired.append((name, message))
             if name in self.quiet or message is not None:
                 self.quiet[name] = 0 if message is not None else self.quiet[name] + 1
