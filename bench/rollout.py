@@ -39,6 +39,7 @@ from glasslab.rl.rollout import pack, sequence_logprobs  # noqa: E402
 from glasslab.stages.common import load_model  # noqa: E402
 from glasslab.track.rundir import RunDir  # noqa: E402
 from glasslab.train.optim import build_optimizer  # noqa: E402
+from glasslab.train.precision import autocast_dtype  # noqa: E402
 
 
 def models(run: str | None) -> tuple[GPT, GPT, Tokenizer, str]:
@@ -56,13 +57,17 @@ def models(run: str | None) -> tuple[GPT, GPT, Tokenizer, str]:
     return model, ref.eval().requires_grad_(False), tok, "random-init tiny model"
 
 
-def grpo_steps(objective: GRPO, model: torch.nn.Module, optimizer: torch.optim.Optimizer, n: int) -> list[dict]:
-    """n GRPO steps as the training loop runs them, each with the time split the run logs."""
+def grpo_steps(
+    objective: GRPO, model: torch.nn.Module, optimizer: torch.optim.Optimizer, n: int, amp: torch.dtype | None
+) -> list[dict]:
+    """n GRPO steps as the training loop runs them (under autocast to `amp`, as system.precision sets it), each
+    with the time split the run logs."""
     steps = []
     for _ in range(n):
         t0 = time.perf_counter()
-        batch = objective.next_batch(model)
-        loss, parts = objective.loss(model, batch)
+        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+            batch = objective.next_batch(model)
+            loss, parts = objective.loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -79,6 +84,7 @@ def main() -> None:
     ap.add_argument("--run", help="a chat run to load (default: a random-init tiny model)")
     ap.add_argument("--reps", type=int, default=10, help="timed rollouts and GRPO steps")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"], help="as system.precision")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -112,7 +118,8 @@ def main() -> None:
         sequence_logprobs(model, packed, 1.0)
     old_logprob_s = time.perf_counter() - t0
 
-    steps = grpo_steps(objective, model, optimizer, args.reps)
+    amp = autocast_dtype(args.precision, "cpu")
+    steps = grpo_steps(objective, model, optimizer, args.reps, amp)
 
     med = statistics.median
     result = {
@@ -120,6 +127,7 @@ def main() -> None:
         "params": model.num_params(),
         "group_size": rl.group_size, "prompts": rl.prompts_per_step, "max_new_tokens": rl.max_new_tokens,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "load_average": os.getloadavg(),
+        "grpo_step_dtype": str(amp or torch.float32).removeprefix("torch."),
         "rollout_tokens_per_s": sum(t for *_, t in rollouts) / sum(g for _, g, _ in rollouts),
         "rollout_median_s": med(s for s, _, _ in rollouts),
         "rollout_tokens_mean": statistics.mean(t for *_, t in rollouts),

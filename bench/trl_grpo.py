@@ -15,8 +15,8 @@ a chat template that renders exactly glasslab's chat prompt: checked), so the pr
 
 Workload per step, both sides: 8 arithmetic prompts x G=8 completions, 24 new tokens max at temperature 1, reward =
 glasslab's arithmetic scores (correct + 0.1 x format), beta = 0.04 against a frozen reference copy (k3 KL), one
-optimizer step per rollout batch, clip 0.2/0.28, DAPO token-mean loss, no truncation masking, fp32, grad clip 1.0,
-AdamW. A random model almost never says <|end|>, so nearly every completion runs to 24 tokens on both sides. It
+optimizer step per rollout batch, clip 0.2/0.28, DAPO token-mean loss, no truncation masking, grad clip 1.0, AdamW,
+bf16 autocast on both sides (glasslab's system.precision, TRL's bf16 flag; --precision float32 turns it off). A random model almost never says <|end|>, so nearly every completion runs to 24 tokens on both sides. It
 also scores 0 everywhere, so the advantages are 0 and (the k3 KL's gradient being 0 at π = π_ref) neither side's
 weights move: every forward, backward and optimizer step still runs, so the timing is that of a real step.
 
@@ -210,7 +210,7 @@ class StepClock(TrainerCallback):
 
 
 def trl_steps(
-    tok: Tokenizer, env: Environment, rl: RLConfig, warmup: int, n: int, intermediate: int, workdir: Path
+    tok: Tokenizer, env: Environment, rl: RLConfig, warmup: int, n: int, intermediate: int, workdir: Path, bf16: bool
 ) -> tuple[LlamaForCausalLM, list[dict]]:
     """GRPOTrainer.train() for warmup + n steps; the records of the last n."""
     model = llama(tok, intermediate, workdir / "model")
@@ -223,7 +223,7 @@ def trl_steps(
 
     batch = rl.prompts_per_step * rl.group_size
     args = GRPOConfig(
-        output_dir=str(workdir / "out"), use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False,
+        output_dir=str(workdir / "out"), use_cpu=True, bf16=bf16, fp16=False, activation_checkpointing=False,
         per_device_train_batch_size=batch, gradient_accumulation_steps=1, num_generations=rl.group_size,
         max_completion_length=rl.max_new_tokens, temperature=rl.temperature, top_p=1.0, top_k=0,
         beta=rl.beta, num_iterations=rl.num_iterations, epsilon=rl.eps_low, epsilon_high=rl.eps_high,
@@ -257,6 +257,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
     ap.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     ap.add_argument("--intermediate", type=int, default=512, help="the Llama's MLP width (341: parameter-matched)")
+    ap.add_argument("--precision", default="bfloat16", choices=["float32", "bfloat16"],
+                    help="both sides: glasslab's system.precision, TRL's bf16 flag (the CPU autocast either way)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -272,13 +274,14 @@ def main() -> None:
     parts = ("generation_s", "reference_s", "rest_s")
 
     loads = {"start": load()}
-    grpo_steps(objective, model, optimizer, args.warmup)
-    before = grpo_steps(objective, model, optimizer, args.steps)
+    amp = torch.bfloat16 if args.precision == "bfloat16" else None
+    grpo_steps(objective, model, optimizer, args.warmup, amp)
+    before = grpo_steps(objective, model, optimizer, args.steps, amp)
     loads["after_glasslab_1"] = load()
     with tempfile.TemporaryDirectory(prefix="trl-grpo-") as tmp:
-        llama_model, theirs = trl_steps(tok, env, rl, args.warmup, args.steps, args.intermediate, Path(tmp))
+        llama_model, theirs = trl_steps(tok, env, rl, args.warmup, args.steps, args.intermediate, Path(tmp), amp is not None)
     loads["after_trl"] = load()
-    after = grpo_steps(objective, model, optimizer, args.steps)
+    after = grpo_steps(objective, model, optimizer, args.steps, amp)
     loads["after_glasslab_2"] = load()
 
     ours = summary(before + after, parts)
@@ -288,7 +291,7 @@ def main() -> None:
     result = {
         "workload": {"prompts": rl.prompts_per_step, "group_size": rl.group_size, "max_new_tokens": rl.max_new_tokens,
                      "temperature": rl.temperature, "beta": rl.beta, "num_iterations": rl.num_iterations,
-                     "loss_type": rl.loss_type, "dtype": "float32"},
+                     "loss_type": rl.loss_type, "precision": args.precision},
         "threads": torch.get_num_threads(), "torch": torch.__version__, "trl": trl.__version__,
         "transformers": transformers.__version__,
         "glasslab": {"model": f"GPT, {source}", "params": model.num_params(), **ours},

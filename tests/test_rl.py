@@ -335,6 +335,19 @@ def test_old_logprobs_are_recomputed_when_sampling_is_tempered(tok, mcfg):
     assert parts["rl/kl_old"] < 1e-8
 
 
+def test_a_bfloat16_step_compares_log_probs_of_one_precision(tok, mcfg):
+    """Under autocast (system.precision), the reference and the old policy run in the loss's arithmetic, so at
+    the start of a step policy = old = reference exactly; sampling itself stays float32."""
+    model, ref = _models(mcfg)
+    obj = _objective(GRPO, tok, ref, num_iterations=2, drop_zero_std=False, mask_truncated=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        batch = obj.next_batch(model)
+        _, parts = obj.loss(model, batch)
+    assert parts["rl/kl_ref"] == 0.0 and parts["rl/kl_old"] == 0.0 and parts["rl/clip_ratio_region"] == 0.0
+    float32 = _objective(GRPO, tok, ref, num_iterations=2, drop_zero_std=False, mask_truncated=False)
+    assert float32.next_batch(model).rollout.completions == batch.rollout.completions
+
+
 def test_a_batch_with_iterations_left_survives_a_checkpoint(tok, mcfg):
     model, ref = _models(mcfg)
     obj = _objective(GRPO, tok, ref, num_iterations=3, drop_zero_std=False)

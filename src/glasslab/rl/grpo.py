@@ -72,9 +72,10 @@ class GRPO(RolloutObjective):
         kept = ~flat.repeat_interleave(g) if cfg.drop_zero_std else torch.ones_like(advantages, dtype=torch.bool)
         packed = pack(rollout.prompts, rollout.completions, rollout.sampled, self.tok.pad_id, self.device)
         if old is None and cfg.num_iterations > 1:
-            # At temperature 1 the log-probs recorded while sampling are π_old's; otherwise they are of the
-            # untempered model, and one no-grad forward gives π_old = softmax(logits / T).
-            old = sampled_logprobs(rollout) if cfg.temperature == 1.0 else self._old_logprobs(policy, packed)
+            # The log-probs recorded while sampling are π_old's at temperature 1, in float32. Tempered, or in a
+            # bfloat16 step (whose loss would see other numbers), one no-grad forward gives π_old instead.
+            reuse = cfg.temperature == 1.0 and not torch.is_autocast_enabled(self.device.type)
+            old = sampled_logprobs(rollout) if reuse else self._old_logprobs(policy, packed)
         old_logp = packed.spread(old)[kept] if old is not None else None
         if cfg.mask_truncated:
             packed.mask &= ~torch.tensor(rollout.truncated, device=self.device).unsqueeze(1)

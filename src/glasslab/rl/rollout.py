@@ -154,7 +154,6 @@ class RolloutObjective:
     """The parts of an RL objective that do not depend on the algorithm. Subclasses add next_batch and loss."""
 
     stage = "rl"
-    mixed_precision = False  # ratios and KL compare with float32 rollout log-probs
 
     def __init__(
         self,

@@ -28,7 +28,6 @@ class LanguageModeling:
     """Random windows of the training tokens; validation on a fixed set of windows so curves are comparable."""
 
     stage = "pretrain"
-    mixed_precision = True
 
     def __init__(
         self,

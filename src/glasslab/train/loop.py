@@ -39,12 +39,11 @@ class Objective(Protocol):
       val_batches() -> list                  the fixed evaluation batches (for loss by position)
       batch_ids(batch) -> (inputs, targets)  the (B, T) token ids of a batch, to decode a spike's worst tokens
 
-    `mixed_precision`: whether the loss may run under bfloat16 autocast (system.precision). RL objectives say
-    no: their ratios and KL compare against log-probs computed in float32 during the rollout.
+    A step (next_batch and loss) runs under the precision of `system.precision`, so every log-prob an objective
+    compares (policy, reference, old policy) comes from the same arithmetic; sampling runs in float32 regardless.
     """
 
     stage: str
-    mixed_precision: bool
 
     def next_batch(self, model: nn.Module) -> Any: ...
 
@@ -172,7 +171,7 @@ def train(
         hooks, progress = [], None
     forward = wrap(torch.compile(model) if system.compile else model)
     device_type = next(model.parameters()).device.type
-    amp = autocast_dtype(system.precision, device_type) if objective.mixed_precision else None
+    amp = autocast_dtype(system.precision, device_type)
     optimizer = build_optimizer(model, cfg)
     ctx = StepContext(stage, model, optimizer, objective, run, cfg)
     ckpt_root = run.checkpoints_dir
@@ -213,8 +212,8 @@ def train(
                 h.on_step_start(ctx)
             loss_sum, tokens, parts = 0.0, 0, {}
             for _ in range(cfg.grad_accum):
-                ctx.batch = objective.next_batch(model)
                 with torch.autocast(device_type, dtype=amp, enabled=amp is not None):
+                    ctx.batch = objective.next_batch(model)
                     loss, parts = objective.loss(forward, ctx.batch)
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum

@@ -86,7 +86,6 @@ class SupervisedFineTuning:
     plus greedy accuracy on each task environment."""
 
     stage = "sft"
-    mixed_precision = True
 
     def __init__(
         self,
