@@ -65,7 +65,7 @@ def test_shared_stages_make_one_base_run() -> None:
     plan = expand(spec)
     assert plan.base is not None and plan.base.name == "base" and plan.base.stages == ["pretrain", "sft"] and plan.base.seed == 0
     assert all(r.stages == ["rl"] and r.from_base for r in plan.runs)
-    assert plan.runs[-1].levels["lr"] == 0.04  # rl.beta's default
+    assert plan.runs[-1].levels["lr"] == 0.1  # rl.beta's default
     cmd = command_for(plan.runs[0], plan, Path("/s/runs"), "start", threads=1)
     assert cmd[cmd.index("--from") + 1] == "/s/runs/base" and cmd[cmd.index("--stages") + 1] == "rl"
     assert "system.threads=1" in cmd and cmd[cmd.index("--seed") + 1] == "0"
