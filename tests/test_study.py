@@ -8,6 +8,7 @@ import math
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from scipy import stats as sps
 from test_report import make_run
@@ -15,7 +16,8 @@ from test_report import make_run
 from glasslab.errors import GlasslabError
 from glasslab.report import build_report
 from glasslab.study import run_study
-from glasslab.study.aggregate import RunResult
+from glasslab.report.rundata import Series
+from glasslab.study.aggregate import RunResult, mean_curve
 from glasslab.study.executor import action_for, claim_study_dir, command_for
 from glasslab.study.findings import compute_findings
 from glasslab.study.plan import expand
@@ -183,6 +185,16 @@ def test_failed_runs_are_counted_not_averaged_and_lr_sensitivity_caps_them() -> 
     assert sens.extra["per_seed"] == pytest.approx(expected)
     comparison = next(f for f in findings if f.kind == "comparison")
     assert "highest at lr=0.1 (5)" in comparison.text and "2 of 3 runs with lr=0.1 did not complete (failed)" in comparison.text
+
+
+def test_a_smoothed_curve_is_each_runs_trailing_mean_then_the_mean_over_seeds() -> None:
+    steps = np.arange(1, 7)
+    runs = [RunResult(f"r{i}", Path("."), i, {}, "completed", None, {}, curves={"kl": Series(steps, np.array(v, float), steps * 1.0)})
+            for i, v in enumerate([[0, 1, 2, 3, 4, 5], [2, 3, 4, 5, 6, 7]])]  # fmt: skip
+    s, mean, _ = mean_curve(runs, "kl", smooth=3)
+    assert list(s) == [3, 4, 5, 6] and mean == pytest.approx([2, 3, 4, 5])  # run means 1,2,3,4 and 3,4,5,6
+    s, mean, _ = mean_curve(runs, "kl")
+    assert list(s) == list(steps) and mean == pytest.approx([1, 2, 3, 4, 5, 6])
 
 
 def test_study_report_from_run_directories(tmp_path: Path) -> None:

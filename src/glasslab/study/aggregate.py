@@ -105,8 +105,10 @@ def cells(results: list[RunResult]) -> list[Cell]:
     return list(groups.values())
 
 
-def mean_curve(runs: list[RunResult], name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(steps, mean, 95% half-width) over the completed runs that logged `name`, on the steps they all share."""
+def mean_curve(runs: list[RunResult], name: str, smooth: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(steps, mean, 95% half-width) over the completed runs that logged `name`, on the steps they all share.
+    With smooth > 1 each run's series is first replaced by its trailing mean over that many logged points (a
+    per-step metric such as RL's KL is too noisy for a drift to show), starting at the first full window."""
     series = [r.curves[name] for r in runs if r.completed and name in r.curves]
     if not series:
         return None
@@ -114,5 +116,8 @@ def mean_curve(runs: list[RunResult], name: str) -> tuple[np.ndarray, np.ndarray
     for s in series[1:]:
         steps = np.intersect1d(steps, s.steps)
     stacked = np.array([s.values[np.searchsorted(s.steps, steps)] for s in series])
+    if 1 < smooth <= len(steps):
+        cum = np.cumsum(np.pad(stacked, ((0, 0), (1, 0))), axis=1)
+        stacked, steps = (cum[:, smooth:] - cum[:, :-smooth]) / smooth, steps[smooth - 1 :]
     stats = [summarize(list(col)) for col in stacked.T]
     return steps, np.array([s.mean for s in stats]), np.array([s.ci95 for s in stats])

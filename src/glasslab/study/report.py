@@ -89,17 +89,24 @@ def effect_figure(plan: Plan, all_cells: list[Cell], metric: str, factor: str, c
         return _png(fig)
 
 
+CURVE_POINTS = 40  # a longer study curve is smoothed over windows of 1/CURVE_POINTS of its length
+
+
 def curve_figure(all_cells: list[Cell], name: str) -> bytes | None:
-    """One line per setting (mean over seeds) with its 95% band. A metric spanning more than two orders of
-    magnitude gets a log axis, where a band is drawn only where its lower edge stays above zero."""
+    """One line per setting (mean over seeds) with its 95% band. A curve of more than CURVE_POINTS logged points
+    is a trailing mean over windows of 1/CURVE_POINTS of it (the axis says how many steps). A metric spanning
+    more than two orders of magnitude gets a log axis, where a band is drawn only where its lower edge stays
+    above zero."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = [(c, curve) for c in all_cells if (curve := mean_curve(c.runs, name)) is not None]
-    if not curves:
+    raw = [(c, curve) for c in all_cells if (curve := mean_curve(c.runs, name)) is not None]
+    if not raw:
         return None
+    smooth = max(1, min(len(steps) for _, (steps, _, _) in raw) // CURVE_POINTS)
+    curves = [(c, mean_curve(c.runs, name, smooth)) for c, _ in raw] if smooth > 1 else raw
     means = np.concatenate([mean for _, (_, mean, _) in curves])
     log = bool(np.nanmin(means) > 0 and np.nanmax(means) / np.nanmin(means) > 100)
     with plt.rc_context(STYLE):
@@ -114,7 +121,7 @@ def curve_figure(all_cells: list[Cell], name: str) -> bytes | None:
         if log:
             ax.set_yscale("log")
         ax.set_xlabel("step")
-        ax.set_ylabel(name)
+        ax.set_ylabel(name if smooth == 1 else f"{name} (mean of {smooth} logged steps)")
         if len(curves) > 6:
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         else:
