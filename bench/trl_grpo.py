@@ -16,8 +16,9 @@ a chat template that renders exactly glasslab's chat prompt: checked), so the pr
 Workload per step, both sides: 8 arithmetic prompts x G=8 completions, 24 new tokens max at temperature 1, reward =
 glasslab's arithmetic scores (correct + 0.1 x format), beta = 0.04 against a frozen reference copy (k3 KL), one
 optimizer step per rollout batch, clip 0.2/0.28, DAPO token-mean loss, no truncation masking, grad clip 1.0, AdamW,
-bf16 autocast on both sides (glasslab's system.precision, TRL's bf16 flag; --precision float32 turns it off). A random model almost never says <|end|>, so nearly every completion runs to 24 tokens on both sides. It
-also scores 0 everywhere, so the advantages are 0 and (the k3 KL's gradient being 0 at π = π_ref) neither side's
+bf16 autocast on both sides (glasslab's system.precision, TRL's bf16 flag; --precision float32 turns it off).
+A random model almost never says <|end|>, so nearly every completion runs to 24 tokens on both sides. It also
+scores 0 everywhere, so the advantages are 0 and (the k3 KL's gradient being 0 at π = π_ref) neither side's
 weights move: every forward, backward and optimizer step still runs, so the timing is that of a real step.
 
 Timed, one torch thread each, back to back (glasslab, TRL, glasslab again, to see drift in the shared machine's load):
