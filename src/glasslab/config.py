@@ -127,7 +127,7 @@ class SFTConfig(Section):
     eval_n: int = Field(100, ge=0)  # held-out problems per task for eval/<task>/accuracy at each evaluation
     max_new_tokens: int = Field(32, ge=1)  # generation budget of those evaluations and of the samples
     # defaults: the tiny recipe (the default model is the tiny one)
-    train: TrainConfig = TrainConfig(steps=2000, batch_size=64, lr=3e-3, warmup_steps=50, eval_every=500, checkpoint_every=500)
+    train: TrainConfig = TrainConfig(steps=2000, batch_size=64, lr=6e-3, warmup_steps=50, eval_every=500, checkpoint_every=500)
 
     @model_validator(mode="after")
     def _check(self) -> SFTConfig:
