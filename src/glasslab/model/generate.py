@@ -99,63 +99,61 @@ def generate(
     seed: int | None = None,
     interceptor: Interceptor | None = None,
 ) -> Generation:
-    """Complete every prompt; greedy when temperature == 0. Sampling runs in float32 even inside a
-    bfloat16-autocast training step (GRPO draws its rollouts there)."""
+    """Complete every prompt; greedy when temperature == 0."""
     device = next(model.parameters()).device
-    with torch.autocast(device.type, enabled=False):
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed if seed is not None else torch.seed())
-        B = len(prompts)
-        # Each distinct prompt is prefilled once, then repeated for the rows that share it (GRPO's G samples).
-        distinct = {p: i for i, p in enumerate(dict.fromkeys(map(tuple, prompts)))}
-        rows = torch.tensor([distinct[tuple(p)] for p in prompts], device=device)
-        idx, valid = _pad_left([list(p) for p in distinct], pad_id, device)
-        T = idx.size(1)
-        cache = KVCache(model, len(distinct), T + max_new_tokens)
-        positions = (valid.cumsum(1) - 1).clamp(min=0)
-        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-        # Fully padded query rows would attend to nothing (NaN); let them see themselves, their output is unused.
-        mask = (causal & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=device)
-        was_training = model.training
-        model.eval()
-        logits = model(idx, positions=positions, mask=mask[:, None], cache=cache)[rows, -1]
-        cache.select(rows)
-        keys = torch.cat([valid[rows], torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
-        next_pos = positions[rows, -1] + 1
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed is not None else torch.seed())
+    B = len(prompts)
+    # Each distinct prompt is prefilled once, then repeated for the rows that share it (GRPO's G samples).
+    distinct = {p: i for i, p in enumerate(dict.fromkeys(map(tuple, prompts)))}
+    rows = torch.tensor([distinct[tuple(p)] for p in prompts], device=device)
+    idx, valid = _pad_left([list(p) for p in distinct], pad_id, device)
+    T = idx.size(1)
+    cache = KVCache(model, len(distinct), T + max_new_tokens)
+    positions = (valid.cumsum(1) - 1).clamp(min=0)
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    # Fully padded query rows would attend to nothing (NaN); let them see themselves, their output is unused.
+    mask = (causal & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=device)
+    was_training = model.training
+    model.eval()
+    logits = model(idx, positions=positions, mask=mask[:, None], cache=cache)[rows, -1]
+    cache.select(rows)
+    keys = torch.cat([valid[rows], torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
+    next_pos = positions[rows, -1] + 1
 
-        out = Generation([[] for _ in range(B)], [[] for _ in range(B)], [[] for _ in range(B)], [False] * B)
-        forced: list[list[int]] = [[] for _ in range(B)]
-        done = [False] * B
-        active = list(range(B))  # the rows still generating, in the cache's row order
-        for i in range(max_new_tokens):
-            choice, chosen_logp = _next_token(logits, gen, temperature, top_k, top_p)
-            step, step_logp = choice.tolist(), chosen_logp.tolist()
-            for j, r in enumerate(active):
-                if forced[r]:
-                    step[j] = forced[r].pop(0)
-                    out.sampled[r].append(False)
-                    out.logprobs[r].append(0.0)
-                else:
-                    out.sampled[r].append(True)
-                    out.logprobs[r].append(step_logp[j])
-                out.tokens[r].append(step[j])
-                if not out.sampled[r][-1]:
-                    continue
-                if interceptor is not None:
-                    forced[r] = list(interceptor(r, out.tokens[r]) or [])
-                done[r] = not forced[r] and step[j] in stop_ids
-            if all(done) or i == max_new_tokens - 1:
-                break
-            keep = [j for j, r in enumerate(active) if not done[r]]
-            if len(keep) < len(active):  # finished rows leave the batch: the next steps compute only the others
-                kept = torch.tensor(keep, device=device)
-                cache.select(kept)
-                keys, next_pos = keys[kept], next_pos[kept]
-                active, step = [active[j] for j in keep], [step[j] for j in keep]
-            token = torch.tensor(step, dtype=torch.long, device=device)[:, None]
-            length = cache.length + 1
-            logits = model(token, positions=next_pos[:, None], mask=keys[:, None, None, :length], cache=cache)[:, -1]
-            next_pos = next_pos + 1
-        out.truncated = [not d for d in done]
-        model.train(was_training)
-        return out
+    out = Generation([[] for _ in range(B)], [[] for _ in range(B)], [[] for _ in range(B)], [False] * B)
+    forced: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    active = list(range(B))  # the rows still generating, in the cache's row order
+    for i in range(max_new_tokens):
+        choice, chosen_logp = _next_token(logits, gen, temperature, top_k, top_p)
+        step, step_logp = choice.tolist(), chosen_logp.tolist()
+        for j, r in enumerate(active):
+            if forced[r]:
+                step[j] = forced[r].pop(0)
+                out.sampled[r].append(False)
+                out.logprobs[r].append(0.0)
+            else:
+                out.sampled[r].append(True)
+                out.logprobs[r].append(step_logp[j])
+            out.tokens[r].append(step[j])
+            if not out.sampled[r][-1]:
+                continue
+            if interceptor is not None:
+                forced[r] = list(interceptor(r, out.tokens[r]) or [])
+            done[r] = not forced[r] and step[j] in stop_ids
+        if all(done) or i == max_new_tokens - 1:
+            break
+        keep = [j for j, r in enumerate(active) if not done[r]]
+        if len(keep) < len(active):  # finished rows leave the batch: the next steps compute only the others
+            kept = torch.tensor(keep, device=device)
+            cache.select(kept)
+            keys, next_pos = keys[kept], next_pos[kept]
+            active, step = [active[j] for j in keep], [step[j] for j in keep]
+        token = torch.tensor(step, dtype=torch.long, device=device)[:, None]
+        length = cache.length + 1
+        logits = model(token, positions=next_pos[:, None], mask=keys[:, None, None, :length], cache=cache)[:, -1]
+        next_pos = next_pos + 1
+    out.truncated = [not d for d in done]
+    model.train(was_training)
+    return out

@@ -183,10 +183,11 @@ class RolloutObjective:
         problems = self.problems(self.rollouts)
         prompts = [prompt_tokens(self.env, p, self.tok) for p in problems]
         t0 = time.perf_counter()
-        out = generate(
-            model, prompts, self.cfg.max_new_tokens, temperature=self.cfg.temperature, stop_ids=(self.tok.end_id,),
-            pad_id=self.tok.pad_id, seed=self.seed * 100_003 + self.rollouts, interceptor=self.interceptor,
-        )  # fmt: skip
+        with torch.autocast(self.device.type, enabled=False):  # sampling is float32, also inside a bf16 step
+            out = generate(
+                model, prompts, self.cfg.max_new_tokens, temperature=self.cfg.temperature, stop_ids=(self.tok.end_id,),
+                pad_id=self.tok.pad_id, seed=self.seed * 100_003 + self.rollouts, interceptor=self.interceptor,
+            )  # fmt: skip
         self.rollouts += 1
         return self.scored(problems, prompts, out.tokens, out.sampled, out.logprobs, out.truncated, time.perf_counter() - t0)
 
