@@ -102,11 +102,11 @@ def curve_figure(all_cells: list[Cell], name: str) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    raw = [(c, curve) for c in all_cells if (curve := mean_curve(c.runs, name)) is not None]
-    if not raw:
+    lengths = [len(r.curves[name].steps) for c in all_cells for r in c.runs if r.completed and name in r.curves]
+    smooth = max(1, min(lengths, default=0) // CURVE_POINTS)
+    curves = [(c, curve) for c in all_cells if (curve := mean_curve(c.runs, name, smooth)) is not None]
+    if not curves:
         return None
-    smooth = max(1, min(len(steps) for _, (steps, _, _) in raw) // CURVE_POINTS)
-    curves = [(c, mean_curve(c.runs, name, smooth)) for c, _ in raw] if smooth > 1 else raw
     means = np.concatenate([mean for _, (_, mean, _) in curves])
     log = bool(np.nanmin(means) > 0 and np.nanmax(means) / np.nanmin(means) > 100)
     with plt.rc_context(STYLE):
