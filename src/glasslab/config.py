@@ -151,8 +151,8 @@ class RLConfig(Section):
     prompts_per_step: int = Field(8, ge=1)
     max_new_tokens: int = Field(24, ge=1)
     temperature: float = Field(1.0, gt=0)  # sampling temperature; the policy trained is softmax(logits / temperature)
-    # KL coefficient; 0 drops the penalty (rl/kl_ref is still measured). Not DeepSeekMath's 0.04: against this
-    # loss's std-scaled advantages that does not hold the policy measurably closer (kl-ablation, README).
+    # KL coefficient; 0 drops the penalty (rl/kl_ref is still measured). Against this loss's std-scaled advantages
+    # DeepSeekMath's 0.04 lowers the KL to the reference by 11-14% from none, 0.1 by 22-30% (kl-ablation, README).
     beta: float = Field(0.1, ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     eps_low: float = Field(0.2, ge=0)  # clip ratio to [1 - eps_low, 1 + eps_high]
