@@ -280,7 +280,8 @@ def main() -> None:
     before = grpo_steps(objective, model, optimizer, args.steps, amp)
     loads["after_glasslab_1"] = load()
     with tempfile.TemporaryDirectory(prefix="trl-grpo-") as tmp:
-        llama_model, theirs = trl_steps(tok, env, rl, args.warmup, args.steps, args.intermediate, Path(tmp), amp is not None)
+        bf16 = amp is not None
+        llama_model, theirs = trl_steps(tok, env, rl, args.warmup, args.steps, args.intermediate, Path(tmp), bf16)
     loads["after_trl"] = load()
     after = grpo_steps(objective, model, optimizer, args.steps, amp)
     loads["after_glasslab_2"] = load()
