@@ -244,6 +244,44 @@ def test_poisoned_batch_spike_is_caught_at_its_step_with_its_rows(tmp_path, tok)
     assert missing.exit_code != 0 and "choose one of 40" in str(missing.exception)
 
 
+class TwoKinds(Poisoned):
+    """Every 4th batch is a harder kind (random targets in 4 of its rows), as SFT's tool-use buckets are harder
+    than its arithmetic ones; `batch_kind` says which, unless `tell` is off. Step `at` is also poisoned."""
+
+    def __init__(self, inner: LanguageModeling, at: int, tell: bool) -> None:
+        super().__init__(inner, at, rows=[5, 6])
+        self.kind, self.tell = "easy", tell
+
+    def next_batch(self, model):
+        x, y = super().next_batch(model)
+        self.kind = "hard" if self.inner.sampler.batches_drawn % 4 == 0 else "easy"
+        if self.kind == "hard":
+            g = torch.Generator().manual_seed(self.inner.sampler.batches_drawn)
+            y = y.clone()
+            y[:4] = torch.randint(9, self.inner.tokenizer.vocab_size, (4, y.size(1)), generator=g)
+        return x, y
+
+    def __getattr__(self, name: str):
+        if name == "batch_kind" and self.tell:
+            return lambda batch: self.kind
+        return super().__getattr__(name)
+
+
+@pytest.mark.parametrize("tell", [True, False])
+def test_batch_kinds_are_compared_with_their_own_kind(tmp_path, tok, tell):
+    """Told the kinds, the detector flags only the poisoned easy batch; not told, the hard kind's batches fire too."""
+    probes = ProbesConfig(spike_window=16, spike_history=4, spike_topk=4)
+    objective = TwoKinds(objective_for(tok), at=63, tell=tell)
+    run, _ = run_train(tmp_path, model_for(tok), objective, [SpikeProbe(probes, RunDir(tmp_path / "run"), tok)],
+                       steps=64, lr=1e-2)  # fmt: skip
+    steps = [e["step"] for e in run.events() if e["kind"] == "spike"]
+    if tell:
+        assert steps == [63]
+        assert "of easy batches" in next(e for e in run.events() if e["kind"] == "spike")["message"]
+    else:
+        assert 63 in steps and len([s for s in steps if s % 4 == 0]) >= 3
+
+
 def test_first_departure_is_the_block_that_left_its_band_first():
     rng = np.random.default_rng(0)
     records = []

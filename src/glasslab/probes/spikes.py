@@ -11,7 +11,7 @@ loss. On NaN/inf, the batch is re-run with a hook on every module to name the fi
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -79,7 +79,10 @@ def first_nonfinite_module(model: nn.Module, run_forward: Callable[[], Any]) -> 
 
 class SpikeProbe(Hook):
     """Spike detector, spike dossiers and the non-finite diagnosis. Logs `spike/loss_score` and
-    `spike/grad_norm_score` (robust z-scores) every step once the window holds half its steps."""
+    `spike/grad_norm_score` (robust z-scores) every step once the window holds half its steps.
+
+    When the objective sorts its batches into kinds (`batch_kind`, e.g. SFT's length buckets), each kind has its
+    own window: a batch is compared with recent batches of its kind, so a harder kind of batch is not a spike."""
 
     def __init__(self, cfg: ProbesConfig, run: RunDir, tokenizer: Tokenizer | None) -> None:
         self.window, self.threshold = cfg.spike_window, cfg.spike_threshold
@@ -90,7 +93,7 @@ class SpikeProbe(Hook):
         self.keys, self.params = trained_parameters(ctx.model)
         self.blocks = Aggregator(self.keys, lambda k: [unit_of(k)])
         self.before = [p.detach().clone() for p in self.params]  # reused every step for the update
-        self.signals: dict[str, deque[float]] = {"loss": deque(maxlen=self.window), "grad_norm": deque(maxlen=self.window)}
+        self.signals: dict[tuple[str, str], deque[float]] = defaultdict(lambda: deque(maxlen=self.window))
         self.records: deque[dict] = deque(maxlen=self.window + self.history + 1)
         self.in_spike, self.pending, self.nonfinite_grads = False, None, []
         self.record: dict = {"step": None}
@@ -108,14 +111,15 @@ class SpikeProbe(Hook):
         if self.nonfinite_grads:
             return
         fired = {}
+        kind = ctx.objective.batch_kind(ctx.batch) if hasattr(ctx.objective, "batch_kind") else ""
         for name, value in (("loss", ctx.loss), ("grad_norm", total)):
-            past = self.signals[name]
+            past = self.signals[kind, name]
             if len(past) >= self.window // 2:
                 median, scale = robust_band(past)
                 score = (value - median) / scale
                 ctx.metrics[f"spike/{name}_score"] = score
                 if score > self.threshold:
-                    fired[name] = {"value": value, "score": score, "median": median, "scale": scale}
+                    fired[name] = {"value": value, "score": score, "median": median, "scale": scale} | ({"batch_kind": kind} if kind else {})
             past.append(value)
         if fired and not self.in_spike:  # one dossier per spike, at its onset
             self.pending = {"signals": fired, **self.worst_tokens(ctx)}
@@ -176,7 +180,8 @@ class SpikeProbe(Hook):
         path = self.write_dossier(ctx, ctx.step, "spike", {**found, "first_departure": moved[0] if moved else None,
                                                               "departures": moved})  # fmt: skip
         signal, info = max(found["signals"].items(), key=lambda kv: kv[1]["score"])
-        message = f"{signal} spike at step {ctx.step}: {info['value']:.4g} vs median {info['median']:.4g} (score {info['score']:.1f})"
+        of = f" of {info['batch_kind']} batches" if "batch_kind" in info else ""
+        message = f"{signal} spike at step {ctx.step}: {info['value']:.4g} vs median {info['median']:.4g}{of} (score {info['score']:.1f})"
         if found.get("top_rows"):
             message += f"; worst rows {', '.join(str(r['row']) for r in found['top_rows'][:3])}"
         if moved:

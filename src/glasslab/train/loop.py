@@ -38,6 +38,8 @@ class Objective(Protocol):
       token_losses(model, batch) -> Tensor   per-token loss (B, T) of a batch, NaN where a target is not trained on
       val_batches() -> list                  the fixed evaluation batches (for loss by position)
       batch_ids(batch) -> (inputs, targets)  the (B, T) token ids of a batch, to decode a spike's worst tokens
+      batch_kind(batch) -> str               the class of a batch, when batches differ systematically (SFT's length
+                                             buckets): the spike detector compares like with like
 
     A step (next_batch and loss) runs under the precision of `system.precision`, so every log-prob an objective
     compares (policy, reference, old policy) comes from the same arithmetic; sampling runs in float32 regardless.

@@ -168,6 +168,12 @@ class SupervisedFineTuning:
     def batch_ids(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         return batch
 
+    def batch_kind(self, batch: tuple[Tensor, Tensor]) -> str:
+        """The batch's length class (`epoch_order`'s buckets): a bucket of tool-use conversations has twice the
+        loss of one of arithmetic, with nothing wrong in the training."""
+        n = batch[0].size(1).bit_length()
+        return f"{1 << (n - 1)}-{(1 << n) - 1} tokens"
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         model.eval()
