@@ -4,7 +4,7 @@ import torch
 
 from glasslab.config import TrainConfig
 from glasslab.model.gpt import GPT
-from glasslab.train.optim import Muon, build_optimizer, lr_multiplier, newton_schulz, param_groups
+from glasslab.train.optim import Muon, build_optimizer, lr_multiplier, newton_schulz, orthogonalised, param_groups
 
 
 def test_schedules_warm_up_then_decay_to_the_floor():
@@ -26,6 +26,15 @@ def test_newton_schulz_orthogonalises():
     assert s.min() > 0.5 and s.max() < 1.5  # singular values pushed towards 1
     tall = newton_schulz(torch.randn(64, 32))
     assert tall.shape == (64, 32)
+
+
+def test_orthogonalised_batches_by_shape_and_keeps_the_order():
+    torch.manual_seed(0)
+    mats = [torch.randn(32, 64), torch.randn(64, 32), torch.randn(32, 64), torch.randn(16, 16)]
+    out = orthogonalised(mats)
+    for m, o in zip(mats, out):
+        assert o.shape == m.shape and torch.allclose(o, newton_schulz(m), atol=2e-2)
+    assert not torch.allclose(out[0], out[2], atol=0.1)  # the two 32x64 matrices did not swap or merge
 
 
 def test_groups_decay_matrices_only_and_muon_takes_hidden_matrices(tiny_model: GPT):

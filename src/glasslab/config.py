@@ -127,7 +127,7 @@ class SFTConfig(Section):
     eval_n: int = Field(100, ge=0)  # held-out problems per task for eval/<task>/accuracy at each evaluation
     max_new_tokens: int = Field(32, ge=1)  # generation budget of those evaluations and of the samples
     # defaults: the tiny recipe (the default model is the tiny one)
-    train: TrainConfig = TrainConfig(steps=2000, batch_size=64, lr=6e-3, warmup_steps=50, eval_every=500, checkpoint_every=500)
+    train: TrainConfig = TrainConfig(steps=2000, batch_size=64, optimizer="muon", lr=6e-3, warmup_steps=50, eval_every=500, checkpoint_every=500)
 
     @model_validator(mode="after")
     def _check(self) -> SFTConfig:
@@ -151,8 +151,9 @@ class RLConfig(Section):
     prompts_per_step: int = Field(8, ge=1)
     max_new_tokens: int = Field(24, ge=1)
     temperature: float = Field(1.0, gt=0)  # sampling temperature; the policy trained is softmax(logits / temperature)
-    # KL coefficient; 0 drops the penalty (rl/kl_ref is still measured). Against this loss's std-scaled advantages
-    # DeepSeekMath's 0.04 lowers the KL to the reference by 11-14% from none, 0.1 by 22-30% (kl-ablation, README).
+    # KL coefficient; 0 drops the penalty (rl/kl_ref is still measured). Against this loss's std-scaled advantages,
+    # GRPO on countdown: mean KL to the reference 1.29 with none, 0.70 at DeepSeekMath's 0.04, 0.39 at 0.1, at equal
+    # held-out accuracy (kl-ablation, README).
     beta: float = Field(0.1, ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     eps_low: float = Field(0.2, ge=0)  # clip ratio to [1 - eps_low, 1 + eps_high]

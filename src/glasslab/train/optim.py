@@ -9,24 +9,42 @@ same optimizer object so one state_dict checkpoints both. Both keep AdamW moment
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 import torch
 from torch import Tensor, nn
 
 from glasslab.config import TrainConfig
+from glasslab.train.precision import fast_bf16
 
 
 def newton_schulz(g: Tensor, steps: int = 5) -> Tensor:
-    """Approximately U Vᵀ from the SVD of g: a quintic iteration tuned to push singular values towards 1 fast."""
+    """Approximately U Vᵀ from the SVD of each matrix g[..., :, :]: a quintic iteration tuned to push singular
+    values towards 1 fast. In bfloat16 where the hardware multiplies it fast, as Muon's authors run it: the
+    iteration only needs singular values near 1, not precise ones."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.float() / (g.norm() + 1e-7)
-    tall = x.size(0) > x.size(1)
+    x = g.to(torch.bfloat16 if fast_bf16(g.device.type) else torch.float32)
+    x = x / (torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) + 1e-7)
+    tall = x.size(-2) > x.size(-1)
     if tall:
-        x = x.T
+        x = x.mT
     for _ in range(steps):
-        s = x @ x.T
+        s = x @ x.mT
         x = a * x + (b * s + c * s @ s) @ x
-    return (x.T if tall else x).to(g.dtype)
+    return (x.mT if tall else x).to(g.dtype)
+
+
+def orthogonalised(mats: list[Tensor]) -> list[Tensor]:
+    """`newton_schulz` of each matrix, all those of one shape in one batched call: the tiny model's 24 hidden
+    matrices in 2 calls instead of 24, about 3x faster on CPU."""
+    out: list[Tensor] = [mats[0]] * len(mats)
+    by_shape: dict[torch.Size, list[int]] = defaultdict(list)
+    for i, m in enumerate(mats):
+        by_shape[m.shape].append(i)
+    for rows in by_shape.values():
+        for i, o in zip(rows, newton_schulz(torch.stack([mats[i] for i in rows]))):
+            out[i] = o
+    return out
 
 
 class Muon(torch.optim.Optimizer):
@@ -38,18 +56,20 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None) -> None:  # noqa: ANN001 - torch's signature
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-                if group["muon"]:
-                    buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    update = newton_schulz(p.grad.add(buf, alpha=group["momentum"]))  # Nesterov
-                    p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
-                else:
-                    self._adamw(p, state, group)
+            if not group["muon"]:
+                for p in params:
+                    self._adamw(p, self.state[p], group)
+                continue
+            nesterov = []
+            for p in params:
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(p.grad)
+                nesterov.append(p.grad.add(buf, alpha=group["momentum"]))
+            for p, update in zip(params, orthogonalised(nesterov) if nesterov else []):
+                p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
 
     @staticmethod
     def _adamw(p: Tensor, state: dict, group: dict) -> None:

@@ -11,12 +11,13 @@ def autocast_dtype(precision: str, device_type: str) -> torch.dtype | None:
     """The autocast dtype for `system.precision` on this device type, or None for plain float32."""
     if precision == "float32":
         return None
-    if precision == "bfloat16" or _fast_bf16(device_type):
+    if precision == "bfloat16" or fast_bf16(device_type):
         return torch.bfloat16
     return None
 
 
-def _fast_bf16(device_type: str) -> bool:
+def fast_bf16(device_type: str) -> bool:
+    """Does this device type multiply bfloat16 matrices natively (not by emulation)?"""
     if device_type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device_type == "cpu":
