@@ -37,14 +37,13 @@ def newton_schulz(g: Tensor, steps: int = 5) -> Tensor:
 def orthogonalised(mats: list[Tensor]) -> list[Tensor]:
     """`newton_schulz` of each matrix, all those of one shape in one batched call: the tiny model's 24 hidden
     matrices in 2 calls instead of 24, about 3x faster on CPU."""
-    out: list[Tensor] = [mats[0]] * len(mats)
     by_shape: dict[torch.Size, list[int]] = defaultdict(list)
     for i, m in enumerate(mats):
         by_shape[m.shape].append(i)
+    out: dict[int, Tensor] = {}
     for rows in by_shape.values():
-        for i, o in zip(rows, newton_schulz(torch.stack([mats[i] for i in rows]))):
-            out[i] = o
-    return out
+        out.update(zip(rows, newton_schulz(torch.stack([mats[i] for i in rows]))))
+    return [out[i] for i in range(len(mats))]
 
 
 class Muon(torch.optim.Optimizer):
