@@ -25,7 +25,7 @@ from glasslab.rl.hacking import HackingDetectors, repeat_rate
 from glasslab.rl.losses import (
     dpo_loss, group_advantages, grpo_loss, kl_estimate, token_entropy, token_logprobs, zero_std_groups,
 )  # fmt: skip
-from glasslab.rl.rollout import pack, sequence_logprobs
+from glasslab.rl.rollout import completion_logits, pack, sequence_logprobs
 from glasslab.stages.common import save_config
 from glasslab.track.checkpoint import save_checkpoint
 from glasslab.track.metrics import read_metrics
@@ -257,6 +257,30 @@ def test_pack_marks_sampled_tokens_and_recorded_logprobs_match_the_training_forw
     with torch.no_grad():
         full, tempered = token_logprobs(model(packed.inputs) / 0.7, packed.targets), sequence_logprobs(model, packed, 0.7)
     assert torch.allclose(tempered[packed.mask], full[packed.mask], atol=1e-5) and not tempered[~packed.mask].any()
+
+
+def test_shared_prompt_forward_has_the_full_forwards_logits_and_gradient():
+    """completion_logits computes each distinct prompt once and continues every row from its keys and values;
+    the logits and the gradient must be those of running every row's whole sequence (prompts of different
+    lengths, shared by 1-3 rows, forced tokens, a one-token completion, a row with nothing trained)."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=64, vocab_size=50, qk_norm=True))
+    prompts = [[1, 2, 3], [1, 2, 3], [4, 5], [4, 5], [4, 5], [7, 8, 9, 10], [6]]
+    completions = [[11, 12, 13, 14], [15], [16, 17], [18, 19, 20, 21, 22], [23, 24], [25], [26, 27]]
+    sampled = [[True, True, False, True], [True], [True, True], [True, False, False, True, True], [True, True], [True],
+               [False, False]]  # fmt: skip
+    packed = pack(prompts, completions, sampled, 0, CPU)
+    weights = torch.randn(packed.mask.sum().item(), 50)
+
+    def loss_and_grads(logits: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        loss = (logits.log_softmax(-1) * weights).sum()
+        return logits.detach(), [g.clone() for g in torch.autograd.grad(loss, list(model.parameters()))]
+
+    shared, shared_grads = loss_and_grads(completion_logits(model, packed, 1.0))
+    full, full_grads = loss_and_grads(model(packed.inputs).flatten(0, 1)[packed.mask.flatten()])
+    assert torch.allclose(shared, full, atol=1e-5)
+    for a, b in zip(shared_grads, full_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_reward_weights_must_name_reward_functions(tok, mcfg):

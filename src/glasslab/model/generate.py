@@ -75,14 +75,32 @@ def _next_token(
     return choice, F.log_softmax(logits, dim=-1).gather(1, choice[:, None]).squeeze(1)
 
 
-def _pad_left(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    width = max(len(p) for p in prompts)
-    idx = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
-    valid = torch.zeros((len(prompts), width), dtype=torch.bool, device=device)
-    for r, p in enumerate(prompts):
-        idx[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        valid[r, width - len(p) :] = True
-    return idx, valid
+@dataclass
+class PromptBatch:
+    """The distinct prompts of a batch, left-padded so every prompt ends in the last column, and which prompt each
+    row continues: the input of a prefill that computes a prompt shared by several rows once."""
+
+    idx: Tensor  # (P, T) token ids
+    valid: Tensor  # (P, T) bool: False on left padding
+    positions: Tensor  # (P, T) each prompt's own positions, 0 at its first token
+    mask: Tensor  # (P, 1, T, T) bool: causal within each prompt, padding never attended
+    rows: Tensor  # (B,) the prompt of each row
+
+    @classmethod
+    def of(cls, prompts: list[list[int]], pad_id: int, device: torch.device) -> PromptBatch:
+        distinct = {p: i for i, p in enumerate(dict.fromkeys(map(tuple, prompts)))}
+        width = max(map(len, distinct))
+        idx = torch.full((len(distinct), width), pad_id, dtype=torch.long)
+        valid = torch.zeros((len(distinct), width), dtype=torch.bool)
+        for r, p in enumerate(distinct):
+            idx[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            valid[r, width - len(p) :] = True
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        # Fully padded query rows would attend to nothing (NaN); let them see themselves, their output is unused.
+        mask = (causal & valid[:, None, :]) | torch.eye(width, dtype=torch.bool)
+        rows = torch.tensor([distinct[tuple(p)] for p in prompts])
+        positions = (valid.cumsum(1) - 1).clamp(min=0)
+        return cls(idx.to(device), valid.to(device), positions.to(device), mask[:, None].to(device), rows.to(device))
 
 
 @torch.no_grad()
@@ -105,21 +123,14 @@ def generate(
     gen.manual_seed(seed if seed is not None else torch.seed())
     B = len(prompts)
     # Each distinct prompt is prefilled once, then repeated for the rows that share it (GRPO's G samples).
-    distinct = {p: i for i, p in enumerate(dict.fromkeys(map(tuple, prompts)))}
-    rows = torch.tensor([distinct[tuple(p)] for p in prompts], device=device)
-    idx, valid = _pad_left([list(p) for p in distinct], pad_id, device)
-    T = idx.size(1)
-    cache = KVCache(model, len(distinct), T + max_new_tokens)
-    positions = (valid.cumsum(1) - 1).clamp(min=0)
-    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    # Fully padded query rows would attend to nothing (NaN); let them see themselves, their output is unused.
-    mask = (causal & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=device)
+    pb = PromptBatch.of(prompts, pad_id, device)
+    cache = KVCache(model, pb.idx.size(0), pb.idx.size(1) + max_new_tokens)
     was_training = model.training
     model.eval()
-    logits = model(idx, positions=positions, mask=mask[:, None], cache=cache)[rows, -1]
-    cache.select(rows)
-    keys = torch.cat([valid[rows], torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
-    next_pos = positions[rows, -1] + 1
+    logits = model(pb.idx, positions=pb.positions, mask=pb.mask, cache=cache)[pb.rows, -1]
+    cache.select(pb.rows)
+    keys = torch.cat([pb.valid[pb.rows], torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
+    next_pos = pb.positions[pb.rows, -1] + 1
 
     out = Generation([[] for _ in range(B)], [[] for _ in range(B)], [[] for _ in range(B)], [False] * B)
     forced: list[list[int]] = [[] for _ in range(B)]

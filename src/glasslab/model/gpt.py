@@ -72,7 +72,7 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
         self.core = AttentionCore()
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: LayerCache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: CacheLayer | None) -> Tensor:
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -123,7 +123,7 @@ class Block(nn.Module):
         self.norm2, self.mlp = nn.RMSNorm(cfg.n_embd), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: LayerCache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: CacheLayer | None) -> Tensor:
         x = x + self.drop(self.attn(self.norm1(x), cos, sin, mask, cache))
         return x + self.drop(self.mlp(self.norm2(x)))
 
@@ -162,11 +162,12 @@ class GPT(nn.Module):
         idx: Tensor,
         positions: Tensor | None = None,
         mask: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | PrefixCache | None = None,
         select: Tensor | None = None,
     ) -> Tensor:
         """idx (B, T) -> logits (B, T, V). `mask` is a boolean (B, 1, T, T_keys) attention mask (True = attend);
-        without one, attention is causal. `positions` default to 0..T-1 after whatever the cache holds.
+        without one, attention is causal. `positions` default to 0..T-1 after whatever the cache holds. `cache`:
+        a KVCache (generation, no gradients) or a PrefixCache (rows continuing shared prompts, with gradients).
         `select`, (N,) indices into the flattened B·T positions, returns the logits of those positions only, (N, V):
         the head and the log-softmax after it are a large share of a small model's step (the head alone is a
         quarter of the FLOPs at width 128 and vocabulary 2048), and an RL loss needs the completion positions only."""
@@ -219,3 +220,33 @@ class KVCache:
         """Keep these batch rows, in this order, repeats allowed: generation prefills a prompt that several rows
         share once and then repeats it, and drops the rows that have finished."""
         self.k, self.v = self.k[:, rows], self.v[:, rows]
+
+
+class PrefixCache:
+    """The keys and values of a batch of prompts, kept in the autograd graph, for a second forward that continues
+    row r from prompt `rows[r]`. Prompts that several rows share (a GRPO group) are computed once, and the
+    gradients of every continuation flow back through them: the exact gradient of the full-sequence forward.
+    The first forward through the cache stores; every later one attends to the stored prompts."""
+
+    def __init__(self, rows: Tensor) -> None:
+        self.rows, self.keys, self.values = rows, [], []
+        self.length = 0
+
+    def layer(self, i: int) -> PrefixLayer:
+        return PrefixLayer(self, i)
+
+
+class PrefixLayer:
+    def __init__(self, cache: PrefixCache, i: int) -> None:
+        self.cache, self.i = cache, i
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        c = self.cache
+        if c.length == 0:
+            c.keys.append(k)
+            c.values.append(v)
+            return k, v
+        return torch.cat([c.keys[self.i][c.rows], k], dim=2), torch.cat([c.values[self.i][c.rows], v], dim=2)
+
+
+CacheLayer = LayerCache | PrefixLayer  # what a block attends through: update(k, v) -> all keys, values

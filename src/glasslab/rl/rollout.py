@@ -23,7 +23,8 @@ from glasslab.data.tokenizer import Tokenizer
 from glasslab.envs.base import Environment, Problem
 from glasslab.errors import GlasslabError
 from glasslab.evaluate import completion_text, evaluate_env, prompt_tokens
-from glasslab.model.generate import generate
+from glasslab.model.generate import PromptBatch, generate
+from glasslab.model.gpt import PrefixCache
 from glasslab.rl.hacking import repeat_rate
 from glasslab.rl.losses import token_logprobs, zero_std_groups
 from glasslab.tools import ToolInterceptor
@@ -94,9 +95,12 @@ class Packed:
     inputs: Tensor  # (B, L)
     targets: Tensor  # (B, L)
     mask: Tensor  # (B, L) bool
+    prompts: list[list[int]]  # per row: inputs[r, :len(prompts[r])]
 
-    def select(self, rows: Tensor) -> Packed:
-        return Packed(self.inputs[rows], self.targets[rows], self.mask[rows])
+    def select(self, keep: Tensor) -> Packed:
+        """The rows where `keep` (B,) is True."""
+        rows = keep.nonzero().squeeze(1)
+        return Packed(self.inputs[rows], self.targets[rows], self.mask[rows], [self.prompts[r] for r in rows.tolist()])
 
     def spread(self, per_row: list[list[float]]) -> Tensor:
         """Per-row values of the masked tokens (in order) laid out at their positions, 0 elsewhere."""
@@ -119,7 +123,7 @@ def pack(
         seq = torch.tensor(p + c, dtype=torch.long)
         inputs[r, : len(seq) - 1], targets[r, : len(seq) - 1] = seq[:-1], seq[1:]
         mask[r, len(p) - 1 : len(p) - 1 + len(c)] = torch.tensor(s, dtype=torch.bool)
-    return Packed(inputs.to(device), targets.to(device), mask.to(device))
+    return Packed(inputs.to(device), targets.to(device), mask.to(device), prompts)
 
 
 def sampled_logprobs(rollout: Rollout) -> list[list[float]]:
@@ -129,10 +133,26 @@ def sampled_logprobs(rollout: Rollout) -> list[list[float]]:
 
 def completion_logits(model: nn.Module, packed: Packed, temperature: float) -> Tensor:
     """Logits (N, V) of the N trained positions (`packed.mask`, row-major) at the sampling temperature (the policy
-    that RL optimises is π(·/T)). The head, log-softmax and entropy run on these alone, not on prompt or padding
-    positions. The policy's loss and the reference and old log-probs all start here, so at step 0 the policy and
-    its reference agree to the bit."""
-    logits = model(packed.inputs, select=packed.mask.flatten().nonzero().squeeze(1))
+    that RL optimises is π(·/T)). The policy's loss and the reference and old log-probs all start here, so at
+    step 0 the policy and its reference agree to the bit.
+
+    Two forwards, both through `model(...)` (so a DDP wrapper sees them): the distinct prompts but their last
+    token, once, then every row's last prompt token and completion, attending to its prompt's keys and values
+    (`PrefixCache`, gradients included). A group's G rows share one prompt, so its tokens are computed once
+    instead of G times. The head, log-softmax and entropy run on the trained positions alone."""
+    device = packed.mask.device
+    pb = PromptBatch.of([p[:-1] for p in packed.prompts], 0, device)
+    cache = PrefixCache(pb.rows)
+    if pb.idx.size(1):  # (with one-token prompts there is nothing to share: the cache stays empty)
+        model(pb.idx, positions=pb.positions, mask=pb.mask, cache=cache, select=pb.rows[:0])
+    start = torch.tensor([len(p) - 1 for p in packed.prompts], device=device)  # each row's last prompt token
+    r, t = packed.mask.nonzero().unbind(1)
+    W = int((t - start[r]).max()) + 1 if len(t) else 1
+    positions = start[:, None] + torch.arange(W, device=device)
+    inputs = packed.inputs.gather(1, positions.clamp(max=packed.inputs.size(1) - 1))  # clamped: padding anyway
+    causal = torch.ones(W, W, dtype=torch.bool, device=device).tril().expand(len(start), -1, -1)
+    mask = torch.cat([pb.valid[pb.rows][:, None, :].expand(-1, W, -1), causal], dim=2)[:, None]
+    logits = model(inputs, positions=positions, mask=mask, cache=cache, select=r * W + t - start[r])
     return logits if temperature == 1.0 else logits / temperature
 
 
