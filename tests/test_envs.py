@@ -183,3 +183,32 @@ def test_calculator_format_requires_the_tool():
     p = env.problems("eval", 1, seed=0)[0]
     assert env.ideal_answer(p)[0] == ("assistant", "<|tool_call|>" + p.prompt.removesuffix("="))
     assert env.score(p, p.answer + "<|end|>") == {"correct": 1.0, "digits": 1.0, "format": 0.0}
+
+
+def test_mixture_draws_members_by_weight_and_scores_with_the_member():
+    from glasslab.config import build_config
+    from glasslab.stages.rl import rl_env
+
+    cfg = build_config({"rl": {"env": {"countdown": 3, "calculator": 1}}, "envs": {"calculator": {"max_digits": 4}}})
+    mix = rl_env(cfg)
+    assert mix.name == "countdown+calculator" and [e.name for e in mix.parts()] == ["countdown", "calculator"]
+    assert mix.parts()[1].options.max_digits == 4  # each member keeps its own options
+    assert mix.reward_names == ("correct", "format", "digits")  # countdown has no digits reward: it scores 0 there
+    problems = mix.problems("train", 400, seed=0)
+    share = sum(p.meta["env"] == "countdown" for p in problems) / len(problems)
+    assert 0.68 < share < 0.82  # 3:1
+    for p in problems[:40]:
+        member = mix.parts()[0] if p.meta["env"] == "countdown" else mix.parts()[1]
+        assert mix.prompt_messages(p) == member.prompt_messages(p)  # the calculator's system prompt included
+        text = "".join(f"<|{r}|>{c}<|end|>" if r != "assistant" else f"{c}<|end|>" for r, c in member.ideal_answer(p))
+        assert mix.score(p, text) == {name: member.score(p, text).get(name, 0.0) for name in mix.reward_names}
+        assert mix.score(p, text)["correct"] == 1.0
+    assert {p.prompt for p in problems}.isdisjoint(p.prompt for p in mix.problems("eval", 100, seed=0))
+
+
+def test_mixture_weights_are_checked():
+    from glasslab.config import build_config
+
+    for bad in ({}, {"countdown": -1.0}, {"countdown": 0.0}):
+        with pytest.raises(GlasslabError, match="mix of environments"):
+            build_config({"rl": {"env": bad}})

@@ -26,7 +26,7 @@ def test_run_smoke_chains_every_stage_into_one_run_directory(tmp_path: Path):
     stages = set(pq.read_table(run / "metrics.parquet").column("stage").to_pylist())
     assert stages == {"pretrain", "sft", "rl", "eval"}
     final = json.loads((run / "eval" / "final.json").read_text())
-    assert set(final) == {"sft", "rl"} and final["rl"]["n"] > 0
+    assert set(final) == {"sft", "rl"} and final["rl"]["arithmetic"]["n"] > 0
     html = (run / "report.html").read_text()
     assert "runs/main · completed ·" in html  # the report is built after the run is marked completed
     assert "<script" in html and "http://" not in html.split("<body", 1)[1][:200]

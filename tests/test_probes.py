@@ -19,7 +19,7 @@ from glasslab.probes.attention import attention_probs, attention_stats
 from glasslab.probes.forward import ForwardProbe, probe_forward
 from glasslab.probes.grads import GradProbe
 from glasslab.probes.positions import LossByPosition
-from glasslab.probes.spikes import SpikeProbe, departures
+from glasslab.probes.spikes import SpikeProbe, departures, robust_band
 from glasslab.track.metrics import MetricStore, last_values
 from glasslab.track.rundir import RunDir
 from glasslab.train.lm import LanguageModeling
@@ -280,6 +280,17 @@ def test_batch_kinds_are_compared_with_their_own_kind(tmp_path, tok, tell):
         assert "of easy batches" in next(e for e in run.events() if e["kind"] == "spike")["message"]
     else:
         assert 63 in steps and len([s for s in steps if s % 4 == 0]) >= 3
+
+
+def test_loss_floor_keeps_near_zero_loss_noise_out_of_the_spikes():
+    """Late in SFT the loss sits near 0.0015 nats; a batch with one wrong token (0.009) is a huge z-score against
+    that band, but not a spike once the band's σ is floored at spike_loss_floor. A real jump still is."""
+    rng = np.random.default_rng(0)
+    quiet = (0.0015 + 0.0003 * rng.standard_normal(50)).tolist()
+    median, scale = robust_band(quiet)
+    assert (0.009 - median) / scale > 6.0  # without the floor: a "spike"
+    median, scale = robust_band(quiet, ProbesConfig().spike_loss_floor)
+    assert (0.009 - median) / scale < 1.0 and (0.5 - median) / scale > 6.0
 
 
 def test_first_departure_is_the_block_that_left_its_band_first():

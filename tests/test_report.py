@@ -110,7 +110,8 @@ def make_run(path: Path, *, seed: int = 0, lr: float = 3e-3, qk_norm: bool = Tru
     ])  # fmt: skip
     jsonl(path / "rollouts" / "step-20.jsonl", [{"prompt": "3+4=", "completion": "7<|end|>", "rewards": {"correct": 1.0}, "advantage": 0.7}])
     (path / "eval").mkdir()
-    (path / "eval" / "final.json").write_text(json.dumps({"rl": {"task": "arithmetic", "n": 100, "accuracy": 0.7, "by_difficulty": {"1": 0.9, "2": 0.6}}}))
+    final = {"task": "arithmetic", "n": 100, "accuracy": 0.7, "by_difficulty": {"1": 0.9, "2": 0.6}}
+    (path / "eval" / "final.json").write_text(json.dumps({"rl": {"arithmetic": final}}))
     jsonl(path / "eval" / "arithmetic-seed7.jsonl", [{"prompt": "3+4=", "answer": "7", "completion": "7<|end|>", "rewards": {"correct": 1.0}}])
     (path / "spikes").mkdir()
     dossier = {

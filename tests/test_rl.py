@@ -7,6 +7,7 @@ import json
 import math
 import random
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from glasslab.config import ModelConfig, RLConfig, build_config
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.envs.base import Environment, Problem, final_answer
+from glasslab.envs.mixture import Mixture
 from glasslab.errors import GlasslabError
 from glasslab.evaluate import prompt_tokens
 from glasslab.model.generate import generate
@@ -596,3 +598,25 @@ def test_rl_env_options_layer_over_the_environment_settings():
     assert rl_env(build_config({"rl": {"env": "calculator", "env_options": cfg.rl.env_options}})).options.min_digits == 3
     with pytest.raises(GlasslabError, match="unknown option 'digits'"):
         rl_env(build_config({"rl": {"env_options": {"arithmetic": {"digits": 2}}}}))
+
+
+class LoudEnv(ConstantEnv):
+    """A second task for mixtures: `shout abc`, always right."""
+
+    name = "loud"
+
+    def sample_problem(self, rng: random.Random) -> Problem:
+        return replace(super().sample_problem(rng), prompt=f"SAY {rng.choice(LETTERS)}{rng.randrange(1000)}")
+
+
+def test_grpo_on_a_mixture_trains_on_both_and_evaluates_each(tok, mcfg):
+    model, ref = _models(mcfg)
+    mix = Mixture({"fake": FakeEnv(), "loud": LoudEnv()}, {"fake": 1.0, "loud": 1.0})
+    objective = _objective(GRPO, tok, ref, env=mix, prompts_per_step=8)
+    batch = objective.next_batch(model)
+    kinds = {p.meta["env"] for p in batch.rollout.problems}
+    assert kinds == {"fake", "loud"}
+    for p, score in zip(batch.rollout.problems, batch.rollout.scores["correct"]):
+        assert p.meta["env"] == "fake" or score == 1.0  # each row is scored by its own task
+    metrics = objective.evaluate(model)
+    assert {"eval/fake/accuracy", "eval/loud/accuracy"} <= set(metrics) and metrics["eval/loud/accuracy"] == 1.0

@@ -111,6 +111,8 @@ class ProbesConfig(Section):
     spikes: bool = True  # spike detector + dossiers, and naming the first non-finite module on divergence
     spike_window: int = Field(50, ge=8)  # steps in the rolling median/MAD band
     spike_threshold: float = Field(6.0, gt=0)  # robust z-score (MAD scaled to a σ) that counts as a spike
+    # The loss band's σ is at least this (nats): near zero loss, one wrong token in a batch is not a spike.
+    spike_loss_floor: float = Field(0.01, ge=0)
     spike_history: int = Field(8, ge=0)  # preceding steps kept in a dossier
     spike_topk: int = Field(8, ge=1)  # batch rows and token positions listed in a dossier
 
@@ -143,7 +145,8 @@ class RLConfig(Section):
     Each step samples group_size completions for each of prompts_per_step training problems."""
 
     algo: Literal["grpo", "dpo"] = "grpo"
-    env: str = "arithmetic"
+    # The task environment, or several with their shares of the problems: { countdown = 3, arithmetic = 1 }.
+    env: str | dict[str, float] = "arithmetic"
     # Per environment, its options for RL (training and the stage's evaluations), layered over [envs.<name>]:
     # RL can work on another difficulty than SFT, e.g. [rl.env_options.arithmetic] min_digits = 2.
     env_options: dict[str, dict[str, Any]] = {}
@@ -171,6 +174,12 @@ class RLConfig(Section):
     table_every: int = Field(25, ge=0)  # rollouts/step-N.jsonl every this many steps (0: never)
     detect_window: int = Field(10, ge=2)  # steps per window of the reward-hacking detectors
     train: TrainConfig = TrainConfig(steps=150, batch_size=1, lr=5e-5, warmup_steps=5, weight_decay=0.0, eval_every=50, checkpoint_every=25, schedule="constant")
+
+    @model_validator(mode="after")
+    def _mix(self) -> RLConfig:
+        if isinstance(self.env, dict) and (not self.env or min(self.env.values()) < 0 or not sum(self.env.values())):
+            raise ValueError("a mix of environments needs at least one, with weights >= 0, not all zero")
+        return self
 
 
 class EvalConfig(Section):

@@ -13,7 +13,7 @@ from math import comb
 
 from torch import nn
 
-from glasslab.chat import Message, render_prompt
+from glasslab.chat import render_prompt
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.envs.base import Environment, Problem, Split
 from glasslab.errors import GlasslabError
@@ -53,8 +53,7 @@ class EvalResult:
 
 def prompt_tokens(env: Environment, problem: Problem, tok: Tokenizer) -> list[int]:
     """The environment's system prompt (if any) and the problem as the user's message, ready for the answer."""
-    system = [Message("system", env.system_prompt)] if env.system_prompt else []
-    return render_prompt([*system, Message("user", problem.prompt)], tok)
+    return render_prompt(env.prompt_messages(problem), tok)
 
 
 def completion_text(tok: Tokenizer, tokens: list[int]) -> str:

@@ -16,7 +16,8 @@ from glasslab.errors import GlasslabError
 def rl(
     parent: RunArg,
     algo: Annotated[Optional[str], typer.Option(help="grpo | dpo (default: the config's rl.algo)")] = None,
-    env: Annotated[Optional[str], typer.Option(help="arithmetic | countdown | calculator | module:Class")] = None,
+    env: Annotated[Optional[str], typer.Option(
+        help="arithmetic | countdown | calculator | module:Class (a mix: rl.env as a table of weights)")] = None,
     preset: Preset = "tiny",
     config: ConfigFile = None,
     set_: Sets = None,

@@ -18,7 +18,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from glasslab.chat import END, TOOL_CALL, parse_completion
+from glasslab.chat import END, TOOL_CALL, Message, parse_completion
 from glasslab.errors import GlasslabError
 
 Split = Literal["train", "eval"]
@@ -86,3 +86,16 @@ class Environment(ABC):
     @abstractmethod
     def score(self, problem: Problem, completion: str) -> dict[str, float]:
         """Reward per name in reward_names for a completion (the decoded assistant text, specials kept)."""
+
+    def prompt_messages(self, problem: Problem) -> list[Message]:
+        """The system prompt (if any) and the problem as the user's message: what the model answers."""
+        system = [Message("system", self.system_prompt)] if self.system_prompt else []
+        return [*system, Message("user", problem.prompt)]
+
+    def ideal_conversation(self, problem: Problem) -> list[Message]:
+        """The prompt followed by the ideal answer: an SFT example, or a probe row."""
+        return [*self.prompt_messages(problem), *(Message(role, text) for role, text in self.ideal_answer(problem))]
+
+    def parts(self) -> list[Environment]:
+        """The environments whose held-out accuracy is reported separately: this one (a mixture: its members)."""
+        return [self]

@@ -34,13 +34,13 @@ MAD_TO_SIGMA = 1.4826  # σ of a Gaussian = 1.4826 × its median absolute deviat
 CONTEXT_TOKENS = 16  # tokens of context decoded before a high-loss target
 
 
-def robust_band(values: Sequence[float]) -> tuple[float, float]:
+def robust_band(values: Sequence[float], floor: float = 1e-12) -> tuple[float, float]:
     """(median, scale) of a series: scale is the MAD as a σ, floored at 1% of |median| so that a nearly
-    constant series does not turn rounding noise into spikes."""
+    constant series does not turn rounding noise into spikes, and at `floor`."""
     v = np.asarray(values, dtype=np.float64)
     median = float(np.median(v))
     mad = float(np.median(np.abs(v - median)))
-    return median, max(MAD_TO_SIGMA * mad, 0.01 * abs(median), 1e-12)
+    return median, max(MAD_TO_SIGMA * mad, 0.01 * abs(median), floor)
 
 
 def departures(records: list[dict], history: int, threshold: float) -> list[dict]:
@@ -86,6 +86,7 @@ class SpikeProbe(Hook):
 
     def __init__(self, cfg: ProbesConfig, run: RunDir, tokenizer: Tokenizer | None) -> None:
         self.window, self.threshold = cfg.spike_window, cfg.spike_threshold
+        self.floors = {"loss": cfg.spike_loss_floor, "grad_norm": 1e-12}
         self.history, self.topk = cfg.spike_history, cfg.spike_topk
         self.run, self.tokenizer = run, tokenizer
 
@@ -115,7 +116,7 @@ class SpikeProbe(Hook):
         for name, value in (("loss", ctx.loss), ("grad_norm", total)):
             past = self.signals[kind, name]
             if len(past) >= self.window // 2:
-                median, scale = robust_band(past)
+                median, scale = robust_band(past, self.floors[name])
                 score = (value - median) / scale
                 ctx.metrics[f"spike/{name}_score"] = score
                 if score > self.threshold:

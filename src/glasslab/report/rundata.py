@@ -45,7 +45,7 @@ class RunData:
     spikes: list[dict] = field(default_factory=list)  # dossiers, by step
     rollouts: dict[int, list[dict]] = field(default_factory=dict)  # step -> completions
     evals: dict[str, list[dict]] = field(default_factory=dict)  # "<task>-seed<S>" -> records
-    final_eval: dict[str, dict] = field(default_factory=dict)  # eval/final.json: stage -> evaluation summary
+    final_eval: dict[str, dict] = field(default_factory=dict)  # eval/final.json: stage -> environment -> summary
 
     @property
     def name(self) -> str:

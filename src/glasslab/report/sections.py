@@ -222,9 +222,11 @@ def eval_files_section(run: RunData) -> Section | None:
     sec = Section("eval-records", "Evaluation records",
                   intro="The final held-out evaluation of each chat stage (eval/final.json) and per-problem results "
                         "saved by `glasslab eval` (eval/<task>-seed<S>.jsonl).")  # fmt: skip
-    for stage, result in run.final_eval.items():
-        if isinstance(result, dict):
-            sec.html(f"<h3>After {escape(stage)}</h3>" + kv_table((k, v) for k, v in result.items() if k != "records"))
+    for stage, by_env in run.final_eval.items():
+        for env, result in by_env.items():
+            if isinstance(result, dict):
+                rows = ((k, v) for k, v in result.items() if k != "records")
+                sec.html(f"<h3>After {escape(stage)}: {escape(env)}</h3>" + kv_table(rows))
     for key, records in run.evals.items():
         sec.html(f"<h3>{escape(key)}</h3>" + records_table(records, limit=10, first=("prompt", "answer", "completion", "rewards")))
     return sec

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from glasslab.chat import Message, render
+from glasslab.chat import render
 from glasslab.config import EvalConfig, RLConfig
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.envs.base import Environment, Problem
@@ -231,11 +231,13 @@ class RolloutObjective:
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Greedy accuracy (overall, per difficulty), reward means and pass@k on the environment's held-out
         problems: the same ones at every evaluation, so the curve starts comparably at the SFT model."""
-        e = self.eval_cfg
-        return evaluate_env(
-            model, self.tok, self.env, n=self.cfg.eval_n, seed=self.seed, pass_k=tuple(e.pass_k), samples=e.samples,
-            temperature=e.temperature, max_new_tokens=self.cfg.max_new_tokens, split="eval",
-        ).metrics()  # fmt: skip
+        e, out = self.eval_cfg, {}
+        for env in self.env.parts():  # a mixture's members one by one
+            out |= evaluate_env(
+                model, self.tok, env, n=self.cfg.eval_n, seed=self.seed, pass_k=tuple(e.pass_k), samples=e.samples,
+                temperature=e.temperature, max_new_tokens=self.cfg.max_new_tokens, split="eval",
+            ).metrics()  # fmt: skip
+        return out
 
     def samples(self, model: nn.Module, n: int = 4) -> list[dict]:
         """Greedy answers to a few held-out problems, with their rewards."""
@@ -256,9 +258,7 @@ class RolloutObjective:
         if self._probe_rows is None:
             rows = []
             for p in self.env.problems("eval", 8, seed=self.seed):
-                system = [Message("system", self.env.system_prompt)] if self.env.system_prompt else []
-                turns = [Message(role, content) for role, content in self.env.ideal_answer(p)]
-                rows.append(render([*system, Message("user", p.prompt), *turns], self.tok)[0])
+                rows.append(render(self.env.ideal_conversation(p), self.tok)[0])
             width = max(map(len, rows))
             self._probe_rows = torch.tensor([r + [self.tok.pad_id] * (width - len(r)) for r in rows], device=self.device)
         return self._probe_rows

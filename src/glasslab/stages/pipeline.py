@@ -32,13 +32,14 @@ def run_pipeline(cfg: Config, run: RunDir, stages: list[str], *, init: Path | No
 
 
 def final_evaluation(cfg: Config, run: RunDir) -> dict[str, dict]:
-    """Greedy accuracy and pass@k of each trained chat stage (SFT, RL) on the same held-out problems, so the
-    numbers before and after RL are directly comparable. Logged as `eval/<env>/after_<stage>/...`."""
+    """Greedy accuracy and pass@k of each trained chat stage (SFT, RL) on the same held-out problems of each RL
+    environment, so the numbers before and after RL are directly comparable. Logged as
+    `eval/<env>/after_<stage>/...`; eval/final.json holds stage -> environment -> summary."""
     from glasslab.evaluate import evaluate_env
     from glasslab.stages.rl import rl_env
 
     device = setup_runtime(cfg.system, cfg.seed)
-    env = rl_env(cfg)  # the RL task at the RL difficulty, so "after SFT" and "after RL" measure the same thing
+    envs = rl_env(cfg).parts()  # the RL tasks at the RL difficulty, so "after SFT" and "after RL" measure the same
     results: dict[str, dict] = {}
     done = run.read_manifest().get("stages_done", [])
     with MetricStore(run.metrics_db_path) as store:
@@ -46,13 +47,15 @@ def final_evaluation(cfg: Config, run: RunDir) -> dict[str, dict]:
             if stage not in done:
                 continue
             model, tok, _ = load_model(run, device, stage=stage)
-            res = evaluate_env(model, tok, env, n=cfg.eval.n, seed=cfg.seed, pass_k=tuple(cfg.eval.pass_k),
-                               samples=cfg.eval.samples, temperature=cfg.eval.temperature,
-                               max_new_tokens=cfg.eval.max_new_tokens)  # fmt: skip
-            results[stage] = res.as_dict()
-            values = {f"eval/{env.name}/after_{stage}/accuracy": res.accuracy}
-            values |= {f"eval/{env.name}/after_{stage}/pass@{k}": v for k, v in res.pass_at_k.items()}
-            store.log(0, "eval", values)
+            results[stage] = {}
+            for env in envs:
+                res = evaluate_env(model, tok, env, n=cfg.eval.n, seed=cfg.seed, pass_k=tuple(cfg.eval.pass_k),
+                                   samples=cfg.eval.samples, temperature=cfg.eval.temperature,
+                                   max_new_tokens=cfg.eval.max_new_tokens)  # fmt: skip
+                results[stage][env.name] = res.as_dict()
+                values = {f"eval/{env.name}/after_{stage}/accuracy": res.accuracy}
+                values |= {f"eval/{env.name}/after_{stage}/pass@{k}": v for k, v in res.pass_at_k.items()}
+                store.log(0, "eval", values)
         store.compact(run.metrics_parquet_path)
     (run.path / "eval").mkdir(exist_ok=True)
     write_json_atomic(run.path / "eval" / "final.json", results)

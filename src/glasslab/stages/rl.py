@@ -12,6 +12,7 @@ from typing import Any
 from glasslab.config import Config
 from glasslab.envs import get_env
 from glasslab.envs.base import Environment
+from glasslab.envs.mixture import Mixture
 from glasslab.errors import GlasslabError
 from glasslab.model.gpt import GPT
 from glasslab.probes import build_probes
@@ -26,9 +27,12 @@ from glasslab.train.loop import Hook, train
 
 
 def rl_env(cfg: Config) -> Environment:
-    """The RL environment: its [envs.<env>] options with [rl.env_options.<env>] over them."""
-    name = cfg.rl.env
-    return get_env(name, {**cfg.envs.get(name, {}), **cfg.rl.env_options.get(name, {})})
+    """The RL environment (a Mixture for several): each with its [envs.<env>] options, [rl.env_options.<env>]
+    over them."""
+    spec = cfg.rl.env
+    members = {name: get_env(name, {**cfg.envs.get(name, {}), **cfg.rl.env_options.get(name, {})})
+               for name in ([spec] if isinstance(spec, str) else spec)}  # fmt: skip
+    return members[spec] if isinstance(spec, str) else Mixture(members, spec)
 
 
 def rl(

@@ -50,8 +50,7 @@ def env_conversations(env: Environment, split: Split, n: int, seed: int | str) -
             return out
         p = env.sample_problem(rng)
         if split_of(p.prompt) == split:
-            system = [Message("system", env.system_prompt)] if env.system_prompt else []
-            out.append([*system, Message("user", p.prompt), *(Message(r, c) for r, c in env.ideal_answer(p))])
+            out.append(env.ideal_conversation(p))
     raise GlasslabError(f"{env.name}: could not draw {n} {split} problems: widen its settings")
 
 
