@@ -92,7 +92,10 @@ def main() -> None:
 
     model, ref, tok, source = models(args.run)
     cfg = resolve("tiny")
-    rl = cfg.rl.model_copy(update={"group_size": 8, "prompts_per_step": 8, "max_new_tokens": 24, "drop_zero_std": False})
+    # A random model never stops, so every completion is truncated: with mask_truncated (the recipe's default)
+    # the step would train on nothing. Keep them, as bench/trl_grpo.py does.
+    rl = cfg.rl.model_copy(update={"group_size": 8, "prompts_per_step": 8, "max_new_tokens": 24, "drop_zero_std": False,
+                                   "mask_truncated": False})  # fmt: skip
     env = get_env("arithmetic", cfg.envs.get("arithmetic"))
     objective = GRPO(env, tok, ref, rl, cfg.eval, seed=0, device=torch.device("cpu"))
     optimizer = build_optimizer(model, rl.train)
