@@ -18,6 +18,8 @@ from glasslab.data.tokenizer import Tokenizer
 from glasslab.envs import get_env
 from glasslab.errors import GlasslabError
 from glasslab.model.gpt import GPT
+from glasslab.data.tokens import build_token_splits
+from glasslab.stages.common import documents
 from glasslab.stages.sft import build_objective, sft, shares
 from glasslab.track.atomic import write_text_atomic
 from glasslab.track.checkpoint import (
@@ -247,3 +249,18 @@ def test_env_options_come_from_the_config(tok):
     assert all("*" in tok.decode(e.ids) for e in objective.train)
     with pytest.raises(GlasslabError, match="weights"):
         small_config(tok, weights={"arithmetic": 0.0, "countdown": 1.0})  # nothing left for the listed task
+
+
+def test_replay_adds_fully_trained_windows_of_pretraining_text(tok, tmp_path):
+    cfg = small_config(tok, replay=0.2)
+    cfg.data.max_chars = 20_000
+    objective = build_objective(cfg, tok, torch.device("cpu"), tmp_path / "cache")
+    text = [e for e in objective.train if all(e.trained)]
+    assert len(objective.train) == 80 and len(text) == 16  # 64 conversations + a fifth of the set as text
+    train = build_token_splits(documents(cfg), tok, tmp_path / "cache", cfg.data.val_fraction, cfg.seed).train
+    stream, width = "," + ",".join(map(str, train.tolist())) + ",", cfg.model.block_size // 2 + 1
+    for e in text:
+        assert len(e.ids) == width and "," + ",".join(map(str, e.ids)) + "," in stream  # a window of the train split
+    assert not any(all(e.trained) for e in build_objective(small_config(tok), tok, torch.device("cpu")).train)
+    with pytest.raises(GlasslabError, match="pretraining token cache"):
+        build_objective(cfg, tok, torch.device("cpu"))

@@ -128,6 +128,9 @@ class SFTConfig(Section):
     val_fraction: float = Field(0.05, ge=0, lt=1)  # share of the data file's conversations held out for val/loss
     eval_n: int = Field(100, ge=0)  # held-out problems per task for eval/<task>/accuracy at each evaluation
     max_new_tokens: int = Field(32, ge=1)  # generation budget of those evaluations and of the samples
+    # Share of the training examples that are pretraining text (windows of block_size / 2 tokens from the corpus's
+    # train split, every token trained), so SFT does not wipe out the language model; 0: none.
+    replay: float = Field(0.0, ge=0, lt=1)
     # defaults: the tiny recipe (the default model is the tiny one)
     train: TrainConfig = TrainConfig(steps=2000, batch_size=64, optimizer="muon", lr=6e-3, warmup_steps=50, eval_every=500, checkpoint_every=500)
 

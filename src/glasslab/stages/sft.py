@@ -6,18 +6,20 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from glasslab.chat import Message
 from glasslab.config import Config
 from glasslab.conversations import load_conversations
+from glasslab.data.tokens import build_token_splits
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.envs import get_env
 from glasslab.envs.base import Environment, split_of
 from glasslab.errors import GlasslabError
 from glasslab.model.gpt import GPT
 from glasslab.probes import build_probes
-from glasslab.stages.common import load_weights, setup_runtime, stage_run, stage_tokenizer
+from glasslab.stages.common import cache_dir, documents, load_weights, setup_runtime, stage_run, stage_tokenizer
 from glasslab.track.checkpoint import latest_checkpoint
 from glasslab.track.rundir import RunDir
 from glasslab.train.distributed import rank
@@ -64,12 +66,32 @@ def file_data(cfg: Config, tok: Tokenizer) -> tuple[list[Example], list[Example]
     return train, val, prompts
 
 
-def build_objective(cfg: Config, tok: Tokenizer, device: torch.device) -> SupervisedFineTuning:
+def replay_data(cfg: Config, tok: Tokenizer, cache: Path | None, conversations: int) -> list[Example]:
+    """Windows of pretraining text for `sft.replay`, as many as make that share of the training set with
+    `conversations` others, drawn at random (fixed by seed) from the corpus's train split (tokens cached in
+    `cache`, as pretraining caches them)."""
+    n = round(cfg.sft.replay * conversations / (1 - cfg.sft.replay))
+    if not n:
+        return []
+    if cache is None:
+        raise GlasslabError("sft.replay needs the pretraining token cache: run SFT through its stage (glasslab sft)")
+    tokens = build_token_splits(documents(cfg), tok, cache, cfg.data.val_fraction, cfg.seed).train
+    width = cfg.model.block_size // 2 + 1
+    if len(tokens) < 2 * width:
+        msg = f"sft.replay needs pretraining text, and the corpus has only {len(tokens)} tokens: add some or set sft.replay = 0"
+        raise GlasslabError(msg)
+    starts = np.random.default_rng([cfg.seed, 7]).integers(0, len(tokens) - width, n)
+    return [Example(tokens[s : s + width].tolist(), [True] * width) for s in starts]
+
+
+def build_objective(cfg: Config, tok: Tokenizer, device: torch.device, cache: Path | None = None) -> SupervisedFineTuning:
+    """`cache`: where the pretraining tokens are cached (only sft.replay reads them)."""
     envs = {task: get_env(task, cfg.envs.get(task, {})) for task in cfg.sft.tasks}
     train_tasks, val_tasks = task_data(cfg, tok, envs)
     train_file, val_file, prompts = file_data(cfg, tok)
+    replay = replay_data(cfg, tok, cache, len(train_tasks) + len(train_file))
     return SupervisedFineTuning(
-        train_tasks + train_file, val_tasks + val_file, tok,
+        train_tasks + train_file + replay, val_tasks + val_file, tok,
         envs=envs, batch_size=cfg.sft.train.batch_size, seed=cfg.seed, device=device, rank=rank(), z_loss=cfg.sft.train.z_loss,
         eval_n=cfg.sft.eval_n, max_new_tokens=cfg.sft.max_new_tokens, sample_prompts=prompts,
     )  # fmt: skip
@@ -91,7 +113,7 @@ def sft(
             raise GlasslabError(msg)
         load_weights(model, init, cfg)
     model.to(device)
-    objective = build_objective(cfg, tok, device)
+    objective = build_objective(cfg, tok, device, cache_dir(run))
     with stage_run(run, objective.stage) as store:
         train(model, objective, cfg.sft.train, run, store, arch=cfg.model.model_dump(),
               hooks=[*hooks, *build_probes(cfg, run, tok)], progress=progress, system=cfg.system)  # fmt: skip
