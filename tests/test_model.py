@@ -98,6 +98,20 @@ def test_sampler_draws_from_the_given_distribution():
     assert torch.equal(draws, again)
 
 
+def test_sampler_picks_the_token_a_full_cdf_inversion_picks():
+    """The two-level inversion (block, then token) against one float64 CDF over the whole vocabulary, at the same
+    uniform draws: a vocabulary that is not a multiple of the block, whole blocks and a block's tail at zero."""
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.rand(512, 300, generator=gen) ** 8
+    probs[:, 64:128] = 0  # a whole block
+    probs[:, 250:] = 0  # the tail of the last full block and the padded one
+    draws = sample(probs, torch.Generator().manual_seed(1))
+    u = torch.rand(512, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    cdf = probs.double().cumsum(-1)
+    assert torch.equal(draws, torch.searchsorted(cdf, (1 - u) * cdf[:, -1:]).squeeze(1))
+    assert (probs.gather(1, draws[:, None]) > 0).all()
+
+
 def test_rope_positions_extend_past_block_size(tiny_model):
     x = torch.randint(0, 61, (1, 48))  # block_size is 32
     assert torch.isfinite(tiny_model(x)).all()

@@ -48,15 +48,27 @@ def filter_logits(logits: Tensor, temperature: float, top_k: int | None, top_p: 
     return logits
 
 
-def sample(probs: Tensor, gen: torch.Generator) -> Tensor:
+def sample(probs: Tensor, gen: torch.Generator, block: int = 64) -> Tensor:
     """One draw per row from (B, V) probabilities (normalised or not) by inverting the CDF at a uniform draw.
     Exact sampling like `torch.multinomial`, which on CPU draws B·V exponentials for one sample (3 ms, a quarter
-    of a decode step at batch 64 and vocab 2048); this draws B uniforms. The CDF is summed in float64 so that
-    even a token of probability 1e-12 keeps its share. Zero-probability tokens are never drawn: u' = 1 - u is in
-    (0, 1], and the first index whose CDF reaches u'·total is never on a flat step of the CDF."""
-    cdf = probs.double().cumsum(-1)
-    u = torch.rand(probs.size(0), 1, generator=gen, dtype=torch.float64, device=probs.device)
-    return torch.searchsorted(cdf, (1 - u) * cdf[:, -1:]).squeeze(1)
+    of a decode step at batch 64 and vocab 2048); this draws B uniforms. The inversion runs in two levels: find
+    the block of `block` tokens where the CDF crosses the draw, then the token inside it, so only B·V/block
+    prefix sums are taken over the vocabulary (a full float64 cumsum of (64, 2048) cost 0.2-0.9 ms on CPU, this
+    0.1 ms) and the draw is the same token a full-CDF inversion picks. Sums run in float64 so that even a token
+    of probability 1e-12 keeps its share. Zero-probability tokens are never drawn: u' = 1 - u is in (0, 1], and
+    the first index whose CDF reaches u'·total is never on a flat step of the CDF."""
+    B, V = probs.shape
+    padded = F.pad(probs, (0, -V % block)).view(B, -1, block)
+    mass = padded.sum(-1, dtype=torch.float64)  # (B, blocks)
+    cdf = mass.cumsum(-1)
+    u = torch.rand(B, 1, generator=gen, dtype=torch.float64, device=probs.device)
+    target = (1 - u) * cdf[:, -1:]
+    j = torch.searchsorted(cdf, target).clamp_(max=cdf.size(1) - 1)  # the block, (B, 1)
+    inside = padded[torch.arange(B, device=probs.device), j.squeeze(1)].double().cumsum(-1)  # (B, block)
+    # What is left of the target past the blocks before j; capped at the block's own sum, which float64
+    # rounding can leave a hair below it, so a block's zero-probability tail is never reached.
+    rest = torch.minimum(target - (cdf.gather(1, j) - mass.gather(1, j)), inside[:, -1:])
+    return (j * block + torch.searchsorted(inside, rest)).squeeze(1)
 
 
 def _next_token(

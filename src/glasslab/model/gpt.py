@@ -18,7 +18,8 @@ from glasslab.config import ModelConfig
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding tables, grown on demand so positions past block_size still work."""
+    """Rotary position embedding tables, grown on demand so positions past block_size still work. They are stored
+    as (cos, cos) and (sin, -sin), so that rotating a head is two products and a sum (`apply_rotary`)."""
 
     def __init__(self, head_dim: int, theta: float, length: int) -> None:
         super().__init__()
@@ -27,12 +28,13 @@ class Rotary(nn.Module):
 
     def _build(self, length: int) -> None:
         freqs = torch.outer(torch.arange(length, device=self.inv_freq.device).float(), self.inv_freq)
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        cos, sin = freqs.cos(), freqs.sin()
+        self.register_buffer("cos", torch.cat((cos, cos), dim=-1), persistent=False)
+        self.register_buffer("sin", torch.cat((sin, -sin), dim=-1), persistent=False)
 
     def forward(self, positions: Tensor, length: int) -> tuple[Tensor, Tensor]:
         """positions: (T,) shared by every row, or (B, T), all below `length` (a Python int, so a compiled
-        graph needs no data-dependent check). Returns cos, sin broadcastable to (B, H, T, D/2)."""
+        graph needs no data-dependent check). Returns cos, sin broadcastable to (B, H, T, D)."""
         if length > self.cos.size(0):
             self._build(2 * length)
         cos, sin = self.cos[positions], self.sin[positions]
@@ -40,8 +42,10 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each pair (x1[i], x2[i]) of the head's halves by its position's angle:
+    (x1 cos + x2 sin, x2 cos - x1 sin), written as x·(cos, cos) + (x2, x1)·(sin, -sin)."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
+    return (x * cos + torch.cat((x2, x1), dim=-1) * sin).type_as(x)
 
 
 class AttentionCore(nn.Module):
