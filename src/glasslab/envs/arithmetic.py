@@ -19,19 +19,33 @@ class ArithmeticOptions(EnvOptions):
     ops: list[Literal["+", "-", "*"]] = Field(default=["+", "-"], min_length=1)
     min_digits: int = Field(default=1, ge=1, le=9)
     max_digits: int = Field(default=2, ge=1, le=9)
-    # Relative frequency of each difficulty level, min_digits..max_digits (None: equal), e.g. [1, 4, 1].
-    level_weights: list[float] | None = None
+    # Relative frequency of the difficulty levels: one weight per level, min_digits..max_digits, e.g. [1, 4, 1];
+    # or by digit count, e.g. {3 = 0.1}, where levels not named weigh 1 and names outside the range are ignored,
+    # so the table still holds when RL's env_options narrow the range. None: all levels equal.
+    level_weights: list[float] | dict[int, float] | None = None
     negative: bool = False  # allow subtraction results below zero
 
     @model_validator(mode="after")
     def _levels(self) -> ArithmeticOptions:
         if self.min_digits > self.max_digits:
             raise ValueError(f"min_digits ({self.min_digits}) must not exceed max_digits ({self.max_digits})")
-        levels = self.max_digits - self.min_digits + 1
-        w = self.level_weights
-        if w is not None and (len(w) != levels or min(w) < 0 or not sum(w)):
-            raise ValueError(f"level_weights needs {levels} non-negative weights (one per digit count), not all zero")
+        levels, w = self.max_digits - self.min_digits + 1, self.level_weights
+        if isinstance(w, list) and len(w) != levels:
+            raise ValueError(
+                f"level_weights needs {levels} weights (one per digit count, {self.min_digits}..{self.max_digits}), "
+                "or a table by digit count such as {3 = 0.1}"
+            )
+        if w is not None and (min(self.weights()) < 0 or not sum(self.weights())):
+            raise ValueError("level_weights must be non-negative and not all zero over min_digits..max_digits")
         return self
+
+    def levels(self) -> list[int]:
+        return list(range(self.min_digits, self.max_digits + 1))
+
+    def weights(self) -> list[float] | None:
+        """The weight of each level in `levels()` (None: equal)."""
+        w = self.level_weights
+        return [w.get(d, 1.0) for d in self.levels()] if isinstance(w, dict) else w
 
 
 def draw_operands(rng: random.Random, digits: int, op: str, negative: bool) -> tuple[int, int]:
@@ -54,8 +68,7 @@ class Arithmetic(Environment):
 
     def sample_problem(self, rng: random.Random) -> Problem:
         o = self.options
-        levels = list(range(o.min_digits, o.max_digits + 1))
-        digits = rng.choices(levels, weights=o.level_weights)[0]
+        digits = rng.choices(o.levels(), weights=o.weights())[0]
         op = rng.choice(o.ops)
         a, b = draw_operands(rng, digits, op, o.negative)
         return Problem(f"{a}{op}{b}=", str(compute(a, op, b)), digits, {"a": a, "op": op, "b": b})
