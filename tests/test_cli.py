@@ -1,4 +1,4 @@
-"""The pretraining stage through the real CLI: end to end, kill-and-resume, and bad input."""
+"""The pretraining stage through the real CLI: end to end, kill-and-resume, and bad input; RL from its run."""
 
 from __future__ import annotations
 
@@ -78,6 +78,16 @@ def test_sample_and_runs_listing(reference_run: Path):
     ref = next(r for r in runs if r["name"] == "ref")
     assert ref["status"] == "completed" and "val/bpb" in ref["metrics"]
 
+
+
+def test_rl_from_a_pretrained_run_says_it_has_no_sft(reference_run: Path):
+    """RL from a base model runs (an R1-Zero-style experiment), with a notice saying what to expect and why."""
+    cwd = reference_run.parent.parent
+    rl = ["--preset", "smoke", "--set", "rl.train.steps=1", "--set", "probes.mode=off"]
+    proc = glasslab("rl", "runs/ref", *rl, "--name", "rl-base", "--json", cwd=cwd)
+    assert json.loads(proc.stdout)["status"] == "completed" and "has no SFT checkpoint" in proc.stderr
+    events = [json.loads(line) for line in (cwd / "runs" / "rl-base" / "events.jsonl").read_text().splitlines()]
+    assert [e["kind"] for e in events if "no SFT checkpoint" in e["message"]] == ["notice"]
 
 @pytest.mark.parametrize(
     ("args", "message"),

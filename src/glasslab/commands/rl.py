@@ -35,7 +35,7 @@ def rl(
     from glasslab.stages.rl import rl_env
     from glasslab.track.checkpoint import latest_checkpoint
     from glasslab.track.rundir import RunDir
-    from glasslab.ui import progress
+    from glasslab.ui import console, progress
 
     overrides = [*(set_ or []), *([f'rl.algo="{algo}"'] if algo else []), *([f'rl.env="{env}"'] if env else [])]
     cfg = config_from_options(preset, config, overrides, seed)
@@ -53,6 +53,11 @@ def rl(
     shutil.copyfile(base.tokenizer_path, run.tokenizer_path)
     run.update_manifest(command="rl", pipeline=["rl"], preset=preset, init=str(init), parent=str(base.path))
     save_config(run, cfg)
+    if init.parent.name == "pretrain":
+        note = (f"{parent} has no SFT checkpoint: RL starts from the pretrained model, which has never seen the chat "
+                "format, so expect rewards near 0 and groups without signal (run `glasslab sft` on it first)")
+        run.log_event("notice", note, step=0, stage="rl")
+        console.print(f"[yellow]notice[/] {note}", highlight=False)
     with progress() as bar:
         run_rl(cfg, run, init=init, progress=bar)
     run.set_status("completed")
