@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import math
 import operator
+import warnings
 from fractions import Fraction
 
 from glasslab.data.tokenizer import Tokenizer
@@ -39,7 +40,9 @@ def parse(expr: str) -> ast.expr:
     if len(expr) > MAX_CHARS:
         raise CalcError(f"expression longer than {MAX_CHARS} characters")
     try:
-        tree = ast.parse(expr.strip(), mode="eval").body
+        with warnings.catch_warnings():  # e.g. "3and 4" parses with a SyntaxWarning on stderr: model text, not ours
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(expr.strip(), mode="eval").body
     except SyntaxError:
         raise CalcError("not arithmetic") from None
     for node in ast.walk(tree):
