@@ -1,7 +1,6 @@
 """Optimisers and learning-rate schedules.
 
-AdamW is torch's own, fused on CPU and CUDA (on CPU 0.8 ms a step for the tiny model's 1M parameters, against
-2.7 ms for the foreach version), foreach elsewhere. Muon orthogonalises the momentum of each hidden weight
+AdamW is torch's own (fused on CUDA, foreach elsewhere). Muon orthogonalises the momentum of each hidden weight
 matrix with a Newton-Schulz iteration; embeddings, the output head and the norm gains stay on AdamW, inside the
 same optimizer object so one state_dict checkpoints both. Both keep AdamW moments under torch's names
 (`exp_avg`, `exp_avg_sq`) so the update probes read them the same way.
@@ -111,8 +110,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "muon":
         return Muon(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, momentum=cfg.muon_momentum)
-    fused = next(model.parameters()).device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused, foreach=not fused)
+    on_cuda = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=on_cuda, foreach=not on_cuda)
 
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
