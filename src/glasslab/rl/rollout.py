@@ -29,6 +29,7 @@ from glasslab.rl.hacking import repeat_rate
 from glasslab.rl.losses import token_logprobs, zero_std_groups
 from glasslab.tools import ToolInterceptor
 from glasslab.track.atomic import append_jsonl, write_bytes_atomic
+from glasslab.train.distributed import is_main
 from glasslab.train.loop import Hook, StepContext
 
 
@@ -185,17 +186,23 @@ class RolloutObjective:
         *,
         seed: int,
         device: torch.device,
+        rank: int = 0,
     ) -> None:
         check_reward_weights(env, cfg.reward_weights)
         self.env, self.tok, self.ref, self.cfg, self.eval_cfg = env, tok, ref, cfg, eval_cfg
-        self.seed, self.device = seed, device
+        self.seed, self.device, self.rank = seed, device, rank
         self.interceptor = ToolInterceptor(tok)
         self.rollouts = 0  # rollout batches drawn so far: seeds the next one, so a resumed run draws the same
         self._probe_rows: Tensor | None = None
 
+    def batch_seed(self, index: int) -> int:
+        """The seed of rollout batch `index`: its problems and its samples. Under torchrun each rank draws its own
+        (rank 0 the same as a single process), so N ranks train on N x prompts_per_step problems a step."""
+        return self.seed * 100_003 + index + self.rank * 1_000_000_007
+
     def problems(self, index: int) -> list[Problem]:
-        """The problems of rollout batch `index`, each repeated group_size times (fixed by seed and index)."""
-        drawn = self.env.problems("train", self.cfg.prompts_per_step, seed=self.seed * 100_003 + index)
+        """The problems of rollout batch `index`, each repeated group_size times (fixed by seed, rank and index)."""
+        drawn = self.env.problems("train", self.cfg.prompts_per_step, seed=self.batch_seed(index))
         return [p for p in drawn for _ in range(self.cfg.group_size)]
 
     def rollout(self, model: nn.Module) -> Rollout:
@@ -206,7 +213,7 @@ class RolloutObjective:
         with torch.autocast(self.device.type, enabled=False):  # sampling is float32, also inside a bf16 step
             out = generate(
                 model, prompts, self.cfg.max_new_tokens, temperature=self.cfg.temperature, stop_ids=(self.tok.end_id,),
-                pad_id=self.tok.pad_id, seed=self.seed * 100_003 + self.rollouts, interceptor=self.interceptor,
+                pad_id=self.tok.pad_id, seed=self.batch_seed(self.rollouts), interceptor=self.interceptor,
             )  # fmt: skip
         self.rollouts += 1
         return self.scored(problems, prompts, out.tokens, out.sampled, out.logprobs, out.truncated, time.perf_counter() - t0)
@@ -282,6 +289,8 @@ class ReferenceReset(Hook):
     beside the checkpoints (checkpoints/rl/reference-step-N.safetensors); a resumed run loads the newest one
     not after its checkpoint, and before the first reset the reference is the SFT model it started from."""
 
+    every_rank = True  # every rank's reference must change together, or their KL terms differ
+
     def __init__(self, ref: nn.Module, every: int, directory: Path) -> None:
         self.ref, self.every, self.directory = ref, every, Path(directory)
 
@@ -299,6 +308,8 @@ class ReferenceReset(Hook):
             return
         weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in ctx.model.state_dict().items()}
         self.ref.load_state_dict(weights)
+        if not is_main():
+            return
         self.directory.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(self.directory / f"reference-step-{ctx.step:07d}.safetensors", safetensors_bytes(weights))
         ctx.run.log_event("notice", f"reference policy reset to the policy at step {ctx.step}", step=ctx.step, stage=ctx.stage)

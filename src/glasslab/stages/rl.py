@@ -23,6 +23,7 @@ from glasslab.rl.rollout import ReferenceReset, RolloutTable, TrainingTime
 from glasslab.stages.common import load_weights, setup_runtime, stage_run, stage_tokenizer
 from glasslab.track.checkpoint import latest_checkpoint
 from glasslab.track.rundir import RunDir
+from glasslab.train.distributed import rank
 from glasslab.train.loop import Hook, train
 
 
@@ -52,7 +53,7 @@ def rl(
     ref.to(device).eval().requires_grad_(False)
     env = rl_env(cfg)
     algo = {"grpo": GRPO, "dpo": DPO}[cfg.rl.algo]
-    objective = algo(env, tok, ref, cfg.rl, cfg.eval, seed=cfg.seed, device=device)
+    objective = algo(env, tok, ref, cfg.rl, cfg.eval, seed=cfg.seed, device=device, rank=rank())
     stage_hooks: list[Hook] = [TrainingTime(), RolloutTable(run.path / "rollouts", cfg.rl.table_every)]
     if cfg.rl.ref_reset_every:
         stage_hooks.append(ReferenceReset(ref, cfg.rl.ref_reset_every, run.checkpoints_dir / objective.stage))

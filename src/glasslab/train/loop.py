@@ -79,7 +79,10 @@ class StepContext:
 
 
 class Hook:
-    """A plug-in called by the loop; override the moments you need."""
+    """A plug-in called by the loop; override the moments you need. Under torchrun only rank 0 runs hooks (they
+    observe and write the run directory), except those with `every_rank`, which change what is trained."""
+
+    every_rank = False
 
     def on_train_start(self, ctx: StepContext) -> None: ...
 
@@ -170,7 +173,7 @@ def train(
     stage = objective.stage
     main = is_main()  # under torchrun, only rank 0 writes the run directory
     if not main:
-        hooks, progress = [], None
+        hooks, progress = [h for h in hooks if h.every_rank], None
     forward = wrap(torch.compile(model) if system.compile else model)
     device_type = next(model.parameters()).device.type
     amp = autocast_dtype(system.precision, device_type)
