@@ -89,6 +89,20 @@ def test_rl_from_a_pretrained_run_says_it_has_no_sft(reference_run: Path):
     events = [json.loads(line) for line in (cwd / "runs" / "rl-base" / "events.jsonl").read_text().splitlines()]
     assert [e["kind"] for e in events if "no SFT checkpoint" in e["message"]] == ["notice"]
 
+
+def test_rl_under_torchrun_with_two_ranks(reference_run: Path):
+    """Data-parallel RL on CPU (gloo): every rank trains, rank 0 alone reports and writes, reference resets
+    happen on every rank."""
+    cwd = reference_run.parent.parent
+    rl = ["--preset", "smoke", "--set", "rl.train.steps=4", "--set", "rl.ref_reset_every=2", "--set", "probes.mode=off"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run([*torchrun, "-m", "glasslab", "rl", "runs/ref", *rl, "--name", "rl-ddp", "--json"], cwd=cwd,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["status"] == "completed"  # one JSON document: rank 1 prints nothing
+    refs = sorted(p.name for p in (cwd / "runs" / "rl-ddp" / "checkpoints" / "rl").glob("reference-*"))
+    assert refs == ["reference-step-0000002.safetensors", "reference-step-0000004.safetensors"]
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -223,9 +223,9 @@ def _models(mcfg: ModelConfig) -> tuple[GPT, GPT]:
     return model, ref.eval().requires_grad_(False)
 
 
-def _objective(cls, tok, ref, env=None, **rl):
+def _objective(cls, tok, ref, env=None, rank=0, **rl):
     cfg = RLConfig(**{"group_size": 4, "prompts_per_step": 3, "max_new_tokens": 8, "eval_n": 4} | rl)
-    return cls(env or FakeEnv(), tok, ref, cfg, build_config({}).eval, seed=0, device=CPU)
+    return cls(env or FakeEnv(), tok, ref, cfg, build_config({}).eval, seed=0, device=CPU, rank=rank)
 
 
 # ---- rollouts ----------------------------------------------------------------------------------
@@ -394,6 +394,16 @@ def test_groups_without_reward_variance_are_dropped_and_counted(tok, mcfg):
     batch = obj.next_batch(model)
     loss, parts = obj.loss(model, batch)
     assert parts["rl/groups_dropped"] == 3 and parts["rl/frac_reward_zero_std"] == 1.0 and loss.item() == 0.0
+
+
+def test_each_torchrun_rank_draws_its_own_problems_and_samples(tok, mcfg):
+    model, ref = _models(mcfg)
+    single, rank0, rank1 = (_objective(GRPO, tok, ref, rank=r, prompts_per_step=8) for r in (0, 0, 1))
+    assert single.problems(5) == rank0.problems(5) != rank1.problems(5)  # rank 0 is a single process
+    assert len({rank0.batch_seed(i) for i in range(100)} | {rank1.batch_seed(i) for i in range(100)}) == 200
+    problems = rank0.problems(0)
+    rank1.problems = lambda index: problems  # the same prompts: the samples still differ
+    assert rank0.rollout(model).completions != rank1.rollout(model).completions
 
 
 def test_truncated_completions_are_masked(tok, mcfg):

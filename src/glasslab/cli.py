@@ -14,7 +14,7 @@ from glasslab.commands.options import (
     ConfigFile, Json, Name, Overwrite, Preset, Resume, RunArg, RunsDir, Seed, Sets,
 )  # fmt: skip
 from glasslab.errors import GlasslabError
-from glasslab.ui import console, emit_json
+from glasslab.ui import console, emit_json, errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="glasslab: a small-LLM lab you can see through.")
 
@@ -153,7 +153,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except GlasslabError as e:
-        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        errors.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: continue with `glasslab resume RUN`")

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+# Under torchrun every rank runs the whole command: only rank 0 reports (progress, notices, results, --json),
+# while errors show from any rank, since one rank alone may hit them.
+MAIN_RANK = int(os.environ.get("RANK", "0")) == 0
+console = Console(stderr=True, quiet=not MAIN_RANK)
+errors = Console(stderr=True)
 
 
 def progress() -> Progress:
@@ -28,4 +33,5 @@ def progress() -> Progress:
 
 
 def emit_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+    if MAIN_RANK:
+        print(json.dumps(obj, indent=2, default=str))
