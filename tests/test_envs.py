@@ -174,6 +174,24 @@ def test_arithmetic_level_weights_by_digit_count_survive_a_narrower_range():
         get_env("arithmetic", {"min_digits": 3, "max_digits": 3, "level_weights": {3: 0}})
 
 
+def test_arithmetic_short_operand_share():
+    three = {"min_digits": 3, "max_digits": 3}
+    plain, short = get_env("arithmetic", three), get_env("arithmetic", {**three, "short_operand": 0.5})
+    unchanged = get_env("arithmetic", {**three, "short_operand": 0.0})
+    assert unchanged.problems("train", 50, seed=0) == plain.problems("train", 50, seed=0)  # 0 draws nothing extra
+
+    def share_short(env) -> float:
+        problems = env.problems("train", 1000, seed=0)
+        return sum(len(str(min(p.meta["a"], p.meta["b"]))) < 3 for p in problems) / len(problems)
+
+    assert share_short(plain) < 0.15  # uniform below 1000: about 10% have fewer digits by chance
+    assert 0.45 < share_short(short) < 0.65  # half drawn short, plus the chance ones among the rest
+    assert all(p.difficulty == 3 for p in short.problems("train", 100, seed=0))  # the largest keeps its digits
+    assert get_env("arithmetic", {"short_operand": 1.0, "max_digits": 1}).problems("train", 5, seed=0)  # no 0-digit
+    with pytest.raises(GlasslabError, match="short_operand"):
+        get_env("arithmetic", {"short_operand": 1.5})
+
+
 def test_arithmetic_digit_credit_is_aligned_at_the_units():
     env = get_env("arithmetic")
     p = Problem("92+32=", "124", 2, {})
@@ -183,6 +201,21 @@ def test_arithmetic_digit_credit_is_aligned_at_the_units():
     assert env.score(p, "1124<|end|>")["digits"] == pytest.approx(3 / 4)  # so does an extra one
     assert env.score(p, "421<|end|>")["digits"] == pytest.approx(1 / 3)
     assert env.score(p, "12 4<|end|>")["digits"] == 0.0  # not an integer: no credit
+
+
+def test_arithmetic_place_diagnostics_tell_a_carry_error_from_a_misread_operand():
+    env = get_env("arithmetic", {"min_digits": 3, "max_digits": 3})
+    p = Problem("354+751=", "1105", 3, {"a": 354, "op": "+", "b": 751})
+    places = lambda completion: env.diagnostics(p, completion)  # noqa: E731
+    assert places("1105<|end|>") == {"place/units": 1.0, "place/tens": 1.0, "place/hundreds": 1.0, "place/thousands": 1.0}
+    assert places("1115<|end|>") == {"place/units": 1.0, "place/tens": 0.0, "place/hundreds": 1.0, "place/thousands": 1.0}
+    assert places("1107<|end|>")["place/units"] == 0.0 and places("1107<|end|>")["place/tens"] == 1.0
+    assert places("105<|end|>")["place/thousands"] == 0.0 and places("105<|end|>")["place/units"] == 1.0
+    assert set(places("x<|end|>").values()) == {0.0}  # malformed: wrong everywhere
+    small = Problem("3-3=", "0", 1, {"a": 3, "op": "-", "b": 3})
+    assert env.diagnostics(small, "0<|end|>") == {"place/units": 1.0}  # only the places the answer has
+    mix = get_env("countdown")
+    assert mix.diagnostics(mix.problems("eval", 1, seed=0)[0], "1+2<|end|>") == {}  # none by default
 
 
 def test_countdown_accepts_any_fair_solution():

@@ -71,7 +71,12 @@ def test_aggregates_accuracy_pass_at_k_difficulty_and_rewards(tok, monkeypatch):
     assert r.by_difficulty == {1: 1.0, 2: 0.0}
     assert r.rewards == dict.fromkeys(["correct", "digits", "format"], pytest.approx(ones / 40))  # wrong answers are "x"
     assert r.pass_at_k == {1: pytest.approx(0.25), 2: pytest.approx(0.5), 4: pytest.approx(1.0)}
-    assert set(r.as_dict()) == {"task", "n", "seed", "accuracy", "pass_at_k", "by_difficulty", "rewards"}
+    # each place averages over the problems whose answer has it: only right (1-digit) problems' places are right
+    tens = [p for p in problems.values() if int(p.answer) >= 10]
+    assert r.diagnostics["place/units"] == pytest.approx(ones / 40)
+    assert r.diagnostics["place/tens"] == pytest.approx(sum(p.difficulty == 1 for p in tens) / len(tens))
+    assert set(r.as_dict()) == {"task", "n", "seed", "accuracy", "pass_at_k", "by_difficulty", "rewards", "diagnostics"}
+    assert r.metrics()["eval/arithmetic/place/units"] == r.diagnostics["place/units"]
     assert {"prompt", "answer", "completion", "rewards", "difficulty"} <= set(r.records[0])
     with pytest.raises(GlasslabError, match="k"):
         evaluate_env(model, tok, env, n=4, seed=3, pass_k=(8,), samples=4)

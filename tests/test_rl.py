@@ -287,8 +287,21 @@ def test_shared_prompt_forward_has_the_full_forwards_logits_and_gradient():
 
 def test_reward_weights_must_name_reward_functions(tok, mcfg):
     _, ref = _models(mcfg)
-    with pytest.raises(GlasslabError, match="does not score"):
+    with pytest.raises(GlasslabError, match="correctness, which no environment scores: use some of correct, format"):
         _objective(GRPO, tok, ref, reward_weights={"correctness": 1.0})
+
+
+def test_a_reward_function_the_environment_lacks_scores_zero(tok, mcfg):
+    """The recipe's `digits` weight is arithmetic's; on an environment without it, it adds nothing."""
+    _, ref = _models(mcfg)
+    obj = _objective(GRPO, tok, ref, prompts_per_step=1, reward_weights={"correct": 1.0, "digits": 0.5, "format": 0.1})
+    problems = obj.problems(0)
+    right, wrong = tok.encode(problems[0].answer[0] + "<|end|>"), tok.encode("?")
+    completions = [right, wrong, right, wrong]
+    prompts = [prompt_tokens(obj.env, p, tok) for p in problems]
+    sampled, logprobs = [[True] * len(c) for c in completions], [[0.0] * len(c) for c in completions]
+    rollout = obj.scored(problems, prompts, completions, sampled, logprobs, [False] * 4, 0.0)
+    assert rollout.rewards.tolist() == pytest.approx([1.1, 0.0, 1.1, 0.0])
 
 
 # ---- GRPO --------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Evaluation on a task environment: greedy accuracy, pass@k from sampled answers, and the breakdown by
-difficulty and by reward function, on a held-out problem set fixed by the seed.
+difficulty, by reward function and by the environment's diagnostics, on a held-out problem set fixed by the seed.
 
 Generation is batched (every problem of a batch at once) and goes through the tool interceptor, so a model
 that calls the calculator is evaluated with the tool working, exactly as in chat and RL.
@@ -30,6 +30,7 @@ class EvalResult:
     pass_at_k: dict[int, float] = field(default_factory=dict)
     by_difficulty: dict[int, float] = field(default_factory=dict)  # greedy accuracy per level
     rewards: dict[str, float] = field(default_factory=dict)  # greedy mean per reward function
+    diagnostics: dict[str, float] = field(default_factory=dict)  # greedy mean of each, over the problems reporting it
     records: list[dict] = field(default_factory=list)  # one per problem: prompt, answer, completion, rewards, ...
 
     def as_dict(self) -> dict:
@@ -41,13 +42,16 @@ class EvalResult:
             "pass_at_k": self.pass_at_k,
             "by_difficulty": self.by_difficulty,
             "rewards": self.rewards,
+            "diagnostics": self.diagnostics,
         }
 
     def metrics(self) -> dict[str, float]:
-        """As metrics: eval/<task>/accuracy, /pass@k, /<reward> (besides correct), /by_difficulty/<level>."""
+        """As metrics: eval/<task>/accuracy, /pass@k, /<reward> (besides correct), /<diagnostic>,
+        /by_difficulty/<level>."""
         out = {f"eval/{self.task}/accuracy": self.accuracy}
         out |= {f"eval/{self.task}/pass@{k}": v for k, v in self.pass_at_k.items()}
         out |= {f"eval/{self.task}/{name}": v for name, v in self.rewards.items() if name != "correct"}
+        out |= {f"eval/{self.task}/{name}": v for name, v in self.diagnostics.items()}
         return out | {f"eval/{self.task}/by_difficulty/{d}": v for d, v in self.by_difficulty.items()}
 
 
@@ -126,8 +130,11 @@ def evaluate_env(
             n_correct[i // samples] += env.score(p, c)["correct"] == 1.0
 
     levels: dict[int, list[float]] = defaultdict(list)
-    for p, s in zip(problems, scores):
+    diagnostics: dict[str, list[float]] = defaultdict(list)
+    for p, c, s in zip(problems, greedy, scores):
         levels[p.difficulty].append(s["correct"])
+        for name, v in env.diagnostics(p, c).items():
+            diagnostics[name].append(v)
     return EvalResult(
         task=task or env.name,
         n=len(problems),
@@ -136,6 +143,7 @@ def evaluate_env(
         pass_at_k={k: _mean([pass_at_k(samples, c, k) for c in n_correct]) for k in pass_k} if samples else {},
         by_difficulty={d: _mean(v) for d, v in sorted(levels.items())},
         rewards={name: _mean([s[name] for s in scores]) for name in env.reward_names},
+        diagnostics={name: _mean(v) for name, v in diagnostics.items()},
         records=[
             {"prompt": p.prompt, "answer": p.answer, "completion": c, "rewards": s, "difficulty": p.difficulty,
              **({"samples_correct": k} if samples else {})}

@@ -180,6 +180,8 @@ def eval_(
         table.add_row(f"reward {name}", f"{v:.3f}")
     for d, v in result.by_difficulty.items():
         table.add_row(f"accuracy, difficulty {d}", f"{v:.1%}")
+    for name, v in result.diagnostics.items():
+        table.add_row(name, f"{v:.1%}")
     for name, v in text_metrics.items():
         table.add_row(f"held-out text {name}", f"{v:.4f}")
     console.print(table)

@@ -24,6 +24,10 @@ class ArithmeticOptions(EnvOptions):
     # so the table still holds when RL's env_options narrow the range. None: all levels equal.
     level_weights: list[float] | dict[int, float] | None = None
     negative: bool = False  # allow subtraction results below zero
+    # Share of problems whose smaller operand gets fewer digits than the largest (1..digits-1, uniformly): the
+    # operands' units digits then sit at varying distances from `=`, so the model must align them by the operator
+    # rather than by position. 0: the smaller operand is uniform below 10**digits (mostly the same length).
+    short_operand: float = Field(default=0.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _levels(self) -> ArithmeticOptions:
@@ -48,10 +52,16 @@ class ArithmeticOptions(EnvOptions):
         return [w.get(d, 1.0) for d in self.levels()] if isinstance(w, dict) else w
 
 
-def draw_operands(rng: random.Random, digits: int, op: str, negative: bool) -> tuple[int, int]:
-    """Two operands whose largest has exactly `digits` digits; the other has at most as many."""
+def draw_operands(
+    rng: random.Random, digits: int, op: str, negative: bool, short_operand: float = 0.0
+) -> tuple[int, int]:
+    """Two operands whose largest has exactly `digits` digits; the other has at most as many, and fewer with
+    probability `short_operand` (drawn only when it is > 0, so the default problem stream does not change)."""
     low = 0 if digits == 1 else 10 ** (digits - 1)
-    big, other = rng.randint(low, 10**digits - 1), rng.randint(0, 10**digits - 1)
+    big = rng.randint(low, 10**digits - 1)
+    short = digits > 1 and short_operand > 0 and rng.random() < short_operand
+    other_digits = rng.randint(1, digits - 1) if short else digits
+    other = rng.randint(0, 10**other_digits - 1)
     if op == "-" and not negative:
         return max(big, other), min(big, other)
     return (big, other) if rng.random() < 0.5 else (other, big)
@@ -70,7 +80,7 @@ class Arithmetic(Environment):
         o = self.options
         digits = rng.choices(o.levels(), weights=o.weights())[0]
         op = rng.choice(o.ops)
-        a, b = draw_operands(rng, digits, op, o.negative)
+        a, b = draw_operands(rng, digits, op, o.negative, o.short_operand)
         return Problem(f"{a}{op}{b}=", str(compute(a, op, b)), digits, {"a": a, "op": op, "b": b})
 
     def ideal_answer(self, problem: Problem) -> list[tuple[str, str]]:
@@ -87,6 +97,25 @@ class Arithmetic(Environment):
             "digits": digit_match(answer, problem.answer) if well_formed else 0.0,
             "format": float(well_formed),
         }
+
+    def diagnostics(self, problem: Problem, completion: str) -> dict[str, float]:
+        """place/<units|tens|hundreds|...>: whether the answer's digit at that place (of its absolute value) is
+        the right answer's, for each place the right answer has. It tells a carry error (tens wrong, units
+        right) from an answer that misreads the operands (units wrong). A malformed answer is wrong at all."""
+        answer, target = final_answer(completion), abs(int(problem.answer))
+        value = abs(int(answer)) if answer is not None and INTEGER.fullmatch(answer) else None
+        return {
+            f"place/{place_name(k)}": float(value is not None and value // 10**k % 10 == target // 10**k % 10)
+            for k in range(len(str(target)))
+        }
+
+
+PLACES = ("units", "tens", "hundreds", "thousands")
+
+
+def place_name(k: int) -> str:
+    """The name of the 10**k place: units, tens, hundreds, thousands, then 10^4, 10^5, ..."""
+    return PLACES[k] if k < len(PLACES) else f"10^{k}"
 
 
 def digit_match(answer: str, target: str) -> float:

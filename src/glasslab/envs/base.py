@@ -87,6 +87,12 @@ class Environment(ABC):
     def score(self, problem: Problem, completion: str) -> dict[str, float]:
         """Reward per name in reward_names for a completion (the decoded assistant text, specials kept)."""
 
+    def diagnostics(self, problem: Problem, completion: str) -> dict[str, float]:
+        """Measurements of one answer besides its rewards, for evaluation only (arithmetic: which digit places
+        are right). A name may be left out where it does not apply; evaluation averages each over the problems
+        that report it."""
+        return {}
+
     def prompt_messages(self, problem: Problem) -> list[Message]:
         """The system prompt (if any) and the problem as the user's message: what the model answers."""
         system = [Message("system", self.system_prompt)] if self.system_prompt else []

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from glasslab.chat import render
 from glasslab.config import EvalConfig, RLConfig
 from glasslab.data.tokenizer import Tokenizer
+from glasslab.envs import ENVIRONMENTS
 from glasslab.envs.base import Environment, Problem
 from glasslab.errors import GlasslabError
 from glasslab.evaluate import completion_text, evaluate_env, prompt_tokens
@@ -163,11 +164,14 @@ def sequence_logprobs(model: nn.Module, packed: Packed, temperature: float) -> T
 
 
 def check_reward_weights(env: Environment, weights: dict[str, float]) -> None:
-    unknown = sorted(set(weights) - set(env.reward_names))
+    """A reward function the environment lacks scores 0, as in a mixture, so one set of weights serves every
+    environment (the tiny recipe's `digits` weight under `--env countdown`); a name nothing scores is a typo."""
+    known = set(env.reward_names).union(*(cls.reward_names for cls in ENVIRONMENTS.values()))
+    unknown = sorted(set(weights) - known)
     if unknown:
         raise GlasslabError(
-            f"rl.reward_weights names {', '.join(unknown)}, which environment '{env.name}' does not score: "
-            f"use some of {', '.join(env.reward_names)}"
+            f"rl.reward_weights names {', '.join(unknown)}, which no environment scores: "
+            f"use some of {', '.join(env.reward_names)} (environment '{env.name}')"
         )
 
 
@@ -227,7 +231,7 @@ class RolloutObjective:
         per_row = [self.env.score(p, t) for p, t in zip(problems, texts)]
         scores = {name: [s[name] for s in per_row] for name in self.env.reward_names}
         weights = self.cfg.reward_weights
-        rewards = torch.tensor([sum(w * s[name] for name, w in weights.items()) for s in per_row], device=self.device)
+        rewards = torch.tensor([sum(w * s.get(name, 0.0) for name, w in weights.items()) for s in per_row], device=self.device)
         g = self.cfg.group_size
         return Rollout(problems, prompts, completions, sampled, logprobs, truncated, texts, scores, rewards, g, generation_s)
 
