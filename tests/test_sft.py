@@ -214,7 +214,8 @@ def test_sft_eval_and_chat_commands(tmp_path, tok):
 
     out = invoke("eval", run.path, "--task", "arithmetic", "--n", "6", "--seed", "7", "--k", "1,2", "--samples", "2", "--json")
     result = json.loads(out.stdout)
-    assert set(result) == {"task", "n", "seed", "accuracy", "pass_at_k", "by_difficulty", "rewards"}
+    assert set(result) == {"task", "n", "seed", "accuracy", "pass_at_k", "by_difficulty", "rewards", "diagnostics"}
+    assert "place/units" in result["diagnostics"]
     assert result["n"] == 6 and result["seed"] == 7 and set(result["pass_at_k"]) == {"1", "2"}
     assert len((run.path / "eval" / "arithmetic-seed7.jsonl").read_text().splitlines()) == 6
     logged = read_metrics(run.path, stage="eval")["name"].to_pylist()

@@ -6,11 +6,12 @@ instead of a silently ignored setting.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -222,11 +223,34 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], over: dict[str, Any], model: type[BaseModel] | None = None) -> dict[str, Any]:
+    """Layer `over` on `base` along the schema of `model` (default: the whole Config). Sections merge key by
+    key, and so do the option tables of `[envs.<name>]` and `[rl.env_options.<name>]`; every other value, weight
+    tables included, is replaced whole: a layer's `reward_weights = { correct = 1 }` means exactly that."""
+    model = model or Config
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        field = model.model_fields.get(k)
+        kind = field.annotation if field else None
+        if not (isinstance(v, dict) and isinstance(out.get(k), dict)):
+            out[k] = v
+        elif isinstance(kind, type) and issubclass(kind, BaseModel):
+            out[k] = _merge(out[k], v, kind)
+        elif get_origin(kind) is dict and get_origin(get_args(kind)[1]) is dict:  # option tables by name
+            out[k] = {**out[k], **{n: {**out[k].get(n, {}), **t} for n, t in v.items()}}
+        else:
+            out[k] = v
     return out
+
+
+def _set(data: dict[str, Any], key: str, value: Any) -> None:
+    """`--set a.b.c=v`: the value at that one key becomes v (a table given whole replaces the table)."""
+    *parents, leaf = key.split(".")
+    for p in parents:
+        if not isinstance(data.get(p), dict):
+            data[p] = {}
+        data = data[p]
+    data[leaf] = value
 
 
 def _parse_value(text: str) -> Any:
@@ -237,17 +261,14 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    """`--set KEY=VALUE` pairs as (dotted key, parsed value), in order."""
+    out = []
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise GlasslabError(f"--set '{pair}' is not KEY=VALUE: write it like --set train.lr=3e-3")
-        node = out
-        *parents, leaf = key.strip().split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = _parse_value(value.strip())
+        out.append((key.strip(), _parse_value(value.strip())))
     return out
 
 
@@ -305,5 +326,7 @@ def resolve(
         data = _merge(data, preset_dict(preset))
     if config_file:
         data = _merge(data, load_toml(config_file))
-    data = _merge(data, parse_overrides(overrides or []))
+    data = copy.deepcopy(data)
+    for key, value in parse_overrides(overrides or []):
+        _set(data, key, value)
     return build_config(data)
