@@ -56,17 +56,18 @@ def test_config_file_errors(tmp_path: Path):
 
 
 def test_set_replaces_a_table_and_files_layer_sections(tmp_path: Path):
-    """`--set` puts that value at that key: a weight table given whole replaces the preset's (it used to be merged
-    into it, so the tiny recipe's digits weight survived `--set 'rl.reward_weights={correct=1,format=0.1}'`)."""
-    assert resolve("tiny").rl.reward_weights == {"correct": 1, "digits": 0.5, "format": 0.1}
-    cfg = resolve("tiny", overrides=["rl.reward_weights={correct=1,format=0.1}", "rl.env={countdown=1}"])
-    assert cfg.rl.reward_weights == {"correct": 1, "format": 0.1} and cfg.rl.env == {"countdown": 1}
-    assert resolve("tiny", overrides=["rl.reward_weights.digits=0"]).rl.reward_weights["digits"] == 0  # one entry
+    """`--set` puts that value at that key: a table given whole replaces the preset's (it used to be merged into
+    it, so `--set 'rl.env={countdown=1}'` kept the preset's arithmetic share)."""
+    assert resolve("tiny").rl.env == {"countdown": 1, "arithmetic": 1}
+    cfg = resolve("tiny", overrides=["rl.env={countdown=1}", "rl.reward_weights={correct=1}"])
+    assert cfg.rl.env == {"countdown": 1} and cfg.rl.reward_weights == {"correct": 1}  # not merged with defaults
+    assert resolve("tiny", overrides=["rl.reward_weights.digits=0.5"]).rl.reward_weights == {
+        "correct": 1, "format": 0.1, "digits": 0.5}  # a dotted key changes one entry  # fmt: skip
     # a file layers: its sections and per-environment option tables merge key by key, its weight tables replace
     layer = tmp_path / "layer.toml"
-    layer.write_text("[rl]\nreward_weights = { correct = 1 }\n[rl.env_options.arithmetic]\nmax_digits = 4\n"
+    layer.write_text("[rl]\nenv = { arithmetic = 1 }\n[rl.env_options.arithmetic]\nmax_digits = 4\n"
                      "[envs.arithmetic]\nlevel_weights = { 2 = 3 }\n")  # fmt: skip
     cfg = resolve("tiny", config_file=layer)
-    assert cfg.rl.reward_weights == {"correct": 1} and cfg.rl.group_size == 4  # the rest of [rl] is the preset's
+    assert cfg.rl.env == {"arithmetic": 1} and cfg.rl.group_size == 4  # the rest of [rl] is the preset's
     assert cfg.rl.env_options["arithmetic"] == {"min_digits": 3, "max_digits": 4}
     assert cfg.envs["arithmetic"] == {"max_digits": 3, "level_weights": {"2": 3}}

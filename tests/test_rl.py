@@ -292,7 +292,7 @@ def test_reward_weights_must_name_reward_functions(tok, mcfg):
 
 
 def test_a_reward_function_the_environment_lacks_scores_zero(tok, mcfg):
-    """The recipe's `digits` weight is arithmetic's; on an environment without it, it adds nothing."""
+    """A `digits` weight (arithmetic's partial credit) adds nothing on an environment without it."""
     _, ref = _models(mcfg)
     obj = _objective(GRPO, tok, ref, prompts_per_step=1, reward_weights={"correct": 1.0, "digits": 0.5, "format": 0.1})
     problems = obj.problems(0)

@@ -320,8 +320,8 @@ def resolve(
     overrides: list[str] | None = None,
     base: dict[str, Any] | None = None,
 ) -> Config:
-    """Layer the sources in order; the result is validated once, as a whole."""
-    data: dict[str, Any] = base or {}
+    """Layer the sources in order over the defaults; the result is validated once, as a whole."""
+    data = _merge(Config().model_dump(), base or {})
     if preset:
         data = _merge(data, preset_dict(preset))
     if config_file:

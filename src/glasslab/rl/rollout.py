@@ -165,7 +165,7 @@ def sequence_logprobs(model: nn.Module, packed: Packed, temperature: float) -> T
 
 def check_reward_weights(env: Environment, weights: dict[str, float]) -> None:
     """A reward function the environment lacks scores 0, as in a mixture, so one set of weights serves every
-    environment (the tiny recipe's `digits` weight under `--env countdown`); a name nothing scores is a typo."""
+    environment (arithmetic's `digits` weight under `--env countdown`); a name nothing scores is a typo."""
     known = set(env.reward_names).union(*(cls.reward_names for cls in ENVIRONMENTS.values()))
     unknown = sorted(set(weights) - known)
     if unknown:
