@@ -308,8 +308,12 @@ def _explain(err: ValidationError, model: type[BaseModel]) -> str:
 def build_config(data: dict[str, Any]) -> Config:
     """Validate over the full default tree, so overriding one key of a nested section keeps that
     section's own defaults (sft.train's lr is not the pretraining lr)."""
+    return _validate(_merge(Config().model_dump(), data))
+
+
+def _validate(tree: dict[str, Any]) -> Config:
     try:
-        return Config.model_validate(_merge(Config().model_dump(), data))
+        return Config.model_validate(tree)
     except ValidationError as err:
         raise GlasslabError(_explain(err, Config)) from None
 
@@ -329,4 +333,4 @@ def resolve(
     data = copy.deepcopy(data)
     for key, value in parse_overrides(overrides or []):
         _set(data, key, value)
-    return build_config(data)
+    return _validate(data)  # already layered over the defaults
