@@ -2,8 +2,10 @@
 policy games its reward instead of learning the task. A warning is an event in the run (kind "hacking",
 with the detector's name) and a line in the terminal; it is a prompt to read the rollout tables, not a verdict.
 
-Each rule compares `recent` (the mean of the last `window` logged values of a metric) with `before` (the
-`window` values before those) or with `start` (the first `window` values of the run):
+Each rule compares `recent` (the median of the last `window` logged values of a metric) with `before` (the
+`window` values before those) or with `start` (the first `window` values of the run). Medians, not means: one
+outlying step (a single batch whose KL to the reference is 4.5 among steps at 0.3) is not a trend, and the
+spike detector reports it as a spike already.
 
     format_over_correct  format reward recent - before >= +min_delta while correct reward recent - before <= -min_delta
     length_collapse      completion length recent < collapse_ratio x start
@@ -20,6 +22,7 @@ History starts afresh when a run is resumed.
 
 from __future__ import annotations
 
+import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
@@ -78,20 +81,17 @@ class HackingDetectors:
 
     # windows over one metric's history; None until there is enough of it
 
-    def _mean(self, values: list[float]) -> float:
-        return sum(values) / len(values)
-
     def _recent(self, name: str) -> float | None:
         h = self.history.get(name, [])
-        return self._mean(h[-self.window :]) if len(h) >= self.window else None
+        return statistics.median(h[-self.window :]) if len(h) >= self.window else None
 
     def _before(self, name: str) -> float | None:
         h, w = self.history.get(name, []), self.window
-        return self._mean(h[-2 * w : -w]) if len(h) >= 2 * w else None
+        return statistics.median(h[-2 * w : -w]) if len(h) >= 2 * w else None
 
     def _start(self, name: str) -> float | None:
         h, w = self.history.get(name, []), self.window
-        return self._mean(h[:w]) if len(h) >= 2 * w else None  # only once recent no longer overlaps the start
+        return statistics.median(h[:w]) if len(h) >= 2 * w else None  # only once recent no longer overlaps the start
 
     # the rules
 
