@@ -629,6 +629,28 @@ def test_rl_env_options_layer_over_the_environment_settings():
         rl_env(build_config({"rl": {"env_options": {"arithmetic": {"digits": 2}}}}))
 
 
+def test_retention_evaluates_what_rl_env_options_changed_at_the_sft_options():
+    from glasslab.stages.rl import retention_envs
+
+    envs = {"arithmetic": {"max_digits": 3, "level_weights": {"3": 0.2}}}
+    rl = {"env": {"countdown": 1, "arithmetic": 1}, "env_options": {"arithmetic": {"min_digits": 3}}}
+    [(task, env)] = retention_envs(build_config({"envs": envs, "rl": rl}))  # countdown is unchanged: not evaluated
+    assert task == "arithmetic@sft" and (env.options.min_digits, env.options.max_digits) == (1, 3)
+    assert {p.difficulty for p in env.problems("eval", 200, seed=0)} == {1, 2, 3}  # SFT's problems, not RL's
+    assert retention_envs(build_config({"envs": envs, "rl": rl | {"retention_eval": False}})) == []
+    assert retention_envs(build_config({"envs": envs, "rl": {"env": "arithmetic"}})) == []
+
+
+def test_retention_metrics_are_greedy_and_named_by_task(tok, mcfg):
+    model, ref = _models(mcfg)
+    cfg = RLConfig(group_size=4, prompts_per_step=3, max_new_tokens=8, eval_n=4)
+    objective = GRPO(FakeEnv(), tok, ref, cfg, build_config({}).eval, seed=0, device=CPU,
+                     retention=[("loud@sft", LoudEnv())])  # fmt: skip
+    metrics = objective.evaluate(model)
+    assert metrics["eval/loud@sft/accuracy"] == 1.0 and "eval/fake/accuracy" in metrics
+    assert "eval/fake/pass@1" in metrics and not any(n.startswith("eval/loud@sft/pass@") for n in metrics)
+
+
 class LoudEnv(ConstantEnv):
     """A second task for mixtures: `shout abc`, always right."""
 

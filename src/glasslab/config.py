@@ -175,6 +175,9 @@ class RLConfig(Section):
     ref_reset_every: int = Field(0, ge=0)  # 0: the reference stays the SFT model
     dpo_beta: float = Field(0.1, gt=0)
     eval_n: int = Field(200, ge=1)  # held-out problems for eval/<env>/accuracy and pass@k
+    # Each environment that env_options changes is also evaluated (greedy) with its [envs.<name>] options alone, as
+    # eval/<env>@sft/...: what RL on harder problems makes the model forget of the ones SFT trained on.
+    retention_eval: bool = True
     table_every: int = Field(25, ge=0)  # rollouts/step-N.jsonl every this many steps (0: never)
     detect_window: int = Field(10, ge=2)  # steps per window of the reward-hacking detectors
     train: TrainConfig = TrainConfig(steps=150, batch_size=1, lr=5e-5, warmup_steps=5, weight_decay=0.0, eval_every=50, checkpoint_every=25, schedule="constant")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,9 +192,13 @@ class RolloutObjective:
         seed: int,
         device: torch.device,
         rank: int = 0,
+        retention: Sequence[tuple[str, Environment]] = (),
     ) -> None:
+        """`retention`: (task, environment) pairs evaluated greedily beside the RL environments, as eval/<task>/...
+        (the problems SFT trained on, when RL trains on others: `stages.rl.retention_envs`)."""
         check_reward_weights(env, cfg.reward_weights)
         self.env, self.tok, self.ref, self.cfg, self.eval_cfg = env, tok, ref, cfg, eval_cfg
+        self.retention = list(retention)
         self.seed, self.device, self.rank = seed, device, rank
         self.interceptor = ToolInterceptor(tok)
         self.rollouts = 0  # rollout batches drawn so far: seeds the next one, so a resumed run draws the same
@@ -247,6 +252,11 @@ class RolloutObjective:
             out |= evaluate_env(
                 model, self.tok, env, n=self.cfg.eval_n, seed=self.seed, pass_k=tuple(e.pass_k), samples=e.samples,
                 temperature=e.temperature, max_new_tokens=self.cfg.max_new_tokens, split="eval",
+            ).metrics()  # fmt: skip
+        for task, env in self.retention:  # greedy only: accuracy and its split by difficulty show the forgetting
+            out |= evaluate_env(
+                model, self.tok, env, n=self.cfg.eval_n, seed=self.seed, samples=0, max_new_tokens=self.cfg.max_new_tokens,
+                split="eval", task=task,
             ).metrics()  # fmt: skip
         return out
 

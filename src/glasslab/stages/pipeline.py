@@ -33,13 +33,15 @@ def run_pipeline(cfg: Config, run: RunDir, stages: list[str], *, init: Path | No
 
 def final_evaluation(cfg: Config, run: RunDir) -> dict[str, dict]:
     """Greedy accuracy and pass@k of each trained chat stage (SFT, RL) on the same held-out problems of each RL
-    environment, so the numbers before and after RL are directly comparable. Logged as
-    `eval/<env>/after_<stage>/...`; eval/final.json holds stage -> environment -> summary."""
+    environment, so the numbers before and after RL are directly comparable, and of each environment RL changed
+    at SFT's options (`<env>@sft`: what RL cost there). Logged as `eval/<task>/after_<stage>/...`;
+    eval/final.json holds stage -> task -> summary."""
     from glasslab.evaluate import evaluate_env
-    from glasslab.stages.rl import rl_env
+    from glasslab.stages.rl import retention_envs, rl_env
 
     device = setup_runtime(cfg.system, cfg.seed)
-    envs = rl_env(cfg).parts()  # the RL tasks at the RL difficulty, so "after SFT" and "after RL" measure the same
+    # the RL tasks at the RL difficulty, so "after SFT" and "after RL" measure the same
+    tasks = [(env.name, env) for env in rl_env(cfg).parts()] + retention_envs(cfg)
     results: dict[str, dict] = {}
     done = run.read_manifest().get("stages_done", [])
     with MetricStore(run.metrics_db_path) as store:
@@ -48,13 +50,13 @@ def final_evaluation(cfg: Config, run: RunDir) -> dict[str, dict]:
                 continue
             model, tok, _ = load_model(run, device, stage=stage)
             results[stage] = {}
-            for env in envs:
+            for task, env in tasks:
                 res = evaluate_env(model, tok, env, n=cfg.eval.n, seed=cfg.seed, pass_k=tuple(cfg.eval.pass_k),
                                    samples=cfg.eval.samples, temperature=cfg.eval.temperature,
-                                   max_new_tokens=cfg.eval.max_new_tokens)  # fmt: skip
-                results[stage][env.name] = res.as_dict()
-                values = {f"eval/{env.name}/after_{stage}/accuracy": res.accuracy}
-                values |= {f"eval/{env.name}/after_{stage}/pass@{k}": v for k, v in res.pass_at_k.items()}
+                                   max_new_tokens=cfg.eval.max_new_tokens, task=task)  # fmt: skip
+                results[stage][task] = res.as_dict()
+                values = {f"eval/{task}/after_{stage}/accuracy": res.accuracy}
+                values |= {f"eval/{task}/after_{stage}/pass@{k}": v for k, v in res.pass_at_k.items()}
                 store.log(0, "eval", values)
         store.compact(run.metrics_parquet_path)
     (run.path / "eval").mkdir(exist_ok=True)

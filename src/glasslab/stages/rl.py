@@ -36,6 +36,15 @@ def rl_env(cfg: Config) -> Environment:
     return members[spec] if isinstance(spec, str) else Mixture(members, spec)
 
 
+def retention_envs(cfg: Config) -> list[tuple[str, Environment]]:
+    """(task name `<env>@sft`, environment) for each RL environment that `[rl.env_options]` changes, with its
+    `[envs.<env>]` options alone: the problems SFT trained on, evaluated to show what RL on others costs there."""
+    if not cfg.rl.retention_eval:
+        return []
+    names = [cfg.rl.env] if isinstance(cfg.rl.env, str) else list(cfg.rl.env)
+    return [(f"{name}@sft", get_env(name, cfg.envs.get(name, {}))) for name in names if cfg.rl.env_options.get(name)]
+
+
 def rl(
     cfg: Config, run: RunDir, *, init: Path | None = None, hooks: list[Hook] = (), progress: Any = None  # type: ignore[assignment]
 ) -> GPT:
@@ -53,7 +62,9 @@ def rl(
     ref.to(device).eval().requires_grad_(False)
     env = rl_env(cfg)
     algo = {"grpo": GRPO, "dpo": DPO}[cfg.rl.algo]
-    objective = algo(env, tok, ref, cfg.rl, cfg.eval, seed=cfg.seed, device=device, rank=rank())
+    objective = algo(
+        env, tok, ref, cfg.rl, cfg.eval, seed=cfg.seed, device=device, rank=rank(), retention=retention_envs(cfg)
+    )
     stage_hooks: list[Hook] = [TrainingTime(), RolloutTable(run.path / "rollouts", cfg.rl.table_every)]
     if cfg.rl.ref_reset_every:
         stage_hooks.append(ReferenceReset(ref, cfg.rl.ref_reset_every, run.checkpoints_dir / objective.stage))
