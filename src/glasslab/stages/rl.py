@@ -27,13 +27,17 @@ from glasslab.train.distributed import rank
 from glasslab.train.loop import Hook, train
 
 
+def rl_env_names(cfg: Config) -> list[str]:
+    """The environments `rl.env` names: one, or a mixture's members."""
+    return [cfg.rl.env] if isinstance(cfg.rl.env, str) else list(cfg.rl.env)
+
+
 def rl_env(cfg: Config) -> Environment:
     """The RL environment (a Mixture for several): each with its [envs.<env>] options, [rl.env_options.<env>]
     over them."""
-    spec = cfg.rl.env
     members = {name: get_env(name, {**cfg.envs.get(name, {}), **cfg.rl.env_options.get(name, {})})
-               for name in ([spec] if isinstance(spec, str) else spec)}  # fmt: skip
-    return members[spec] if isinstance(spec, str) else Mixture(members, spec)
+               for name in rl_env_names(cfg)}  # fmt: skip
+    return Mixture(members, cfg.rl.env) if isinstance(cfg.rl.env, dict) else members[cfg.rl.env]
 
 
 def retention_envs(cfg: Config) -> list[tuple[str, Environment]]:
@@ -41,8 +45,8 @@ def retention_envs(cfg: Config) -> list[tuple[str, Environment]]:
     `[envs.<env>]` options alone: the problems SFT trained on, evaluated to show what RL on others costs there."""
     if not cfg.rl.retention_eval:
         return []
-    names = [cfg.rl.env] if isinstance(cfg.rl.env, str) else list(cfg.rl.env)
-    return [(f"{name}@sft", get_env(name, cfg.envs.get(name, {}))) for name in names if cfg.rl.env_options.get(name)]
+    changed = [name for name in rl_env_names(cfg) if cfg.rl.env_options.get(name)]
+    return [(f"{name}@sft", get_env(name, cfg.envs.get(name, {}))) for name in changed]
 
 
 def rl(
