@@ -74,8 +74,11 @@ def grpo_steps(
         optimizer.zero_grad(set_to_none=True)
         total = time.perf_counter() - t0
         gen, ref = parts["time/generation_s"], parts["time/reference_s"]
-        steps.append({"step_s": total, "generation_s": gen, "reference_s": ref, "rest_s": total - gen - ref,
-                      "tokens": objective.batch_tokens(batch)})  # fmt: skip
+        record = {"step_s": total, "generation_s": gen, "reference_s": ref, "rest_s": total - gen - ref,
+                  "tokens": objective.batch_tokens(batch)}  # fmt: skip
+        if "time/rollout_wait_s" in parts:  # generating ahead: generation overlaps the step, waiting is what it costs
+            record |= {"rollout_wait_s": parts["time/rollout_wait_s"], "rest_s": total - parts["time/rollout_wait_s"] - ref}
+        steps.append(record)
     return steps
 
 

@@ -27,7 +27,10 @@ Timed, one torch thread each, back to back (glasslab, TRL, glasslab again, to se
             so everything its loop does per step counts and its start-up does not; wandb, vLLM, eval, saving,
             logging and gradient checkpointing are off. Its time is split by wrapping its generation call and
             its reference-model log-prob call.
-Writes bench/results/trl_grpo.json: ms/step, steps/s, completion tokens/s per side, the ratio, load averages.
+With --generate-ahead (and --threads 2, so both sides have the same two cores), glasslab samples batch k+1 in a
+second thread while batch k trains (rl.generate_ahead); its split then shows rollout_wait_s, the time the step
+waited for its batch, in place of the overlapped generation time. TRL has no such mode on CPU.
+Writes bench/results/trl_grpo.json (trl_grpo_ahead.json with --generate-ahead): ms/step, steps/s, completion tokens/s per side, the ratio, load averages.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ from glasslab.evaluate import completion_text, prompt_tokens  # noqa: E402
 from glasslab.rl.grpo import GRPO  # noqa: E402
 from glasslab.train.optim import build_optimizer  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "trl_grpo.json"
+RESULTS = Path(__file__).resolve().parent / "results"
 # glasslab's chat prompt (glasslab.chat.render_prompt) as a Jinja chat template
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -84,13 +87,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def rl_config() -> tuple[Config, RLConfig]:
+def rl_config(generate_ahead: bool = False) -> tuple[Config, RLConfig]:
     """The workload of issue #6. Groups without reward variance are kept and truncated completions trained on,
     as TRL does by default: a random model scores 0 everywhere and never stops, and the step must still train."""
     cfg = resolve("tiny")
     rl = cfg.rl.model_copy(update={
         "group_size": 8, "prompts_per_step": 8, "max_new_tokens": 24, "temperature": 1.0, "beta": 0.04,
-        "num_iterations": 1, "drop_zero_std": False, "mask_truncated": False,
+        "num_iterations": 1, "drop_zero_std": False, "mask_truncated": False, "generate_ahead": generate_ahead,
     })  # fmt: skip
     return cfg, rl
 
@@ -260,7 +263,11 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=512, help="the Llama's MLP width (341: parameter-matched)")
     ap.add_argument("--precision", default="bfloat16", choices=["float32", "bfloat16"],
                     help="both sides: glasslab's system.precision, TRL's bf16 flag (the CPU autocast either way)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--generate-ahead", action="store_true",
+                    help="glasslab samples the next batch in a second thread while this one trains (rl.generate_ahead);"
+                         " it then uses two cores, so give both sides --threads 2")  # fmt: skip
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default: bench/results/trl_grpo.json, or trl_grpo_ahead.json with --generate-ahead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
@@ -268,33 +275,36 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 renames TRL still calls
 
     model, ref, tok, source = models(None)
-    cfg, rl = rl_config()
+    cfg, rl = rl_config(args.generate_ahead)
     env = get_env("arithmetic", cfg.envs.get("arithmetic"))
     objective = GRPO(env, tok, ref, rl, cfg.eval, seed=0, device=torch.device("cpu"))
     optimizer = build_optimizer(model, rl.train)
     parts = ("generation_s", "reference_s", "rest_s")
+    ours_parts = (*parts, "rollout_wait_s") if args.generate_ahead else parts
 
     loads = {"start": load()}
     amp = torch.bfloat16 if args.precision == "bfloat16" else None
     grpo_steps(objective, model, optimizer, args.warmup, amp)
     before = grpo_steps(objective, model, optimizer, args.steps, amp)
+    objective.close()  # generating ahead halves torch's threads while it runs: TRL gets them all back
     loads["after_glasslab_1"] = load()
     with tempfile.TemporaryDirectory(prefix="trl-grpo-") as tmp:
         bf16 = amp is not None
         llama_model, theirs = trl_steps(tok, env, rl, args.warmup, args.steps, args.intermediate, Path(tmp), bf16)
     loads["after_trl"] = load()
     after = grpo_steps(objective, model, optimizer, args.steps, amp)
+    objective.close()
     loads["after_glasslab_2"] = load()
 
-    ours = summary(before + after, parts)
+    ours = summary(before + after, ours_parts)
     ours["ms_per_step_median_first_half"] = 1000 * statistics.median(s["step_s"] for s in before)
     ours["ms_per_step_median_second_half"] = 1000 * statistics.median(s["step_s"] for s in after)
     trl_summary = summary(theirs, (*parts, "outside_training_step_s"))
     result = {
         "workload": {"prompts": rl.prompts_per_step, "group_size": rl.group_size, "max_new_tokens": rl.max_new_tokens,
                      "temperature": rl.temperature, "beta": rl.beta, "num_iterations": rl.num_iterations,
-                     "loss_type": rl.loss_type, "precision": args.precision},
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "trl": trl.__version__,
+                     "loss_type": rl.loss_type, "precision": args.precision, "generate_ahead": rl.generate_ahead},
+        "threads": args.threads, "torch": torch.__version__, "trl": trl.__version__,
         "transformers": transformers.__version__,
         "glasslab": {"model": f"GPT, {source}", "params": model.num_params(), **ours},
         "trl_grpo_trainer": {"model": f"LlamaForCausalLM, intermediate {args.intermediate}, random init",
@@ -304,8 +314,9 @@ def main() -> None:
         "load_average": loads,
     }  # fmt: skip
     print(json.dumps(result, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out = args.out or RESULTS / ("trl_grpo_ahead.json" if args.generate_ahead else "trl_grpo.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ objectives on a tiny model with a fake environment, the reward-hacking detectors
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -300,7 +301,7 @@ def test_a_reward_function_the_environment_lacks_scores_zero(tok, mcfg):
     completions = [right, wrong, right, wrong]
     prompts = [prompt_tokens(obj.env, p, tok) for p in problems]
     sampled, logprobs = [[True] * len(c) for c in completions], [[0.0] * len(c) for c in completions]
-    rollout = obj.scored(problems, prompts, completions, sampled, logprobs, [False] * 4, 0.0)
+    rollout = obj.scored(problems, prompts, completions, sampled, logprobs, [False] * 4, 0.0, 0)
     assert rollout.rewards.tolist() == pytest.approx([1.1, 0.0, 1.1, 0.0])
 
 
@@ -401,6 +402,63 @@ def test_a_batch_with_iterations_left_survives_a_checkpoint(tok, mcfg):
     assert torch.equal(again.packed.inputs, batch.packed.inputs) and torch.equal(again.packed.mask, batch.packed.mask)
 
 
+def _sgd(model: GPT, loss: torch.Tensor, lr: float = 0.5) -> None:
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= lr * p.grad
+            p.grad = None
+
+
+def test_generating_ahead_trains_on_batches_sampled_one_step_before(tok, mcfg):
+    """Batch k+1 is sampled in the background by the weights that train on batch k, and its π_old log-probs
+    are that policy's; the trained model's probe hooks never see the background sampling."""
+    model, ref = _models(mcfg)
+    seen = []
+    model.blocks[0].register_forward_hook(lambda *_: seen.append(1))
+    ahead = _objective(GRPO, tok, ref, generate_ahead=True, drop_zero_std=False, mask_truncated=False)
+    sync = _objective(GRPO, tok, ref, drop_zero_std=False, mask_truncated=False)
+    theta0 = copy.deepcopy(model)
+    first = ahead.next_batch(model)
+    assert seen == [] and first.old_logp is not None
+    assert first.rollout.completions == sync.next_batch(theta0).rollout.completions
+    loss, parts = ahead.loss(model, first)
+    assert parts["rl/kl_old"] < 1e-8  # sampled by these very weights
+    _sgd(model, loss)
+    seen.clear()
+    second = ahead.next_batch(model)  # sampled by θ0 while step 0 trained
+    assert seen == [] and "time/rollout_wait_s" in second.metrics
+    assert second.rollout.completions == sync.next_batch(theta0).rollout.completions
+    with torch.no_grad():
+        old = sequence_logprobs(theta0, second.packed, 1.0)
+    assert torch.allclose(second.old_logp, old, atol=1e-5)
+    _, parts = ahead.loss(model, second)
+    assert parts["rl/kl_old"] > 0  # the policy trained is one step newer than the one that sampled
+
+
+def test_a_batch_sampled_ahead_survives_a_checkpoint(tok, mcfg):
+    model, ref = _models(mcfg)
+    obj = _objective(GRPO, tok, ref, generate_ahead=True, drop_zero_std=False)
+    _sgd(model, obj.loss(model, obj.next_batch(model))[0])
+    state = json.loads(json.dumps(obj.state_dict()))  # waits for the batch sampled in the background
+    assert state["ahead"]["index"] == 1 and state["rollouts"] == 2
+    restored = _objective(GRPO, tok, ref, generate_ahead=True, drop_zero_std=False)
+    restored.load_state_dict(state)
+    again, expected = restored.next_batch(model), obj.next_batch(model)
+    assert again.rollout.completions == expected.rollout.completions
+    for name in ("advantages", "old_logp", "ref_logp"):
+        assert torch.equal(getattr(again, name), getattr(expected, name)), name
+    assert restored.next_batch(model).rollout.completions == obj.next_batch(model).rollout.completions
+
+
+def test_dpo_generates_ahead(tok, mcfg):
+    model, ref = _models(mcfg)
+    obj = _objective(DPO, tok, ref, generate_ahead=True)
+    for _ in range(2):
+        loss, parts = obj.loss(model, obj.next_batch(model))
+        assert math.isfinite(loss.item()) and "time/rollout_wait_s" in parts
+
+
 def test_groups_without_reward_variance_are_dropped_and_counted(tok, mcfg):
     model, ref = _models(mcfg)
     obj = _objective(GRPO, tok, ref, env=ConstantEnv())
@@ -428,7 +486,7 @@ def test_truncated_completions_are_masked(tok, mcfg):
     truncated = [False, True, False, True]
     prompts = [prompt_tokens(obj.env, p, tok) for p in problems]
     sampled, logprobs = [[True] * len(c) for c in completions], [[0.0] * len(c) for c in completions]
-    batch = obj._prepare(obj.scored(problems, prompts, completions, sampled, logprobs, truncated, 0.0))
+    batch = obj._prepare(obj.scored(problems, prompts, completions, sampled, logprobs, truncated, 0.0, 0))
     assert batch.packed.mask.sum(1).tolist() == [3, 0, 2, 0]
 
 
@@ -549,11 +607,12 @@ RL_SETTINGS = {
 }  # fmt: skip
 
 
-def test_rl_stage_end_to_end_and_resume(tmp_path, tok, mcfg):
+@pytest.mark.parametrize("ahead", [False, True], ids=["sync", "generate_ahead"])
+def test_rl_stage_end_to_end_and_resume(tmp_path, tok, mcfg, ahead):
     from glasslab.stages.rl import rl
 
     run = _chat_run(tmp_path / "chat", tok, mcfg)
-    settings = {"model": mcfg.model_dump(), "rl": RL_SETTINGS, "eval": {"samples": 2, "pass_k": [1, 2]},
+    settings = {"model": mcfg.model_dump(), "rl": RL_SETTINGS | {"generate_ahead": ahead}, "eval": {"samples": 2, "pass_k": [1, 2]},
                 "probes": {"mode": "full"}, "system": {"threads": 1}}  # fmt: skip
     rl(build_config(settings), run)
     table = read_metrics(run.path, stage="rl").to_pylist()
@@ -573,7 +632,7 @@ def test_rl_stage_end_to_end_and_resume(tmp_path, tok, mcfg):
     assert "rl" in run.read_manifest()["stages_done"]
 
     # resumed for 2 more steps from the checkpoint (and reference) of step 4, the run repeats a straight 6-step run
-    longer = build_config(settings | {"rl": RL_SETTINGS | {"train": RL_SETTINGS["train"] | {"steps": 6}}})
+    longer = build_config(settings | {"rl": settings["rl"] | {"train": RL_SETTINGS["train"] | {"steps": 6}}})
     rl(longer, run)
     straight = _chat_run(tmp_path / "straight", tok, mcfg)
     rl(longer, straight)

@@ -51,7 +51,7 @@ class DPO(RolloutObjective):
     """Direct Preference Optimization on pairs the environment's rewards rank. See RLConfig (dpo_beta)."""
 
     def next_batch(self, model: nn.Module) -> DPOBatch:
-        rollout = self.rollout(model)
+        rollout = self.draw(model)
         chosen, rejected = preference_pairs(rollout.rewards, self.cfg.group_size)
         rows = chosen + rejected
         packed = pack(

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from glasslab.evaluate import prompt_tokens
 from glasslab.rl.losses import aggregate, group_advantages, grpo_token_loss, token_logprobs_and_entropy, zero_std_groups
 from glasslab.rl.rollout import (
     Packed, Rollout, RolloutObjective, completion_logits, pack, sampled_logprobs, sequence_logprobs,
@@ -29,8 +28,7 @@ class GRPOBatch:
     kept: Tensor  # (B,) bool: rows trained on (groups with no reward variance may be dropped)
     packed: Packed  # the kept rows
     ref_logp: Tensor  # (B_kept, L)
-    old_logp: Tensor | None  # (B_kept, L); None with num_iterations = 1, where π_old is the current policy
-    old_per_row: list[list[float]] | None  # the same numbers per row, sampled tokens only (resumable state)
+    old_logp: Tensor | None  # (B_kept, L); None when π_old is the current policy (rollout.old is None)
     metrics: dict[str, float]  # rollout statistics: logged with the first step on this batch only
     uses: int = 1
     ready_at: float = field(default_factory=time.perf_counter)
@@ -55,28 +53,40 @@ class GRPO(RolloutObjective):
             self.batch.metrics = {}
             self.batch.ready_at = time.perf_counter()
             return self.batch
-        self.batch = self._prepare(self.rollout(model), policy=model)
+        self.batch = self._prepare(self.draw(model))
         return self.batch
 
+    def sample(self, model: nn.Module) -> Rollout:
+        """A rollout batch and, when the loss needs π_old (num_iterations > 1, or sampled ahead by an older
+        policy), its log-probs under the policy that sampled them. Those recorded while sampling are π_old's at
+        temperature 1, in float32. Tempered sampling needs a no-grad forward of the sampling policy instead. So
+        does a bfloat16 step with the policy itself as π_old, so that its first ratio is exactly 1: its loss sees
+        log-probs that differ from float32 ones by about 1e-4 nats of KL per token. Sampled ahead, the ratio
+        already corrects a whole optimizer step (kl_old about 4e-4 in the main job), and the recorded log-probs
+        spare the sampling thread a forward that would make generation the step's bottleneck."""
+        rollout = self.rollout(model)
+        cfg = self.cfg
+        if cfg.num_iterations > 1 or cfg.generate_ahead:
+            bf16_first_ratio = torch.is_autocast_enabled(self.device.type) and not cfg.generate_ahead
+            recorded = cfg.temperature == 1.0 and not bf16_first_ratio
+            rollout.old = sampled_logprobs(rollout) if recorded else self._old_logprobs(model, rollout)
+        return rollout
+
     @torch.no_grad()
-    def _old_logprobs(self, model: nn.Module, packed: Packed) -> list[list[float]]:
+    def _old_logprobs(self, model: nn.Module, rollout: Rollout) -> list[list[float]]:
+        packed = pack(rollout.prompts, rollout.completions, rollout.sampled, self.tok.pad_id, self.device)
         logp = sequence_logprobs(model, packed, self.cfg.temperature)
         return [row[m].tolist() for row, m in zip(logp, packed.mask)]
 
-    def _prepare(self, rollout: Rollout, *, policy: nn.Module | None = None, old: list[list[float]] | None = None) -> GRPOBatch:
-        """Advantages, dropped groups, packed tensors, reference log-probs and (for num_iterations > 1) the old
-        log-probs: everything the batch's steps need, computed once. `old` is given when restoring a batch."""
+    def _prepare(self, rollout: Rollout) -> GRPOBatch:
+        """Advantages, dropped groups, packed tensors and reference log-probs: everything the batch's steps
+        need, computed once."""
         cfg, g = self.cfg, self.cfg.group_size
         advantages = group_advantages(rollout.rewards, g, cfg.scale_rewards)
         flat = zero_std_groups(rollout.rewards, g)
         kept = ~flat.repeat_interleave(g) if cfg.drop_zero_std else torch.ones_like(advantages, dtype=torch.bool)
         packed = pack(rollout.prompts, rollout.completions, rollout.sampled, self.tok.pad_id, self.device)
-        if old is None and cfg.num_iterations > 1:
-            # The log-probs recorded while sampling are π_old's at temperature 1, in float32. Tempered, or in a
-            # bfloat16 step (whose loss would see other numbers), one no-grad forward gives π_old instead.
-            reuse = cfg.temperature == 1.0 and not torch.is_autocast_enabled(self.device.type)
-            old = sampled_logprobs(rollout) if reuse else self._old_logprobs(policy, packed)
-        old_logp = packed.spread(old)[kept] if old is not None else None
+        old_logp = packed.spread(rollout.old)[kept] if rollout.old is not None else None
         if cfg.mask_truncated:
             packed.mask &= ~torch.tensor(rollout.truncated, device=self.device).unsqueeze(1)
         packed = packed.select(kept)
@@ -89,7 +99,7 @@ class GRPO(RolloutObjective):
             "rl/groups_dropped": float(flat.sum()) if cfg.drop_zero_std else 0.0,
             "time/reference_s": time.perf_counter() - t0,
         }
-        return GRPOBatch(rollout, advantages, kept, packed, ref_logp, old_logp, old, metrics)
+        return GRPOBatch(rollout, advantages, kept, packed, ref_logp, old_logp, metrics)
 
     def _token_loss(self, model: nn.Module, batch: GRPOBatch) -> tuple[Tensor, dict[str, float]]:
         cfg, packed = self.cfg, batch.packed
@@ -122,14 +132,9 @@ class GRPO(RolloutObjective):
         return sum(len(c) for c in batch.rollout.completions)
 
     def state_dict(self) -> dict:
-        """The rollout counter and, while a batch still has iterations to go, that batch (its completions and
-        old log-probs: everything else is recomputed from them), so a resumed run repeats the same steps."""
+        """Also, while a batch still has iterations to go, that batch, so a resumed run repeats the same steps."""
         b = self.batch
-        pending = None
-        if b is not None and b.uses < self.cfg.num_iterations:
-            r = b.rollout
-            pending = {"uses": b.uses, "completions": r.completions, "sampled": r.sampled, "logprobs": r.logprobs,
-                       "truncated": r.truncated, "old": b.old_per_row}  # fmt: skip
+        pending = self.rollout_state(b.rollout) | {"uses": b.uses} if b is not None and b.uses < self.cfg.num_iterations else None
         return super().state_dict() | {"pending": pending}
 
     def load_state_dict(self, state: dict) -> None:
@@ -137,9 +142,7 @@ class GRPO(RolloutObjective):
         self.batch, self._restore = None, state.get("pending")
 
     def _restored(self, s: dict) -> GRPOBatch:
-        problems = self.problems(self.rollouts - 1)
-        prompts = [prompt_tokens(self.env, p, self.tok) for p in problems]
-        rollout = self.scored(problems, prompts, s["completions"], s["sampled"], s["logprobs"], s["truncated"], 0.0)
-        batch = self._prepare(rollout, old=s["old"])
+        # (checkpoints written before batches recorded their index hold the latest one: rollouts - 1)
+        batch = self._prepare(self.restore_rollout({"index": self.rollouts - 1} | s))
         batch.uses = s["uses"]
         return batch

@@ -26,7 +26,8 @@ from glasslab.envs.base import Environment, Problem
 from glasslab.errors import GlasslabError
 from glasslab.evaluate import completion_text, evaluate_env, prompt_tokens
 from glasslab.model.generate import PromptBatch, generate
-from glasslab.model.gpt import PrefixCache
+from glasslab.model.gpt import GPT, PrefixCache
+from glasslab.rl.ahead import Ahead
 from glasslab.rl.hacking import repeat_rate
 from glasslab.rl.losses import token_logprobs, zero_std_groups
 from glasslab.tools import ToolInterceptor
@@ -50,6 +51,11 @@ class Rollout:
     rewards: Tensor  # (B,) the weighted sum of the scores
     group_size: int
     generation_s: float
+    index: int  # which rollout batch of the run (its seed: RolloutObjective.batch_seed)
+    # log π_old of the sampled tokens per row, from the policy that sampled them, when the loss needs π_old
+    # (GRPO with num_iterations > 1 or rl.generate_ahead); None otherwise
+    old: list[list[float]] | None = None
+    wait_s: float | None = None  # with rl.generate_ahead: how long the trainer waited for this batch
 
     def __len__(self) -> int:
         return len(self.completions)
@@ -68,6 +74,8 @@ class Rollout:
             "rl/repeat_rate": sum(map(repeat_rate, self.completions)) / len(self),
             "time/generation_s": self.generation_s,
         }
+        if self.wait_s is not None:
+            out["time/rollout_wait_s"] = self.wait_s
         out |= {f"rl/reward/{name}": sum(v) / len(v) for name, v in self.scores.items()}
         return out
 
@@ -203,6 +211,8 @@ class RolloutObjective:
         self.interceptor = ToolInterceptor(tok)
         self.rollouts = 0  # rollout batches drawn so far: seeds the next one, so a resumed run draws the same
         self._probe_rows: Tensor | None = None
+        self._ahead: Ahead[Rollout] | None = None
+        self._next: Rollout | None = None  # the next batch to train on, sampled ahead or restored
 
     def batch_seed(self, index: int) -> int:
         """The seed of rollout batch `index`: its problems and its samples. Under torchrun each rank draws its own
@@ -214,22 +224,60 @@ class RolloutObjective:
         drawn = self.env.problems("train", self.cfg.prompts_per_step, seed=self.batch_seed(index))
         return [p for p in drawn for _ in range(self.cfg.group_size)]
 
+    def draw(self, model: GPT) -> Rollout:
+        """The rollout batch to train on now. Sampled by `model`; with rl.generate_ahead, by a copy of it one
+        optimizer step older, in the background during the previous step, and the next batch starts sampling
+        before this returns (rl/ahead.py)."""
+        if not self.cfg.generate_ahead:
+            ready, self._next = self._next, None
+            return ready if ready is not None else self.sample(model)
+        if self._ahead is None:
+            self._ahead = Ahead(model)
+        t0 = time.perf_counter()
+        self._finish_ahead()
+        ready, self._next = self._next, None
+        waited = time.perf_counter() - t0
+        copy = self._ahead.refresh(model)
+        if ready is None:  # the run's first batch: nothing was sampled ahead of it
+            ready = self.sample(copy)
+        self._ahead.start(self.sample)
+        ready.wait_s = waited
+        return ready
+
+    def _finish_ahead(self) -> None:
+        """Wait for the batch being sampled in the background, if any, and hold it as the next one."""
+        if self._ahead is not None and (done := self._ahead.wait()) is not None:
+            self._next = done
+
+    def close(self) -> None:
+        """After training: stop sampling ahead (the batch in flight is kept for state_dict)."""
+        if self._ahead is not None:
+            self._finish_ahead()
+            self._ahead.close()
+            self._ahead = None
+
+    def sample(self, model: nn.Module) -> Rollout:
+        """A fresh rollout batch, with whatever the objective needs from the policy that sampled it."""
+        return self.rollout(model)
+
     def rollout(self, model: nn.Module) -> Rollout:
         """prompts_per_step fresh training problems x group_size completions, all in one generate() call."""
-        problems = self.problems(self.rollouts)
+        index = self.rollouts
+        problems = self.problems(index)
         prompts = [prompt_tokens(self.env, p, self.tok) for p in problems]
         t0 = time.perf_counter()
         with torch.autocast(self.device.type, enabled=False):  # sampling is float32, also inside a bf16 step
             out = generate(
                 model, prompts, self.cfg.max_new_tokens, temperature=self.cfg.temperature, stop_ids=(self.tok.end_id,),
-                pad_id=self.tok.pad_id, seed=self.batch_seed(self.rollouts), interceptor=self.interceptor,
+                pad_id=self.tok.pad_id, seed=self.batch_seed(index), interceptor=self.interceptor,
             )  # fmt: skip
         self.rollouts += 1
-        return self.scored(problems, prompts, out.tokens, out.sampled, out.logprobs, out.truncated, time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        return self.scored(problems, prompts, out.tokens, out.sampled, out.logprobs, out.truncated, elapsed, index)
 
     def scored(
         self, problems: list[Problem], prompts: list[list[int]], completions: list[list[int]], sampled: list[list[bool]],
-        logprobs: list[list[float]], truncated: list[bool], generation_s: float,
+        logprobs: list[list[float]], truncated: list[bool], generation_s: float, index: int,
     ) -> Rollout:  # fmt: skip
         """Score completions with every reward function; the reward is their weighted sum."""
         texts = [completion_text(self.tok, c) for c in completions]
@@ -238,7 +286,7 @@ class RolloutObjective:
         weights = self.cfg.reward_weights
         rewards = torch.tensor([sum(w * s.get(name, 0.0) for name, w in weights.items()) for s in per_row], device=self.device)
         g = self.cfg.group_size
-        return Rollout(problems, prompts, completions, sampled, logprobs, truncated, texts, scores, rewards, g, generation_s)
+        return Rollout(problems, prompts, completions, sampled, logprobs, truncated, texts, scores, rewards, g, generation_s, index)
 
     @torch.no_grad()
     def reference_logprobs(self, packed: Packed) -> Tensor:
@@ -285,10 +333,28 @@ class RolloutObjective:
         return self._probe_rows
 
     def state_dict(self) -> dict:
-        return {"rollouts": self.rollouts}
+        """The rollout counter and the batch sampled ahead for the next step, if any (waiting for it): a resumed
+        run trains on the same batches."""
+        self._finish_ahead()
+        ahead = self.rollout_state(self._next) if self._next is not None else None
+        return {"rollouts": self.rollouts, "ahead": ahead}
 
     def load_state_dict(self, state: dict) -> None:
         self.rollouts = state["rollouts"]
+        self._next = self.restore_rollout(state["ahead"]) if state.get("ahead") else None
+
+    @staticmethod
+    def rollout_state(r: Rollout) -> dict:
+        """What a checkpoint keeps of a rollout batch: everything else is recomputed from it."""
+        return {"index": r.index, "completions": r.completions, "sampled": r.sampled, "logprobs": r.logprobs,
+                "truncated": r.truncated, "old": r.old}  # fmt: skip
+
+    def restore_rollout(self, s: dict) -> Rollout:
+        problems = self.problems(s["index"])
+        prompts = [prompt_tokens(self.env, p, self.tok) for p in problems]
+        rollout = self.scored(problems, prompts, s["completions"], s["sampled"], s["logprobs"], s["truncated"], 0.0, s["index"])
+        rollout.old = s["old"]
+        return rollout
 
 
 # ---- hooks of the RL stage -------------------------------------------------------------------------

@@ -77,6 +77,9 @@ def rl(
         if latest_checkpoint(run.checkpoints_dir, objective.stage) is None:
             store.log(0, objective.stage, objective.evaluate(model))  # the curves start at the SFT model
         all_hooks = [*stage_hooks, *hooks, *build_probes(cfg, run, tok)]
-        train(model, objective, cfg.rl.train, run, store, arch=cfg.model.model_dump(), hooks=all_hooks,
-              progress=progress, system=cfg.system)  # fmt: skip
+        try:
+            train(model, objective, cfg.rl.train, run, store, arch=cfg.model.model_dump(), hooks=all_hooks,
+                  progress=progress, system=cfg.system)  # fmt: skip
+        finally:
+            objective.close()  # with rl.generate_ahead: stop its thread, give back the intra-op threads
     return model
