@@ -434,6 +434,7 @@ def test_generating_ahead_trains_on_batches_sampled_one_step_before(tok, mcfg):
     assert torch.allclose(second.old_logp, old, atol=1e-5)
     _, parts = ahead.loss(model, second)
     assert parts["rl/kl_old"] > 0  # the policy trained is one step newer than the one that sampled
+    ahead.close()
 
 
 def test_a_batch_sampled_ahead_survives_a_checkpoint(tok, mcfg):
@@ -449,14 +450,21 @@ def test_a_batch_sampled_ahead_survives_a_checkpoint(tok, mcfg):
     for name in ("advantages", "old_logp", "ref_logp"):
         assert torch.equal(getattr(again, name), getattr(expected, name)), name
     assert restored.next_batch(model).rollout.completions == obj.next_batch(model).rollout.completions
+    restored.close(), obj.close()
 
 
-def test_dpo_generates_ahead(tok, mcfg):
+def test_dpo_generates_ahead_and_close_gives_the_threads_back(tok, mcfg):
     model, ref = _models(mcfg)
+    threads = torch.get_num_threads()
     obj = _objective(DPO, tok, ref, generate_ahead=True)
     for _ in range(2):
         loss, parts = obj.loss(model, obj.next_batch(model))
         assert math.isfinite(loss.item()) and "time/rollout_wait_s" in parts
+        assert torch.get_num_threads() == max(1, threads // 2)  # the trainer's half; the sampling thread has the other
+    obj.close()
+    assert torch.get_num_threads() == threads
+    state = obj.state_dict()  # the batch that was in flight at close is kept, so a checkpoint still resumes onto it
+    assert state["ahead"]["index"] == 2 and state["rollouts"] == 3
 
 
 def test_groups_without_reward_variance_are_dropped_and_counted(tok, mcfg):

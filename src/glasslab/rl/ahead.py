@@ -33,7 +33,7 @@ class Ahead(Generic[T]):
         self._threads = torch.get_num_threads()
         half = max(1, self._threads // 2)
         torch.set_num_threads(half)
-        self._pool = ThreadPoolExecutor(1, "glasslab-rollouts", initializer=torch.set_num_threads, initargs=(half,))
+        self._pool = ThreadPoolExecutor(1, "glasslab-rollouts", initializer=_start_worker, initargs=(half,))
         self._future: Future[T] | None = None
 
     def refresh(self, policy: GPT) -> GPT:
@@ -63,3 +63,12 @@ class Ahead(Generic[T]):
         """Finish the batch in flight, stop the thread, and give the process its intra-op threads back."""
         self._pool.shutdown(wait=True)
         torch.set_num_threads(self._threads)
+
+
+def _start_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+    # Autocast's cache of weight casts is shared by every thread, and a thread leaving its outermost autocast
+    # context (even a disabled one, as sampling's) clears it. Cleared in the middle of the trainer's step, a weight
+    # used by two forwards gets two casts, so its gradient is summed in float32 instead of bf16: a difference in
+    # the last bits that would depend on thread timing. Nested for the worker's whole life, it never clears it.
+    torch.autocast_increment_nesting()
