@@ -437,6 +437,15 @@ def test_generating_ahead_trains_on_batches_sampled_one_step_before(tok, mcfg):
     ahead.close()
 
 
+def test_generating_ahead_leaves_the_trainers_random_stream_alone(tok, mcfg):
+    model, ref = _models(mcfg)
+    obj = _objective(GRPO, tok, ref, generate_ahead=True)
+    state = torch.get_rng_state()
+    obj.next_batch(model)  # makes the sampling copy, whose init would draw from the global generator
+    assert torch.equal(torch.get_rng_state(), state)  # dropout masks after a resume match a straight run's
+    obj.close()
+
+
 def test_a_batch_sampled_ahead_survives_a_checkpoint(tok, mcfg):
     model, ref = _models(mcfg)
     obj = _objective(GRPO, tok, ref, generate_ahead=True, drop_zero_std=False)

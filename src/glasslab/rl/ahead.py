@@ -28,7 +28,10 @@ class Ahead(Generic[T]):
 
     def __init__(self, policy: GPT) -> None:
         device = next(policy.parameters()).device
-        self.copy = GPT(policy.cfg).to(device).eval().requires_grad_(False)
+        # Its random init is overwritten at every refresh, and must not move the trainer's random stream (dropout):
+        # a run resumed from a checkpoint makes the copy at another step than the run it continues.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            self.copy = GPT(policy.cfg).to(device).eval().requires_grad_(False)
         self.device_type = device.type
         self._threads = torch.get_num_threads()
         half = max(1, self._threads // 2)
