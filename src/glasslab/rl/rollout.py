@@ -228,14 +228,13 @@ class RolloutObjective:
         """The rollout batch to train on now. Sampled by `model`; with rl.generate_ahead, by a copy of it one
         optimizer step older, in the background during the previous step, and the next batch starts sampling
         before this returns (rl/ahead.py)."""
-        if not self.cfg.generate_ahead:
-            ready, self._next = self._next, None
-            return ready if ready is not None else self.sample(model)
-        if self._ahead is None:
+        if self.cfg.generate_ahead and self._ahead is None:
             self._ahead = Ahead(model)
         t0 = time.perf_counter()
         self._finish_ahead()
-        ready, self._next = self._next, None
+        ready, self._next = self._next, None  # sampled ahead, or restored from a checkpoint
+        if self._ahead is None:
+            return ready if ready is not None else self.sample(model)
         waited = time.perf_counter() - t0
         copy = self._ahead.refresh(model)
         if ready is None:  # the run's first batch: nothing was sampled ahead of it
