@@ -26,7 +26,8 @@ from glasslab.rl.dpo import DPO, preference_pairs
 from glasslab.rl.grpo import GRPO
 from glasslab.rl.hacking import HackingDetectors, repeat_rate
 from glasslab.rl.losses import (
-    dpo_loss, group_advantages, grpo_loss, kl_estimate, token_entropy, token_logprobs, zero_std_groups,
+    dpo_loss, group_advantages, grpo_loss, kl_estimate, token_entropy, token_logprobs,
+    token_logprobs_and_entropy, zero_std_groups,
 )  # fmt: skip
 from glasslab.rl.rollout import completion_logits, pack, sequence_logprobs
 from glasslab.stages.common import save_config
@@ -176,6 +177,39 @@ def test_token_logprobs_and_entropy():
     p = logits.softmax(-1)
     assert torch.allclose(token_logprobs(logits, targets), p.gather(-1, targets[..., None]).squeeze(-1).log(), atol=1e-6)
     assert torch.allclose(token_entropy(logits), -(p * p.log()).sum(-1), atol=1e-6)
+
+
+@pytest.mark.parametrize("entropy_grad", [False, True])
+def test_fused_logprobs_and_entropy_match_autograd(entropy_grad):
+    """The fused op's values and hand-written backward equal autograd's through a log-softmax, in float64, with
+    the entropy trained on (an entropy bonus) or only logged (detached, its gradient never asked for)."""
+    torch.manual_seed(0)
+    logits = (4 * torch.randn(12, 9, dtype=torch.float64)).requires_grad_()
+    targets = torch.randint(0, 9, (12,))
+    a, b = torch.randn(12, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+
+    def objective(fn):
+        logp, entropy = fn(logits, targets)
+        (logp * a + (entropy * b if entropy_grad else entropy.detach())).sum().backward()
+        grad, logits.grad = logits.grad, None
+        return logp.detach(), entropy.detach(), grad
+
+    fused = objective(token_logprobs_and_entropy)
+    plain = objective(lambda x, t: (token_logprobs(x, t), token_entropy(x)))
+    for got, want in zip(fused, plain):
+        assert torch.allclose(got, want, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: token_logprobs_and_entropy(x, targets), (logits.detach().requires_grad_(),))
+
+
+def test_fused_logprobs_and_entropy_in_bfloat16():
+    """bf16 logits (a CPU autocast head) are read in float32: no underflow at large logits, a bf16 gradient."""
+    logits = (30 * torch.randn(5, 64)).bfloat16().requires_grad_()
+    targets = torch.randint(0, 64, (5,))
+    logp, entropy = token_logprobs_and_entropy(logits, targets)
+    assert logp.dtype == torch.float32 and torch.isfinite(logp).all() and (entropy >= -1e-5).all()
+    assert torch.allclose(logp, token_logprobs(logits.float(), targets), atol=1e-5)
+    logp.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16 and torch.allclose(logits.grad.float().sum(-1), torch.zeros(5), atol=1e-2)
 
 
 # ---- a fake environment and a tiny model -------------------------------------------------------
