@@ -42,8 +42,9 @@ def token_entropy(logits: Tensor) -> Tensor:
 class _LogprobEntropy(torch.autograd.Function):
     """log p(target) and the entropy of (N, V) logits from one softmax, with a backward written from the saved
     probabilities. Autograd's version runs a log-softmax, a softmax, a product and their backwards (a zero-filled
-    gather gradient and a log-softmax backward that recomputes the exponentials), about a quarter of the tiny
-    model's GRPO step on CPU; this runs one softmax forward and one product backward."""
+    gather gradient and a log-softmax backward that recomputes the exponentials), about a quarter of the training
+    half of the tiny model's GRPO step on CPU; this makes two passes fewer over the logits each way. That pays
+    most while a second thread samples (rl.generate_ahead), when the passes over memory are what contend."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:  # noqa: ANN001
