@@ -26,11 +26,18 @@ def logsumexp_of(logits: Tensor, probs: Tensor) -> Tensor:
     return logits.amax(dim=-1) - probs.amax(dim=-1).log()
 
 
-def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
-    """log p(target) at every position: (..., V), (...) -> (...), e.g. (B, T, V), (B, T) -> (B, T). The same
-    arithmetic as `token_logprobs_and_entropy`, so a reference equal to the policy gives its log-probs to the bit."""
+def _softmax_logprobs(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The logits in float32 at least (bf16 ones from an autocast head), their softmax, log-sum-exp, and log p of
+    the targets: the one computation behind every RL log-prob, so a reference equal to the policy agrees to the bit."""
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return x.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logsumexp_of(x, torch.softmax(x, dim=-1))
+    probs = torch.softmax(x, dim=-1)
+    lse = logsumexp_of(x, probs)
+    return x, probs, lse, x.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+
+
+def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """log p(target) at every position: (..., V), (...) -> (...), e.g. (B, T, V), (B, T) -> (B, T)."""
+    return _softmax_logprobs(logits, targets)[3]
 
 
 def token_entropy(logits: Tensor) -> Tensor:
@@ -48,10 +55,7 @@ class _LogprobEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:  # noqa: ANN001
-        x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: softmax in float32
-        probs = torch.softmax(x, dim=-1)
-        lse = logsumexp_of(x, probs)
-        logp = x.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+        x, probs, lse, logp = _softmax_logprobs(logits, targets)
         entropy = lse - (probs * x).sum(-1)  # H = -Σ p (x - lse) = lse - Σ p x
         ctx.save_for_backward(probs, x, targets, lse, entropy)
         ctx.set_materialize_grads(False)
