@@ -28,7 +28,7 @@ Timed, one torch thread each, back to back (glasslab, TRL, glasslab again, to se
             logging and gradient checkpointing are off. Its time is split by wrapping its generation call and
             its reference-model log-prob call.
 With --generate-ahead (and --threads 2, so both sides have the same two cores), glasslab samples batch k+1 in a
-second thread while batch k trains (rl.generate_ahead); its split then shows rollout_wait_s, the time the step
+second process while batch k trains (rl.generate_ahead); its split then shows rollout_wait_s, the time the step
 waited for its batch, in place of the overlapped generation time. TRL has no such mode on CPU.
 Writes bench/results/trl_grpo.json (trl_grpo_ahead.json with --generate-ahead): ms/step, steps/s, completion tokens/s per side, the ratio, load averages.
 """
@@ -264,7 +264,7 @@ def main() -> None:
     ap.add_argument("--precision", default="bfloat16", choices=["float32", "bfloat16"],
                     help="both sides: glasslab's system.precision, TRL's bf16 flag (the CPU autocast either way)")
     ap.add_argument("--generate-ahead", action="store_true",
-                    help="glasslab samples the next batch in a second thread while this one trains (rl.generate_ahead);"
+                    help="glasslab samples the next batch in a second process while this one trains (rl.generate_ahead);"
                          " it then uses two cores, so give both sides --threads 2")  # fmt: skip
     ap.add_argument("--out", type=Path, default=None,
                     help="default: bench/results/trl_grpo.json, or trl_grpo_ahead.json with --generate-ahead")
@@ -292,6 +292,7 @@ def main() -> None:
         bf16 = amp is not None
         llama_model, theirs = trl_steps(tok, env, rl, args.warmup, args.steps, args.intermediate, Path(tmp), bf16)
     loads["after_trl"] = load()
+    grpo_steps(objective, model, optimizer, args.warmup, amp)  # generating ahead starts its sampling process again
     after = grpo_steps(objective, model, optimizer, args.steps, amp)
     objective.close()
     loads["after_glasslab_2"] = load()

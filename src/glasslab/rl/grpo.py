@@ -63,7 +63,7 @@ class GRPO(RolloutObjective):
         does a bfloat16 step with the policy itself as π_old, so that its first ratio is exactly 1: its loss sees
         log-probs that differ from float32 ones by about 1e-4 nats of KL per token. Sampled ahead, the ratio
         already corrects a whole optimizer step (kl_old about 4e-4 in the main job), and the recorded log-probs
-        spare the sampling thread a forward that would make generation the step's bottleneck."""
+        spare the sampling process a forward that would make generation the step's bottleneck."""
         rollout = self.rollout(model)
         cfg = self.cfg
         if cfg.num_iterations > 1 or cfg.generate_ahead:

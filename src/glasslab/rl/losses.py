@@ -51,7 +51,7 @@ class _LogprobEntropy(torch.autograd.Function):
     probabilities. Autograd's version runs a log-softmax, a softmax, a product and their backwards (a zero-filled
     gather gradient and a log-softmax backward that recomputes the exponentials), about a quarter of the training
     half of the tiny model's GRPO step on CPU; this makes two passes fewer over the logits each way. That pays
-    most while a second thread samples (rl.generate_ahead), when the passes over memory are what contend."""
+    most while sampling runs beside it (rl.generate_ahead), when the passes over memory are what contend."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:  # noqa: ANN001

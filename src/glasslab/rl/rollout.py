@@ -229,7 +229,7 @@ class RolloutObjective:
         optimizer step older, in the background during the previous step, and the next batch starts sampling
         before this returns (rl/ahead.py)."""
         if self.cfg.generate_ahead and self._ahead is None:
-            self._ahead = Ahead(model)
+            self._ahead = Ahead(model, self.sample_at)
         t0 = time.perf_counter()
         self._finish_ahead()
         ready, self._next = self._next, None  # sampled ahead, or restored from a checkpoint
@@ -239,7 +239,8 @@ class RolloutObjective:
         copy = self._ahead.refresh(model)
         if ready is None:  # the run's first batch: nothing was sampled ahead of it
             ready = self.sample(copy)
-        self._ahead.start(self.sample)
+        self._ahead.start(self.rollouts)
+        self.rollouts += 1
         ready.wait_s = waited
         return ready
 
@@ -258,6 +259,15 @@ class RolloutObjective:
     def sample(self, model: nn.Module) -> Rollout:
         """A fresh rollout batch, with whatever the objective needs from the policy that sampled it."""
         return self.rollout(model)
+
+    def sample_at(self, model: nn.Module, index: int) -> Rollout:
+        """`sample` for rollout batch `index`: what the sampling process runs, on its own copy of this objective."""
+        self.rollouts = index
+        return self.sample(model)
+
+    def __getstate__(self) -> dict:
+        """The copy the sampling process gets (rl/ahead.py): all but the reference model and the batches in hand."""
+        return self.__dict__ | {"ref": None, "_ahead": None, "_next": None}
 
     def rollout(self, model: nn.Module) -> Rollout:
         """prompts_per_step fresh training problems x group_size completions, all in one generate() call."""

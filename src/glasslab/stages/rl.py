@@ -81,5 +81,5 @@ def rl(
             train(model, objective, cfg.rl.train, run, store, arch=cfg.model.model_dump(), hooks=all_hooks,
                   progress=progress, system=cfg.system)  # fmt: skip
         finally:
-            objective.close()  # with rl.generate_ahead: stop its thread, give back the intra-op threads
+            objective.close()  # with rl.generate_ahead: stop its process, give back the intra-op threads
     return model
