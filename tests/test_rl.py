@@ -6,8 +6,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import random
+import signal
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from glasslab.errors import GlasslabError
 from glasslab.evaluate import prompt_tokens
 from glasslab.model.generate import generate
 from glasslab.model.gpt import GPT
+from glasslab.rl.ahead import Ahead
 from glasslab.rl.dpo import DPO, preference_pairs
 from glasslab.rl.grpo import GRPO
 from glasslab.rl.hacking import HackingDetectors, repeat_rate
@@ -494,6 +498,40 @@ def test_a_batch_sampled_ahead_survives_a_checkpoint(tok, mcfg):
         assert torch.equal(getattr(again, name), getattr(expected, name)), name
     assert restored.next_batch(model).rollout.completions == obj.next_batch(model).rollout.completions
     restored.close(), obj.close()
+
+
+def _failing_sample(model: GPT, index: int) -> None:  # module level: the sampling process unpickles it
+    raise GlasslabError(f"batch {index} could not be sampled")
+
+
+def test_an_error_while_sampling_ahead_reaches_the_trainer(mcfg):
+    ahead = Ahead(GPT(mcfg), _failing_sample)
+    ahead.start(3)
+    with pytest.raises(GlasslabError, match="batch 3 could not be sampled"):
+        ahead.wait()
+    ahead.close()
+
+
+def _pid_after(model: GPT, tenths: int) -> int:
+    time.sleep(tenths / 10)
+    return os.getpid()
+
+
+def test_ctrl_c_leaves_the_sampling_process_to_the_trainer(mcfg):
+    """Ctrl-C signals the whole process group; the trainer stops cleanly with the batch in flight, so the sampling
+    process must finish that batch instead of dying of it."""
+    ahead = Ahead(GPT(mcfg), _pid_after)
+    ahead.start(0)
+    worker = ahead.wait()
+    ahead.start(5)
+    time.sleep(0.1)
+    os.kill(worker, signal.SIGINT)
+    try:
+        finished = ahead.wait()
+    except KeyboardInterrupt:  # what a worker that dies of it sends back: a failure, not pytest's own interrupt
+        finished = None
+    assert finished == worker
+    ahead.close()
 
 
 def test_dpo_generates_ahead_and_close_gives_the_threads_back(tok, mcfg):

@@ -9,7 +9,7 @@ seed, and equal to the bit to one that samples in a thread.
 
 A process rather than a thread: both halves of an RL step are thousands of small PyTorch ops, and each op takes
 Python's GIL to launch. In one process the two threads queue for it at every op: the tiny model's training half
-took 186 ms a step beside a sampling thread, 168 ms beside a sampling process and 165 ms alone (bench/README).
+took 186 ms a step beside a sampling thread, 168 ms beside a sampling process and 165 ms alone (README).
 PyTorch's intra-op thread count is one per process: while generating ahead it is halved, so the two processes
 together use the cores one used before (more would oversubscribe them), and `close` restores it.
 """
@@ -17,6 +17,7 @@ together use the cores one used before (more would oversubscribe them), and `clo
 from __future__ import annotations
 
 import ctypes
+import signal
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Generic, TypeVar
@@ -77,6 +78,9 @@ _worker: tuple[GPT, Callable] | None = None  # in the worker process: the shared
 
 def _start_worker(copy: GPT, sample: Callable, threads: int) -> None:
     global _worker
+    # Ctrl-C reaches the whole process group; the trainer's process handles it (it finishes the step, checkpoints
+    # with the batch in flight, and stops), so the worker must not die of it mid-batch.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     _keep_freed_memory()
     _worker = copy, sample
