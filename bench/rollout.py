@@ -76,8 +76,9 @@ def grpo_steps(
         gen, ref = parts["time/generation_s"], parts["time/reference_s"]
         record = {"step_s": total, "generation_s": gen, "reference_s": ref, "rest_s": total - gen - ref,
                   "tokens": objective.batch_tokens(batch)}  # fmt: skip
-        if "time/rollout_wait_s" in parts:  # generating ahead: generation overlaps the step, waiting is what it costs
-            record |= {"rollout_wait_s": parts["time/rollout_wait_s"], "rest_s": total - parts["time/rollout_wait_s"] - ref}
+        if "time/rollout_wait_s" in parts:  # generating ahead: sampling and the reference's scoring overlap the step
+            wait = parts["time/rollout_wait_s"]
+            record |= {"rollout_wait_s": wait, "rest_s": total - wait}
         steps.append(record)
     return steps
 

@@ -469,10 +469,31 @@ def test_generating_ahead_trains_on_batches_sampled_one_step_before(tok, mcfg):
     assert second.rollout.completions == sync.next_batch(theta0).rollout.completions
     with torch.no_grad():
         old = sequence_logprobs(theta0, second.packed, 1.0)
+        reference = sequence_logprobs(ref, second.packed, 1.0)
     assert torch.allclose(second.old_logp, old, atol=1e-5)
+    assert second.rollout.ref is not None  # the sampling process scored it under its copy of the reference
+    assert torch.allclose(second.ref_logp, reference, atol=1e-5)
     _, parts = ahead.loss(model, second)
     assert parts["rl/kl_old"] > 0  # the policy trained is one step newer than the one that sampled
     ahead.close()
+
+
+def test_a_reference_reset_while_sampling_ahead_scores_the_batch_in_flight_again(tok, mcfg):
+    """The batch in flight at a reset was scored under the old reference in the sampling process: the trainer
+    scores it under the new one (also in a checkpoint taken then), and the batch after comes from the new copy."""
+    model, ref = _models(mcfg)
+    obj = _objective(GRPO, tok, ref, generate_ahead=True, drop_zero_std=False, mask_truncated=False)
+    _sgd(model, obj.loss(model, obj.next_batch(model))[0])
+    obj.reset_reference({k: v.detach().clone() for k, v in model.state_dict().items()})  # as ReferenceReset does
+    assert obj.state_dict()["ahead"]["ref"] is None  # a resumed run scores it under the reference it loads
+    for scored_by_sampler in (False, True):  # the batch in flight at the reset, then the one sampled after it
+        batch = obj.next_batch(model)
+        assert (batch.rollout.ref is not None) == scored_by_sampler
+        with torch.no_grad():
+            expected = sequence_logprobs(ref, batch.packed, 1.0) * batch.packed.mask  # the new reference
+        assert torch.allclose(batch.ref_logp, expected, atol=1e-5)
+        _sgd(model, obj.loss(model, batch)[0])
+    obj.close()
 
 
 def test_generating_ahead_leaves_the_trainers_random_stream_alone(tok, mcfg):
@@ -500,27 +521,50 @@ def test_a_batch_sampled_ahead_survives_a_checkpoint(tok, mcfg):
     restored.close(), obj.close()
 
 
-def _failing_sample(model: GPT, index: int) -> None:  # module level: the sampling process unpickles it
+def _failing_sample(model: GPT, ref: GPT, index: int) -> None:  # module level: the sampling process unpickles it
     raise GlasslabError(f"batch {index} could not be sampled")
 
 
 def test_an_error_while_sampling_ahead_reaches_the_trainer(mcfg):
-    ahead = Ahead(GPT(mcfg), _failing_sample)
+    ahead = Ahead(GPT(mcfg), GPT(mcfg), _failing_sample)
     ahead.start(3)
     with pytest.raises(GlasslabError, match="batch 3 could not be sampled"):
         ahead.wait()
     ahead.close()
 
 
-def _pid_after(model: GPT, tenths: int) -> int:
+def _pid_after(model: GPT, ref: GPT, tenths: int) -> int:
     time.sleep(tenths / 10)
     return os.getpid()
+
+
+def _reference_sum(model: GPT, ref: GPT, index: int) -> float:
+    return sum(p.sum().item() for p in ref.parameters())
+
+
+def test_the_sampling_process_keeps_its_reference_until_given_a_new_one(mcfg):
+    """The reference copy changes only when refresh is given the reference (rl.ref_reset_every)."""
+    policy, ref = GPT(mcfg), GPT(mcfg)
+    ahead = Ahead(policy, ref, _reference_sum)
+    ahead.start(0)
+    before = ahead.wait()
+    assert before == pytest.approx(_reference_sum(policy, ref, 0))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.5)
+    ahead.refresh(policy)
+    ahead.start(1)
+    assert ahead.wait() == before
+    ahead.refresh(policy, ref)
+    ahead.start(2)
+    assert ahead.wait() == pytest.approx(_reference_sum(policy, ref, 0)) != before
+    ahead.close()
 
 
 def test_ctrl_c_leaves_the_sampling_process_to_the_trainer(mcfg):
     """Ctrl-C signals the whole process group; the trainer stops cleanly with the batch in flight, so the sampling
     process must finish that batch instead of dying of it."""
-    ahead = Ahead(GPT(mcfg), _pid_after)
+    ahead = Ahead(GPT(mcfg), GPT(mcfg), _pid_after)
     ahead.start(0)
     worker = ahead.wait()
     ahead.start(5)
@@ -539,8 +583,12 @@ def test_dpo_generates_ahead_and_close_gives_the_threads_back(tok, mcfg):
     threads = torch.get_num_threads()
     obj = _objective(DPO, tok, ref, generate_ahead=True)
     for _ in range(2):
-        loss, parts = obj.loss(model, obj.next_batch(model))
+        batch = obj.next_batch(model)
+        loss, parts = obj.loss(model, batch)
         assert math.isfinite(loss.item()) and "time/rollout_wait_s" in parts
+        assert batch.chosen  # (this seed's batches have pairs) whose reference log-probs the sampling process scored
+        with torch.no_grad():
+            assert torch.allclose(batch.ref_logp, sequence_logprobs(ref, batch.packed, 1.0), atol=1e-5)
         assert torch.get_num_threads() == max(1, threads // 2)  # the trainer's half; the sampling thread has the other
     obj.close()
     assert torch.get_num_threads() == threads

@@ -4,8 +4,10 @@ current one trains, so generation and training share the machine instead of taki
 Sampling runs on a copy of the policy in shared memory, refreshed from it before each batch starts. Batch k+1
 therefore comes from the weights that train on batch k: the policy trained on a batch is one optimizer step newer
 than the one that sampled it, and the objective's importance ratio against the sampling policy (π_old) corrects
-for that. The copy carries no probe hooks, and each batch is fixed by its index, so a run is deterministic at a
-seed, and equal to the bit to one that samples in a thread.
+for that. The process also scores its batch under a copy of the frozen reference policy, work the trainer would
+otherwise do while the sampler waits. A reference reset (rl.ref_reset_every) refreshes that copy at the next
+batch, and the batch in flight, scored under the old reference, is scored again by the trainer. The copies carry
+no probe hooks, and each batch is fixed by its index, so a run is deterministic at a seed.
 
 A process rather than a thread: both halves of an RL step are thousands of small PyTorch ops, and each op takes
 Python's GIL to launch. In one process the two threads queue for it at every op: the tiny model's training half
@@ -31,31 +33,28 @@ T = TypeVar("T")
 
 
 class Ahead(Generic[T]):
-    """One background worker process, the policy copy it samples with, and `sample(copy, index)`, the job it runs
-    (picklable: it is sent to the worker once, when the worker starts)."""
+    """One background worker process, the copies of the policy and the reference it works with, and
+    `sample(policy_copy, reference_copy, index)`, the job it runs (picklable: it is sent to the worker once, when
+    the worker starts)."""
 
-    def __init__(self, policy: GPT, sample: Callable[[GPT, int], T]) -> None:
-        device = next(policy.parameters()).device
-        # Its random init is overwritten at every refresh, and must not move the trainer's random stream (dropout):
-        # a run resumed from a checkpoint makes the copy at another step than the run it continues.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            self.copy = GPT(policy.cfg).to(device).eval().requires_grad_(False).share_memory()
-        self.device_type = device.type
+    def __init__(self, policy: GPT, reference: GPT, sample: Callable[[GPT, GPT, int], T]) -> None:
+        self.copy, self.reference = _shared_copy(policy), _copy_weights(_shared_copy(reference), reference)
+        self.device_type = next(policy.parameters()).device.type
         self._threads = torch.get_num_threads()
         half = max(1, self._threads // 2)
         torch.set_num_threads(half)
         self._pool = ProcessPoolExecutor(
-            1, mp_context=mp.get_context("spawn"), initializer=_start_worker, initargs=(self.copy, sample, half)
+            1, mp_context=mp.get_context("spawn"), initializer=_start_worker, initargs=(self.copy, self.reference, sample, half)
         )
         self._future: Future[T] | None = None
 
-    def refresh(self, policy: GPT) -> GPT:
-        """Copy the policy's current weights into the sampling copy (nothing may be running on it)."""
+    def refresh(self, policy: GPT, reference: GPT | None = None) -> GPT:
+        """Copy the policy's current weights into the sampling copy, and the reference's if it is given (it
+        changes only at a reference reset); nothing may be running on them. Returns the policy copy."""
         assert self._future is None, "refresh while a batch is being sampled"
-        with torch.no_grad():
-            for mine, theirs in zip(self.copy.parameters(), policy.parameters(), strict=True):
-                mine.copy_(theirs)
-        return self.copy
+        if reference is not None:
+            _copy_weights(self.reference, reference)
+        return _copy_weights(self.copy, policy)
 
     def start(self, index: int) -> None:
         """Sample batch `index` in the background, under the caller's autocast."""
@@ -73,17 +72,33 @@ class Ahead(Generic[T]):
         torch.set_num_threads(self._threads)
 
 
-_worker: tuple[GPT, Callable] | None = None  # in the worker process: the shared copy and the job
+def _shared_copy(model: GPT) -> GPT:
+    """An inference copy of the model's architecture in shared memory. Its random init is overwritten before use,
+    and must not move the trainer's random stream (dropout): a run resumed from a checkpoint makes the copy at
+    another step than the run it continues."""
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return GPT(model.cfg).to(device).eval().requires_grad_(False).share_memory()
 
 
-def _start_worker(copy: GPT, sample: Callable, threads: int) -> None:
+@torch.no_grad()
+def _copy_weights(copy: GPT, model: GPT) -> GPT:
+    for mine, theirs in zip(copy.parameters(), model.parameters(), strict=True):
+        mine.copy_(theirs)
+    return copy
+
+
+_worker: tuple[GPT, GPT, Callable] | None = None  # in the worker process: the shared copies and the job
+
+
+def _start_worker(copy: GPT, reference: GPT, sample: Callable, threads: int) -> None:
     global _worker
     # Ctrl-C reaches the whole process group; the trainer's process handles it (it finishes the step, checkpoints
     # with the batch in flight, and stops), so the worker must not die of it mid-batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     _keep_freed_memory()
-    _worker = copy, sample
+    _worker = copy, reference, sample
 
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's <malloc.h>
@@ -106,7 +121,7 @@ def _keep_freed_memory() -> None:
 
 def _job(index: int, autocast: tuple[str, torch.dtype, bool]) -> object:
     assert _worker is not None
-    copy, sample = _worker
+    copy, reference, sample = _worker
     device_type, dtype, enabled = autocast
     with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-        return sample(copy, index)
+        return sample(copy, reference, index)

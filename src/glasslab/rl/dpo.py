@@ -59,8 +59,14 @@ class DPO(RolloutObjective):
             self.tok.pad_id, self.device,
         ) if rows else None  # fmt: skip
         t0 = time.perf_counter()
-        ref_logp = self.reference_logprobs(packed) if packed is not None else torch.zeros(0)
-        metrics = rollout.metrics() | {"rl/dpo/pairs": float(len(chosen)), "time/reference_s": time.perf_counter() - t0}
+        if packed is None:
+            ref_logp = torch.zeros(0)
+        elif rollout.ref is not None:  # scored by the sampling process (rl.generate_ahead)
+            ref_logp = packed.spread([rollout.ref[r] for r in rows])
+        else:
+            ref_logp = self.reference_logprobs(packed)
+        reference_s = rollout.reference_s if rollout.ref is not None else time.perf_counter() - t0
+        metrics = rollout.metrics() | {"rl/dpo/pairs": float(len(chosen)), "time/reference_s": reference_s}
         return DPOBatch(rollout, chosen, rejected, packed, ref_logp, metrics)
 
     def loss(self, model: nn.Module, batch: DPOBatch) -> tuple[Tensor, dict[str, float]]:

@@ -16,9 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from glasslab.rl.losses import aggregate, group_advantages, grpo_token_loss, token_logprobs_and_entropy, zero_std_groups
-from glasslab.rl.rollout import (
-    Packed, Rollout, RolloutObjective, completion_logits, pack, sampled_logprobs, sequence_logprobs,
-)
+from glasslab.rl.rollout import Packed, Rollout, RolloutObjective, completion_logits, pack, sampled_logprobs
 
 
 @dataclass
@@ -64,19 +62,13 @@ class GRPO(RolloutObjective):
         log-probs that differ from float32 ones by about 1e-4 nats of KL per token. Sampled ahead, the ratio
         already corrects a whole optimizer step (kl_old about 4e-4 in the main job), and the recorded log-probs
         spare the sampling process a forward that would make generation the step's bottleneck."""
-        rollout = self.rollout(model)
+        rollout = super().sample(model)
         cfg = self.cfg
         if cfg.num_iterations > 1 or cfg.generate_ahead:
             bf16_first_ratio = torch.is_autocast_enabled(self.device.type) and not cfg.generate_ahead
             recorded = cfg.temperature == 1.0 and not bf16_first_ratio
-            rollout.old = sampled_logprobs(rollout) if recorded else self._old_logprobs(model, rollout)
+            rollout.old = sampled_logprobs(rollout) if recorded else self.row_logprobs(model, rollout)
         return rollout
-
-    @torch.no_grad()
-    def _old_logprobs(self, model: nn.Module, rollout: Rollout) -> list[list[float]]:
-        packed = pack(rollout.prompts, rollout.completions, rollout.sampled, self.tok.pad_id, self.device)
-        logp = sequence_logprobs(model, packed, self.cfg.temperature)
-        return [row[m].tolist() for row, m in zip(logp, packed.mask)]
 
     def _prepare(self, rollout: Rollout) -> GRPOBatch:
         """Advantages, dropped groups, packed tensors and reference log-probs: everything the batch's steps
@@ -87,17 +79,21 @@ class GRPO(RolloutObjective):
         kept = ~flat.repeat_interleave(g) if cfg.drop_zero_std else torch.ones_like(advantages, dtype=torch.bool)
         packed = pack(rollout.prompts, rollout.completions, rollout.sampled, self.tok.pad_id, self.device)
         old_logp = packed.spread(rollout.old)[kept] if rollout.old is not None else None
+        scored_ref = packed.spread(rollout.ref)[kept] if rollout.ref is not None else None  # (sampled ahead)
         if cfg.mask_truncated:
             packed.mask &= ~torch.tensor(rollout.truncated, device=self.device).unsqueeze(1)
         packed = packed.select(kept)
         t0 = time.perf_counter()
-        ref_logp = self.reference_logprobs(packed) if kept.any() else torch.zeros(packed.mask.shape, device=self.device)
+        if scored_ref is not None:
+            ref_logp = scored_ref * packed.mask  # 0 where not trained, as the forward below gives
+        else:
+            ref_logp = self.reference_logprobs(packed) if kept.any() else torch.zeros(packed.mask.shape, device=self.device)
         metrics = rollout.metrics() | {
             "rl/advantage_min": advantages.min().item(),
             "rl/advantage_mean": advantages.mean().item(),
             "rl/advantage_max": advantages.max().item(),
             "rl/groups_dropped": float(flat.sum()) if cfg.drop_zero_std else 0.0,
-            "time/reference_s": time.perf_counter() - t0,
+            "time/reference_s": rollout.reference_s if scored_ref is not None else time.perf_counter() - t0,
         }
         return GRPOBatch(rollout, advantages, kept, packed, ref_logp, old_logp, metrics)
 

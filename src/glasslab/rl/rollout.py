@@ -55,6 +55,10 @@ class Rollout:
     # log π_old of the sampled tokens per row, from the policy that sampled them, when the loss needs π_old
     # (GRPO with num_iterations > 1 or rl.generate_ahead); None otherwise
     old: list[list[float]] | None = None
+    # log π_ref of the sampled tokens per row, scored by the sampling process (rl.generate_ahead), with the time it
+    # took; None when the trainer scores the batch itself
+    ref: list[list[float]] | None = None
+    reference_s: float = 0.0
     wait_s: float | None = None  # with rl.generate_ahead: how long the trainer waited for this batch
 
     def __len__(self) -> int:
@@ -213,6 +217,7 @@ class RolloutObjective:
         self._probe_rows: Tensor | None = None
         self._ahead: Ahead[Rollout] | None = None
         self._next: Rollout | None = None  # the next batch to train on, sampled ahead or restored
+        self._ref_changed = False  # a reference reset since the sampling process's copy was refreshed
 
     def batch_seed(self, index: int) -> int:
         """The seed of rollout batch `index`: its problems and its samples. Under torchrun each rank draws its own
@@ -229,14 +234,15 @@ class RolloutObjective:
         optimizer step older, in the background during the previous step, and the next batch starts sampling
         before this returns (rl/ahead.py)."""
         if self.cfg.generate_ahead and self._ahead is None:
-            self._ahead = Ahead(model, self.sample_at)
+            self._ahead = Ahead(model, self.ref, self.sample_at)
         t0 = time.perf_counter()
         self._finish_ahead()
         ready, self._next = self._next, None  # sampled ahead, or restored from a checkpoint
+        changed, self._ref_changed = self._ref_changed, False
         if self._ahead is None:
             return ready if ready is not None else self.sample(model)
         waited = time.perf_counter() - t0
-        copy = self._ahead.refresh(model)
+        copy = self._ahead.refresh(model, self.ref if changed else None)
         if ready is None:  # the run's first batch: nothing was sampled ahead of it
             ready = self.sample(copy)
         self._ahead.start(self.rollouts)
@@ -245,9 +251,18 @@ class RolloutObjective:
         return ready
 
     def _finish_ahead(self) -> None:
-        """Wait for the batch being sampled in the background, if any, and hold it as the next one."""
+        """Wait for the batch being sampled in the background, if any, and hold it as the next one. If the
+        reference was reset after it was scored, its reference log-probs are dropped: the trainer scores it again."""
         if self._ahead is not None and (done := self._ahead.wait()) is not None:
             self._next = done
+        if self._next is not None and self._ref_changed:
+            self._next.ref = None
+
+    def reset_reference(self, weights: dict[str, Tensor]) -> None:
+        """Make the reference policy these weights (rl.ref_reset_every). Sampling ahead, the batch in flight
+        was scored under the reference before; it is scored again, and the sampling process's copy refreshed."""
+        self.ref.load_state_dict(weights)
+        self._ref_changed = True
 
     def close(self) -> None:
         """After training: stop sampling ahead (the batch in flight is kept for state_dict)."""
@@ -257,13 +272,27 @@ class RolloutObjective:
             self._ahead = None
 
     def sample(self, model: nn.Module) -> Rollout:
-        """A fresh rollout batch, with whatever the objective needs from the policy that sampled it."""
-        return self.rollout(model)
+        """A fresh rollout batch, with whatever the objective needs from the policy that sampled it. Sampled
+        ahead, also its reference log-probs: the sampling process has the time, the trainer has not (rl/ahead.py)."""
+        rollout = self.rollout(model)
+        if self.cfg.generate_ahead:
+            t0 = time.perf_counter()
+            rollout.ref = self.row_logprobs(self.ref, rollout)
+            rollout.reference_s = time.perf_counter() - t0
+        return rollout
 
-    def sample_at(self, model: nn.Module, index: int) -> Rollout:
-        """`sample` for rollout batch `index`: what the sampling process runs, on its own copy of this objective."""
-        self.rollouts = index
+    def sample_at(self, model: nn.Module, ref: nn.Module, index: int) -> Rollout:
+        """`sample` for rollout batch `index`: what the sampling process runs, on its own copy of this objective,
+        with its copies of the policy and the reference."""
+        self.rollouts, self.ref = index, ref
         return self.sample(model)
+
+    @torch.no_grad()
+    def row_logprobs(self, model: nn.Module, rollout: Rollout) -> list[list[float]]:
+        """log p(token) under `model` of each row's sampled tokens (one no-grad forward), as `Packed.spread` takes them."""
+        packed = pack(rollout.prompts, rollout.completions, rollout.sampled, self.tok.pad_id, self.device)
+        logp = sequence_logprobs(model, packed, self.cfg.temperature)
+        return [row[m].tolist() for row, m in zip(logp, packed.mask)]
 
     def __getstate__(self) -> dict:
         """The copy the sampling process gets (rl/ahead.py): all but the reference model and the batches in hand."""
@@ -356,13 +385,13 @@ class RolloutObjective:
     def rollout_state(r: Rollout) -> dict:
         """What a checkpoint keeps of a rollout batch: everything else is recomputed from it."""
         return {"index": r.index, "completions": r.completions, "sampled": r.sampled, "logprobs": r.logprobs,
-                "truncated": r.truncated, "old": r.old}  # fmt: skip
+                "truncated": r.truncated, "old": r.old, "ref": r.ref}  # fmt: skip
 
     def restore_rollout(self, s: dict) -> Rollout:
         problems = self.problems(s["index"])
         prompts = [prompt_tokens(self.env, p, self.tok) for p in problems]
         rollout = self.scored(problems, prompts, s["completions"], s["sampled"], s["logprobs"], s["truncated"], 0.0, s["index"])
-        rollout.old = s["old"]
+        rollout.old, rollout.ref = s["old"], s.get("ref")  # (no "ref" in checkpoints from before it was kept)
         return rollout
 
 
@@ -380,8 +409,8 @@ class ReferenceReset(Hook):
 
     every_rank = True  # every rank's reference must change together, or their KL terms differ
 
-    def __init__(self, ref: nn.Module, every: int, directory: Path) -> None:
-        self.ref, self.every, self.directory = ref, every, Path(directory)
+    def __init__(self, objective: RolloutObjective, every: int, directory: Path) -> None:
+        self.objective, self.every, self.directory = objective, every, Path(directory)
 
     def _saved(self) -> dict[int, Path]:
         files = self.directory.glob("reference-step-*.safetensors") if self.directory.is_dir() else ()
@@ -389,14 +418,14 @@ class ReferenceReset(Hook):
 
     def on_train_start(self, ctx: StepContext) -> None:
         saved = {s: f for s, f in self._saved().items() if s <= ctx.step}
-        if saved:
-            self.ref.load_state_dict(load_file(saved[max(saved)]))
+        if saved:  # before any batch is drawn: the restored batch in flight was scored under this one
+            self.objective.ref.load_state_dict(load_file(saved[max(saved)]))
 
     def on_optimizer_step(self, ctx: StepContext) -> None:
         if ctx.step % self.every:
             return
         weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in ctx.model.state_dict().items()}
-        self.ref.load_state_dict(weights)
+        self.objective.reset_reference(weights)
         if not is_main():
             return
         self.directory.mkdir(parents=True, exist_ok=True)

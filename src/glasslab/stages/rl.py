@@ -71,7 +71,7 @@ def rl(
     )
     stage_hooks: list[Hook] = [TrainingTime(), RolloutTable(run.path / "rollouts", cfg.rl.table_every)]
     if cfg.rl.ref_reset_every:
-        stage_hooks.append(ReferenceReset(ref, cfg.rl.ref_reset_every, run.checkpoints_dir / objective.stage))
+        stage_hooks.append(ReferenceReset(objective, cfg.rl.ref_reset_every, run.checkpoints_dir / objective.stage))
     stage_hooks.append(HackingHook(HackingDetectors(cfg.rl.detect_window)))
     with stage_run(run, objective.stage) as store:
         if latest_checkpoint(run.checkpoints_dir, objective.stage) is None:
