@@ -471,8 +471,7 @@ def test_generating_ahead_trains_on_batches_sampled_one_step_before(tok, mcfg):
         old = sequence_logprobs(theta0, second.packed, 1.0)
         reference = sequence_logprobs(ref, second.packed, 1.0)
     assert torch.allclose(second.old_logp, old, atol=1e-5)
-    assert second.rollout.ref is not None  # the sampling process scored it under its copy of the reference
-    assert torch.allclose(second.ref_logp, reference, atol=1e-5)
+    assert torch.allclose(second.ref_logp, reference, atol=1e-5)  # scored by either process (test below)
     _, parts = ahead.loss(model, second)
     assert parts["rl/kl_old"] > 0  # the policy trained is one step newer than the one that sampled
     ahead.close()
@@ -486,9 +485,9 @@ def test_a_reference_reset_while_sampling_ahead_scores_the_batch_in_flight_again
     _sgd(model, obj.loss(model, obj.next_batch(model))[0])
     obj.reset_reference({k: v.detach().clone() for k, v in model.state_dict().items()})  # as ReferenceReset does
     assert obj.state_dict()["ahead"]["ref"] is None  # a resumed run scores it under the reference it loads
-    for scored_by_sampler in (False, True):  # the batch in flight at the reset, then the one sampled after it
+    for in_flight in (True, False):  # the batch in flight at the reset, then the one sampled after it
         batch = obj.next_batch(model)
-        assert (batch.rollout.ref is not None) == scored_by_sampler
+        assert not (in_flight and batch.rollout.ref_ahead)  # what the sampling process scored was dropped
         with torch.no_grad():
             expected = sequence_logprobs(ref, batch.packed, 1.0) * batch.packed.mask  # the new reference
         assert torch.allclose(batch.ref_logp, expected, atol=1e-5)
@@ -521,7 +520,25 @@ def test_a_batch_sampled_ahead_survives_a_checkpoint(tok, mcfg):
     restored.close(), obj.close()
 
 
-def _failing_sample(model: GPT, ref: GPT, index: int) -> None:  # module level: the sampling process unpickles it
+@pytest.mark.parametrize("cls", [GRPO, DPO])
+def test_the_reference_scores_are_the_same_whichever_process_computes_them(tok, mcfg, cls):
+    """Sampling ahead, the sampling process scores the batch under the reference if the trainer is still busy,
+    else the trainer does: the same computation, so the same bits, and a run does not depend on the timing."""
+    model, ref = _models(mcfg)
+    obj = _objective(cls, tok, ref, generate_ahead=True, mask_truncated=False)
+    batches = []
+    for waiting in (False, True):
+        obj.close()  # nothing in flight: the next step trains on the batch handed to it
+        obj._next = obj.sample_at(model, ref, 0, lambda: waiting)
+        batches.append(obj.next_batch(model))
+    obj.close()
+    ahead, trainer = batches
+    assert ahead.rollout.completions == trainer.rollout.completions and len(ahead.ref_logp) > 0
+    assert torch.equal(ahead.ref_logp, trainer.ref_logp)
+    assert ahead.metrics["rl/reference_scored_ahead"] == 1.0 and trainer.metrics["rl/reference_scored_ahead"] == 0.0
+
+
+def _failing_sample(model: GPT, ref: GPT, index: int, trainer_waiting) -> None:  # module level: the sampling process unpickles it
     raise GlasslabError(f"batch {index} could not be sampled")
 
 
@@ -533,12 +550,12 @@ def test_an_error_while_sampling_ahead_reaches_the_trainer(mcfg):
     ahead.close()
 
 
-def _pid_after(model: GPT, ref: GPT, tenths: int) -> int:
+def _pid_after(model: GPT, ref: GPT, tenths: int, trainer_waiting) -> int:
     time.sleep(tenths / 10)
     return os.getpid()
 
 
-def _reference_sum(model: GPT, ref: GPT, index: int) -> float:
+def _reference_sum(model: GPT, ref: GPT, index: int, trainer_waiting=None) -> float:
     return sum(p.sum().item() for p in ref.parameters())
 
 

@@ -4,10 +4,14 @@ current one trains, so generation and training share the machine instead of taki
 Sampling runs on a copy of the policy in shared memory, refreshed from it before each batch starts. Batch k+1
 therefore comes from the weights that train on batch k: the policy trained on a batch is one optimizer step newer
 than the one that sampled it, and the objective's importance ratio against the sampling policy (π_old) corrects
-for that. The process also scores its batch under a copy of the frozen reference policy, work the trainer would
-otherwise do while the sampler waits. A reference reset (rl.ref_reset_every) refreshes that copy at the next
-batch, and the batch in flight, scored under the old reference, is scored again by the trainer. The copies carry
-no probe hooks, and each batch is fixed by its index, so a run is deterministic at a seed.
+for that. The process also scores its batch under a copy of the frozen reference policy when the trainer is still
+busy with the batch before as sampling ends; otherwise the trainer, already waiting, scores it itself after
+receiving it. Either way it is one computation on the same inputs with as many threads, so the values are the same
+and the run does not depend on which process did it: the reference's forward goes where there is slack (the
+recipe's short answers leave the sampler none, the bench's long ones leave it some). A reference reset
+(rl.ref_reset_every) refreshes that copy at the next batch, and drops what the batch in flight was scored under
+the old one. The copies carry no probe hooks, and each batch is fixed by its index, so a run is deterministic at
+a seed.
 
 A process rather than a thread: both halves of an RL step are thousands of small PyTorch ops, and each op takes
 Python's GIL to launch. In one process the two threads queue for it at every op: the tiny model's training half
@@ -34,17 +38,19 @@ T = TypeVar("T")
 
 class Ahead(Generic[T]):
     """One background worker process, the copies of the policy and the reference it works with, and
-    `sample(policy_copy, reference_copy, index)`, the job it runs (picklable: it is sent to the worker once, when
-    the worker starts)."""
+    `sample(policy_copy, reference_copy, index, trainer_waiting)`, the job it runs (picklable: it is sent to the
+    worker once, when the worker starts); `trainer_waiting()` tells the job whether the trainer waits for it yet."""
 
-    def __init__(self, policy: GPT, reference: GPT, sample: Callable[[GPT, GPT, int], T]) -> None:
+    def __init__(self, policy: GPT, reference: GPT, sample: Callable[[GPT, GPT, int, Callable[[], bool]], T]) -> None:
         self.copy, self.reference = _shared_copy(policy), _copy_weights(_shared_copy(reference), reference)
+        self._waiting = torch.zeros(1, dtype=torch.bool).share_memory_()
         self.device_type = next(policy.parameters()).device.type
         self._threads = torch.get_num_threads()
         half = max(1, self._threads // 2)
         torch.set_num_threads(half)
         self._pool = ProcessPoolExecutor(
-            1, mp_context=mp.get_context("spawn"), initializer=_start_worker, initargs=(self.copy, self.reference, sample, half)
+            1, mp_context=mp.get_context("spawn"), initializer=_start_worker,
+            initargs=(self.copy, self.reference, self._waiting, sample, half),
         )
         self._future: Future[T] | None = None
 
@@ -59,11 +65,13 @@ class Ahead(Generic[T]):
     def start(self, index: int) -> None:
         """Sample batch `index` in the background, under the caller's autocast."""
         autocast = (self.device_type, torch.get_autocast_dtype(self.device_type), torch.is_autocast_enabled(self.device_type))
+        self._waiting.fill_(False)
         self._future = self._pool.submit(_job, index, autocast)
 
     def wait(self) -> T | None:
         """The batch being sampled, once it is done (None if none was started); errors in the worker re-raise here."""
         future, self._future = self._future, None
+        self._waiting.fill_(True)
         return future.result() if future is not None else None
 
     def close(self) -> None:
@@ -88,17 +96,17 @@ def _copy_weights(copy: GPT, model: GPT) -> GPT:
     return copy
 
 
-_worker: tuple[GPT, GPT, Callable] | None = None  # in the worker process: the shared copies and the job
+_worker: tuple[GPT, GPT, torch.Tensor, Callable] | None = None  # in the worker: the shared copies, flag and job
 
 
-def _start_worker(copy: GPT, reference: GPT, sample: Callable, threads: int) -> None:
+def _start_worker(copy: GPT, reference: GPT, waiting: torch.Tensor, sample: Callable, threads: int) -> None:
     global _worker
     # Ctrl-C reaches the whole process group; the trainer's process handles it (it finishes the step, checkpoints
     # with the batch in flight, and stops), so the worker must not die of it mid-batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     _keep_freed_memory()
-    _worker = copy, reference, sample
+    _worker = copy, reference, waiting, sample
 
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's <malloc.h>
@@ -121,7 +129,7 @@ def _keep_freed_memory() -> None:
 
 def _job(index: int, autocast: tuple[str, torch.dtype, bool]) -> object:
     assert _worker is not None
-    copy, reference, sample = _worker
+    copy, reference, waiting, sample = _worker
     device_type, dtype, enabled = autocast
     with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-        return sample(copy, reference, index)
+        return sample(copy, reference, index, lambda: bool(waiting))

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from glasslab.rl.losses import dpo_loss, kl_estimate, masked_mean, token_logprobs_and_entropy
-from glasslab.rl.rollout import Packed, Rollout, RolloutObjective, completion_logits, pack
+from glasslab.rl.rollout import Packed, Rollout, RolloutObjective, completion_logits
 
 
 @dataclass
@@ -50,19 +50,20 @@ def preference_pairs(rewards: Tensor, group_size: int) -> tuple[list[int], list[
 class DPO(RolloutObjective):
     """Direct Preference Optimization on pairs the environment's rewards rank. See RLConfig (dpo_beta)."""
 
+    def trained_rows(self, rollout: Rollout) -> list[int]:
+        chosen, rejected = preference_pairs(rollout.rewards, self.cfg.group_size)
+        return chosen + rejected
+
     def next_batch(self, model: nn.Module) -> DPOBatch:
         rollout = self.draw(model)
         chosen, rejected = preference_pairs(rollout.rewards, self.cfg.group_size)
-        rows = chosen + rejected
-        packed = pack(
-            [rollout.prompts[r] for r in rows], [rollout.completions[r] for r in rows], [rollout.sampled[r] for r in rows],
-            self.tok.pad_id, self.device,
-        ) if rows else None  # fmt: skip
+        rows = chosen + rejected  # trained_rows
+        packed = self.pack_rows(rollout, rows) if rows else None
         t0 = time.perf_counter()
         if packed is None:
             ref_logp = torch.zeros(0)
-        elif rollout.ref is not None:  # scored by the sampling process (rl.generate_ahead)
-            ref_logp = packed.spread([rollout.ref[r] for r in rows])
+        elif rollout.ref is not None:  # scored in the sampling process (rl.generate_ahead), as the line below would
+            ref_logp = packed.spread(rollout.ref)
         else:
             ref_logp = self.reference_logprobs(packed)
         reference_s = rollout.reference_s if rollout.ref is not None else time.perf_counter() - t0

@@ -62,7 +62,7 @@ class GRPO(RolloutObjective):
         log-probs that differ from float32 ones by about 1e-4 nats of KL per token. Sampled ahead, the ratio
         already corrects a whole optimizer step (kl_old about 4e-4 in the main job), and the recorded log-probs
         spare the sampling process a forward that would make generation the step's bottleneck."""
-        rollout = super().sample(model)
+        rollout = self.rollout(model)
         cfg = self.cfg
         if cfg.num_iterations > 1 or cfg.generate_ahead:
             bf16_first_ratio = torch.is_autocast_enabled(self.device.type) and not cfg.generate_ahead
@@ -70,22 +70,34 @@ class GRPO(RolloutObjective):
             rollout.old = sampled_logprobs(rollout) if recorded else self.row_logprobs(model, rollout)
         return rollout
 
+    def _kept(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
+        """(groups without reward variance (G,), rows trained on (B,)): the former are dropped if drop_zero_std."""
+        g = self.cfg.group_size
+        flat = zero_std_groups(rollout.rewards, g)
+        return flat, ~flat.repeat_interleave(g) if self.cfg.drop_zero_std else torch.ones_like(rollout.rewards, dtype=torch.bool)
+
+    def trained_rows(self, rollout: Rollout) -> list[int]:
+        return self._kept(rollout)[1].nonzero().squeeze(1).tolist()
+
     def _prepare(self, rollout: Rollout) -> GRPOBatch:
         """Advantages, dropped groups, packed tensors and reference log-probs: everything the batch's steps
         need, computed once."""
-        cfg, g = self.cfg, self.cfg.group_size
-        advantages = group_advantages(rollout.rewards, g, cfg.scale_rewards)
-        flat = zero_std_groups(rollout.rewards, g)
-        kept = ~flat.repeat_interleave(g) if cfg.drop_zero_std else torch.ones_like(advantages, dtype=torch.bool)
+        cfg = self.cfg
+        advantages = group_advantages(rollout.rewards, cfg.group_size, cfg.scale_rewards)
+        flat, kept = self._kept(rollout)
         packed = pack(rollout.prompts, rollout.completions, rollout.sampled, self.tok.pad_id, self.device)
         old_logp = packed.spread(rollout.old)[kept] if rollout.old is not None else None
-        scored_ref = packed.spread(rollout.ref)[kept] if rollout.ref is not None else None  # (sampled ahead)
+        t0 = time.perf_counter()
+        ahead_ref = None
+        if cfg.generate_ahead:  # scored in the sampling process, or here by the same computation (rl/ahead.py)
+            if rollout.ref is None:
+                self.score_reference(rollout)
+            ahead_ref = packed.select(kept).spread(rollout.ref)
         if cfg.mask_truncated:
             packed.mask &= ~torch.tensor(rollout.truncated, device=self.device).unsqueeze(1)
         packed = packed.select(kept)
-        t0 = time.perf_counter()
-        if scored_ref is not None:
-            ref_logp = scored_ref * packed.mask  # 0 where not trained, as the forward below gives
+        if ahead_ref is not None:
+            ref_logp = ahead_ref * packed.mask  # 0 where not trained, as the forward below gives
         else:
             ref_logp = self.reference_logprobs(packed) if kept.any() else torch.zeros(packed.mask.shape, device=self.device)
         metrics = rollout.metrics() | {
@@ -93,7 +105,7 @@ class GRPO(RolloutObjective):
             "rl/advantage_mean": advantages.mean().item(),
             "rl/advantage_max": advantages.max().item(),
             "rl/groups_dropped": float(flat.sum()) if cfg.drop_zero_std else 0.0,
-            "time/reference_s": rollout.reference_s if scored_ref is not None else time.perf_counter() - t0,
+            "time/reference_s": rollout.reference_s if cfg.generate_ahead else time.perf_counter() - t0,
         }
         return GRPOBatch(rollout, advantages, kept, packed, ref_logp, old_logp, metrics)
 

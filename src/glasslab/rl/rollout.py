@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,10 +55,11 @@ class Rollout:
     # log π_old of the sampled tokens per row, from the policy that sampled them, when the loss needs π_old
     # (GRPO with num_iterations > 1 or rl.generate_ahead); None otherwise
     old: list[list[float]] | None = None
-    # log π_ref of the sampled tokens per row, scored by the sampling process (rl.generate_ahead), with the time it
-    # took; None when the trainer scores the batch itself
+    # with rl.generate_ahead: log π_ref of the sampled tokens of the rows the loss trains on (trained_rows), the
+    # time it took, and whether the sampling process scored them (else the trainer did); None until scored
     ref: list[list[float]] | None = None
     reference_s: float = 0.0
+    ref_ahead: bool = False
     wait_s: float | None = None  # with rl.generate_ahead: how long the trainer waited for this batch
 
     def __len__(self) -> int:
@@ -78,8 +79,9 @@ class Rollout:
             "rl/repeat_rate": sum(map(repeat_rate, self.completions)) / len(self),
             "time/generation_s": self.generation_s,
         }
-        if self.wait_s is not None:
+        if self.wait_s is not None:  # sampled ahead: how long the trainer waited, and who scored the reference
             out["time/rollout_wait_s"] = self.wait_s
+            out["rl/reference_scored_ahead"] = float(self.ref_ahead)
         out |= {f"rl/reward/{name}": sum(v) / len(v) for name, v in self.scores.items()}
         return out
 
@@ -256,7 +258,7 @@ class RolloutObjective:
         if self._ahead is not None and (done := self._ahead.wait()) is not None:
             self._next = done
         if self._next is not None and self._ref_changed:
-            self._next.ref = None
+            self._next.ref, self._next.ref_ahead = None, False
 
     def reset_reference(self, weights: dict[str, Tensor]) -> None:
         """Make the reference policy these weights (rl.ref_reset_every). Sampling ahead, the batch in flight
@@ -272,27 +274,45 @@ class RolloutObjective:
             self._ahead = None
 
     def sample(self, model: nn.Module) -> Rollout:
-        """A fresh rollout batch, with whatever the objective needs from the policy that sampled it. Sampled
-        ahead, also its reference log-probs: the sampling process has the time, the trainer has not (rl/ahead.py)."""
-        rollout = self.rollout(model)
-        if self.cfg.generate_ahead:
-            t0 = time.perf_counter()
-            rollout.ref = self.row_logprobs(self.ref, rollout)
-            rollout.reference_s = time.perf_counter() - t0
+        """A fresh rollout batch, with whatever the objective needs from the policy that sampled it."""
+        return self.rollout(model)
+
+    def sample_at(self, model: nn.Module, ref: nn.Module, index: int, trainer_waiting: Callable[[], bool]) -> Rollout:
+        """`sample` for rollout batch `index`: what the sampling process runs, on its own copy of this objective,
+        with its copies of the policy and the reference. If the trainer is still busy with the batch before when
+        sampling ends, the process also scores this batch under the reference, which the trainer would otherwise
+        do after waiting for it (rl/ahead.py); the computation is the same either way, so the values are too."""
+        self.rollouts, self.ref = index, ref
+        rollout = self.sample(model)
+        if not trainer_waiting():
+            self.score_reference(rollout)
+            rollout.ref_ahead = True
         return rollout
 
-    def sample_at(self, model: nn.Module, ref: nn.Module, index: int) -> Rollout:
-        """`sample` for rollout batch `index`: what the sampling process runs, on its own copy of this objective,
-        with its copies of the policy and the reference."""
-        self.rollouts, self.ref = index, ref
-        return self.sample(model)
+    def trained_rows(self, rollout: Rollout) -> list[int]:
+        """The rows the loss will train on, the only ones whose reference log-probs it needs."""
+        return list(range(len(rollout)))
+
+    def score_reference(self, rollout: Rollout) -> None:
+        """rollout.ref: log π_ref of each trained row's sampled tokens (`trained_rows` order). With
+        rl.generate_ahead, whichever process is free first runs it (`sample_at`): one computation, the same values."""
+        t0 = time.perf_counter()
+        rows = self.trained_rows(rollout)
+        rollout.ref = self.row_logprobs(self.ref, rollout, rows) if rows else []
+        rollout.reference_s = time.perf_counter() - t0
 
     @torch.no_grad()
-    def row_logprobs(self, model: nn.Module, rollout: Rollout) -> list[list[float]]:
-        """log p(token) under `model` of each row's sampled tokens (one no-grad forward), as `Packed.spread` takes them."""
-        packed = pack(rollout.prompts, rollout.completions, rollout.sampled, self.tok.pad_id, self.device)
+    def row_logprobs(self, model: nn.Module, rollout: Rollout, rows: list[int] | None = None) -> list[list[float]]:
+        """log p(token) under `model` of each row's sampled tokens (one no-grad forward over `rows`, default all),
+        as `Packed.spread` takes them."""
+        packed = self.pack_rows(rollout, range(len(rollout)) if rows is None else rows)
         logp = sequence_logprobs(model, packed, self.cfg.temperature)
         return [row[m].tolist() for row, m in zip(logp, packed.mask)]
+
+    def pack_rows(self, rollout: Rollout, rows: Sequence[int]) -> Packed:
+        """These rows of the batch, in this order, packed for a forward."""
+        pick = lambda seqs: [seqs[r] for r in rows]  # noqa: E731
+        return pack(pick(rollout.prompts), pick(rollout.completions), pick(rollout.sampled), self.tok.pad_id, self.device)
 
     def __getstate__(self) -> dict:
         """The copy the sampling process gets (rl/ahead.py): all but the reference model and the batches in hand."""
@@ -385,13 +405,13 @@ class RolloutObjective:
     def rollout_state(r: Rollout) -> dict:
         """What a checkpoint keeps of a rollout batch: everything else is recomputed from it."""
         return {"index": r.index, "completions": r.completions, "sampled": r.sampled, "logprobs": r.logprobs,
-                "truncated": r.truncated, "old": r.old, "ref": r.ref}  # fmt: skip
+                "truncated": r.truncated, "old": r.old, "ref": r.ref, "ref_ahead": r.ref_ahead}  # fmt: skip
 
     def restore_rollout(self, s: dict) -> Rollout:
         problems = self.problems(s["index"])
         prompts = [prompt_tokens(self.env, p, self.tok) for p in problems]
         rollout = self.scored(problems, prompts, s["completions"], s["sampled"], s["logprobs"], s["truncated"], 0.0, s["index"])
-        rollout.old, rollout.ref = s["old"], s.get("ref")  # (no "ref" in checkpoints from before it was kept)
+        rollout.old, rollout.ref, rollout.ref_ahead = s["old"], s.get("ref"), s.get("ref_ahead", False)
         return rollout
 
 
