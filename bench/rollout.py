@@ -78,7 +78,7 @@ def grpo_steps(
                   "tokens": objective.batch_tokens(batch)}  # fmt: skip
         if "time/rollout_wait_s" in parts:  # generating ahead: sampling and the reference's scoring overlap the step
             wait = parts["time/rollout_wait_s"]
-            record |= {"rollout_wait_s": wait, "rest_s": total - wait}
+            record |= {"rollout_wait_s": wait, "rest_s": total - wait, "reference_scored_ahead": parts["rl/reference_scored_ahead"]}
         steps.append(record)
     return steps
 

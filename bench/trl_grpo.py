@@ -31,7 +31,8 @@ glasslab again, to see drift in the shared machine's load):
             its reference-model log-prob call.
 With --generate-ahead (and --threads 2, so both sides have the same two cores), glasslab samples batch k+1 in a
 second process while batch k trains (rl.generate_ahead); its split then shows rollout_wait_s, the time the step
-waited for its batch, in place of the overlapped generation time. TRL has no such mode on CPU.
+waited for its batch, in place of the overlapped generation time, and reference_scored_ahead the share of batches
+the sampling process also scored under the reference (the others the trainer did). TRL has no such mode on CPU.
 Writes bench/results/trl_grpo.json (trl_grpo_ahead.json with --generate-ahead): ms/step, steps/s, completion tokens/s per side, the ratio, load averages.
 """
 
@@ -304,6 +305,8 @@ def main() -> None:
     ours = summary(before + after, ours_parts)
     ours["ms_per_step_median_first_half"] = 1000 * statistics.median(s["step_s"] for s in before)
     ours["ms_per_step_median_second_half"] = 1000 * statistics.median(s["step_s"] for s in after)
+    if args.generate_ahead:  # the share of batches the sampling process scored under the reference (else the trainer)
+        ours["reference_scored_ahead"] = statistics.mean(s["reference_scored_ahead"] for s in before + after)
     trl_summary = summary(theirs, (*parts, "outside_training_step_s"))
     result = {
         "workload": {"prompts": rl.prompts_per_step, "group_size": rl.group_size, "max_new_tokens": rl.max_new_tokens,

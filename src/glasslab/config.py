@@ -166,10 +166,10 @@ class RLConfig(Section):
     eps_low: float = Field(0.2, ge=0)  # clip ratio to [1 - eps_low, 1 + eps_high]
     eps_high: float = Field(0.28, ge=0)
     num_iterations: int = Field(1, ge=1)  # optimizer steps per rollout batch (>1: ratios and clipping matter)
-    # Sample the next rollout batch in a background process, by a copy of the policy, while this one trains: 1.7x the
-    # steps per second in the main job's RL on 2 CPU cores (about 2x in bench/trl_grpo.py's step), at the price of
-    # training on samples from one optimizer step ago (π_old is the sampling policy; the clipped ratio corrects for
-    # it; README: "Generating ahead, measured"). rl/ahead.py.
+    # Sample the next rollout batch in a background process, by a copy of the policy, while this one trains: 1.2-1.7x
+    # the steps per second in the main job's RL on 2 CPU cores, by machine (about 2x in bench/trl_grpo.py's step), at
+    # the price of training on samples from one optimizer step ago (π_old is the sampling policy; the clipped ratio
+    # corrects for it; README: "Generating ahead, measured"). rl/ahead.py.
     generate_ahead: bool = False
     scale_rewards: Literal["group", "batch", "none"] = "group"  # divide advantages by this std (none: Dr. GRPO)
     loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = "dapo"
