@@ -7,8 +7,9 @@ than the one that sampled it, and the objective's importance ratio against the s
 for that. The process also scores its batch under a copy of the frozen reference policy when the trainer is still
 busy with the batch before as sampling ends; otherwise the trainer, already waiting, scores it itself after
 receiving it. Either way it is one computation on the same inputs with as many threads, so the values are the same
-and the run does not depend on which process did it: the reference's forward goes where there is slack (the
-recipe's short answers leave the sampler none, the bench's long ones leave it some). A reference reset
+and the run does not depend on which process did it: the reference's forward goes where there is slack (in the
+recipe, whose answers are short, the trainer scores about three batches in four; in bench/trl_grpo.py, whose
+answers are 24 tokens long, the sampling process scores most). A reference reset
 (rl.ref_reset_every) refreshes that copy at the next batch, and drops what the batch in flight was scored under
 the old one. The copies carry no probe hooks, and each batch is fixed by its index, so a run is deterministic at
 a seed.

@@ -74,7 +74,9 @@ class GRPO(RolloutObjective):
         """(groups without reward variance (G,), rows trained on (B,)): the former are dropped if drop_zero_std."""
         g = self.cfg.group_size
         flat = zero_std_groups(rollout.rewards, g)
-        return flat, ~flat.repeat_interleave(g) if self.cfg.drop_zero_std else torch.ones_like(rollout.rewards, dtype=torch.bool)
+        if not self.cfg.drop_zero_std:
+            return flat, torch.ones_like(rollout.rewards, dtype=torch.bool)
+        return flat, ~flat.repeat_interleave(g)
 
     def trained_rows(self, rollout: Rollout) -> list[int]:
         return self._kept(rollout)[1].nonzero().squeeze(1).tolist()

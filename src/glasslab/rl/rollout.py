@@ -302,7 +302,7 @@ class RolloutObjective:
         rollout.reference_s = time.perf_counter() - t0
 
     @torch.no_grad()
-    def row_logprobs(self, model: nn.Module, rollout: Rollout, rows: list[int] | None = None) -> list[list[float]]:
+    def row_logprobs(self, model: nn.Module, rollout: Rollout, rows: Sequence[int] | None = None) -> list[list[float]]:
         """log p(token) under `model` of each row's sampled tokens (one no-grad forward over `rows`, default all),
         as `Packed.spread` takes them."""
         packed = self.pack_rows(rollout, range(len(rollout)) if rows is None else rows)
