@@ -89,15 +89,15 @@ class GRPO(RolloutObjective):
         flat, kept = self._kept(rollout)
         packed = pack(rollout.prompts, rollout.completions, rollout.sampled, self.tok.pad_id, self.device)
         old_logp = packed.spread(rollout.old)[kept] if rollout.old is not None else None
+        packed = packed.select(kept)
         t0 = time.perf_counter()
         ahead_ref = None
         if cfg.generate_ahead:  # scored in the sampling process, or here by the same computation (rl/ahead.py)
             if rollout.ref is None:
                 self.score_reference(rollout)
-            ahead_ref = packed.select(kept).spread(rollout.ref)
+            ahead_ref = packed.spread(rollout.ref)
         if cfg.mask_truncated:
-            packed.mask &= ~torch.tensor(rollout.truncated, device=self.device).unsqueeze(1)
-        packed = packed.select(kept)
+            packed.mask &= ~torch.tensor(rollout.truncated, device=self.device)[kept].unsqueeze(1)
         if ahead_ref is not None:
             ref_logp = ahead_ref * packed.mask  # 0 where not trained, as the forward below gives
         else:
