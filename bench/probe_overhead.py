@@ -79,24 +79,38 @@ def main() -> None:
         spent = PROBE_SECONDS[mode]
         by_probe = {name: np.array([per_step.get(int(s), 0.0) for s in steps]) for name, per_step in spent.items()}
         probe = sum(by_probe.values(), np.zeros(len(steps)))
-        results[mode] = {"steps": len(dt), "mean_ms": 1e3 * dt.mean(), "median_ms": 1e3 * np.median(dt),
-                         "p90_ms": 1e3 * np.quantile(dt, 0.9), "probe_ms": 1e3 * probe.mean(),
-                         "probe_ms_by_probe": {name: 1e3 * v.mean() for name, v in by_probe.items()},
-                         "probe_overhead": probe.sum() / (dt.sum() - probe.sum())}  # fmt: skip
+        results[mode] = {
+            "steps": len(dt),
+            "mean_ms": 1e3 * dt.mean(),
+            "median_ms": 1e3 * np.median(dt),
+            "p90_ms": 1e3 * np.quantile(dt, 0.9),
+            "probe_ms": 1e3 * probe.mean(),
+            "probe_ms_by_probe": {name: 1e3 * v.mean() for name, v in by_probe.items()},
+            "probe_overhead": probe.sum() / (dt.sum() - probe.sum()),
+        }
     base = results["off"]
     for mode in MODES:
         results[mode]["mean_vs_off"] = results[mode]["mean_ms"] / base["mean_ms"]
         results[mode]["median_vs_off"] = results[mode]["median_ms"] / base["median_ms"]
     report = {
-        "model": cfg.model.model_dump(), "batch_size": cfg.train.batch_size, "threads": args.threads,
-        "probes_default": cfg.probes.model_dump(), "chunk": args.chunk, "wall_s": wall,
-        "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "cpus": os.cpu_count(),
-        "torch": torch.__version__, "results": results,
-    }  # fmt: skip
+        "model": cfg.model.model_dump(),
+        "batch_size": cfg.train.batch_size,
+        "threads": args.threads,
+        "probes_default": cfg.probes.model_dump(),
+        "chunk": args.chunk,
+        "wall_s": wall,
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "results": results,
+    }
     for mode, r in results.items():
-        print(f"{mode:>8}: mean {r['mean_ms']:7.1f} ms ({r['mean_vs_off']:.3f}x)   median {r['median_ms']:7.1f} ms "
-              f"({r['median_vs_off']:.3f}x)   p90 {r['p90_ms']:7.1f} ms   in probe hooks {r['probe_ms']:6.2f} ms/step "
-              f"= +{100 * r['probe_overhead']:.2f}%   n={r['steps']}")  # fmt: skip
+        print(
+            f"{mode:>8}: mean {r['mean_ms']:7.1f} ms ({r['mean_vs_off']:.3f}x)   median {r['median_ms']:7.1f} ms "
+            f"({r['median_vs_off']:.3f}x)   p90 {r['p90_ms']:7.1f} ms   in probe hooks {r['probe_ms']:6.2f} ms/step "
+            f"= +{100 * r['probe_overhead']:.2f}%   n={r['steps']}"
+        )
         if r["probe_ms_by_probe"]:
             print("          " + ", ".join(f"{k} {v:.2f}" for k, v in r["probe_ms_by_probe"].items()) + " ms/step")
     print(f"load average before {load_before}, after {os.getloadavg()}; {wall:.0f} s")
@@ -108,13 +122,22 @@ def main() -> None:
 def run_chunk(model_cfg: ModelConfig, mode: str, run: RunDir, tok: Tokenizer, splits: TokenSplits, end: int) -> None:
     """Train condition `mode` up to step `end`, resuming from its previous chunk's checkpoint."""
     cfg = resolve("tiny", overrides=[f"probes.mode={mode}"])
-    cfg.train = cfg.train.model_copy(update={"steps": end, "schedule": "constant", "eval_every": 0,
-                                             "checkpoint_every": end, "keep_last": 1})  # fmt: skip
+    cfg.train = cfg.train.model_copy(
+        update={"steps": end, "schedule": "constant", "eval_every": 0, "checkpoint_every": end, "keep_last": 1}
+    )
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg)
-    objective = LanguageModeling(splits, tok, batch_size=cfg.train.batch_size, block_size=model_cfg.block_size,
-                                 eval_batches_n=2, z_loss=0.0, seed=cfg.seed, device=torch.device("cpu"),
-                                 sample_tokens=4)  # fmt: skip
+    objective = LanguageModeling(
+        splits,
+        tok,
+        batch_size=cfg.train.batch_size,
+        block_size=model_cfg.block_size,
+        eval_batches_n=2,
+        z_loss=0.0,
+        seed=cfg.seed,
+        device=torch.device("cpu"),
+        sample_tokens=4,
+    )
     with MetricStore(run.metrics_db_path) as store:
         hooks = [Timed(h, PROBE_SECONDS[mode].setdefault(type(h).__name__, {})) for h in build_probes(cfg, run, tok)]
         train(model, objective, cfg.train, run, store, arch=model_cfg.model_dump(), hooks=hooks)

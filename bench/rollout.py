@@ -74,11 +74,20 @@ def grpo_steps(
         optimizer.zero_grad(set_to_none=True)
         total = time.perf_counter() - t0
         gen, ref = parts["time/generation_s"], parts["time/reference_s"]
-        record = {"step_s": total, "generation_s": gen, "reference_s": ref, "rest_s": total - gen - ref,
-                  "tokens": objective.batch_tokens(batch)}  # fmt: skip
+        record = {
+            "step_s": total,
+            "generation_s": gen,
+            "reference_s": ref,
+            "rest_s": total - gen - ref,
+            "tokens": objective.batch_tokens(batch),
+        }
         if "time/rollout_wait_s" in parts:  # generating ahead: sampling and the reference's scoring overlap the step
             wait = parts["time/rollout_wait_s"]
-            record |= {"rollout_wait_s": wait, "rest_s": total - wait, "reference_scored_ahead": parts["rl/reference_scored_ahead"]}
+            record |= {
+                "rollout_wait_s": wait,
+                "rest_s": total - wait,
+                "reference_scored_ahead": parts["rl/reference_scored_ahead"],
+            }
         steps.append(record)
     return steps
 
@@ -98,8 +107,15 @@ def main() -> None:
     cfg = resolve("tiny")
     # A random model never stops, so every completion is truncated: with mask_truncated (the recipe's default)
     # the step would train on nothing. Keep them, as bench/trl_grpo.py does.
-    rl = cfg.rl.model_copy(update={"group_size": 8, "prompts_per_step": 8, "max_new_tokens": 24, "drop_zero_std": False,
-                                   "mask_truncated": False})  # fmt: skip
+    rl = cfg.rl.model_copy(
+        update={
+            "group_size": 8,
+            "prompts_per_step": 8,
+            "max_new_tokens": 24,
+            "drop_zero_std": False,
+            "mask_truncated": False,
+        }
+    )
     env = get_env("arithmetic", cfg.envs.get("arithmetic"))
     objective = GRPO(env, tok, ref, rl, cfg.eval, seed=0, device=torch.device("cpu"))
     optimizer = build_optimizer(model, rl.train)
@@ -114,8 +130,15 @@ def main() -> None:
     t0 = time.perf_counter()
     unbatched_tokens = 0
     for prompt in r.prompts:
-        out = generate(model, [prompt], rl.max_new_tokens, stop_ids=(tok.end_id,), pad_id=tok.pad_id, seed=0,
-                       interceptor=objective.interceptor)  # fmt: skip
+        out = generate(
+            model,
+            [prompt],
+            rl.max_new_tokens,
+            stop_ids=(tok.end_id,),
+            pad_id=tok.pad_id,
+            seed=0,
+            interceptor=objective.interceptor,
+        )
         unbatched_tokens += len(out.tokens[0])
     unbatched_s = time.perf_counter() - t0
 
@@ -132,8 +155,12 @@ def main() -> None:
     result = {
         "model": source,
         "params": model.num_params(),
-        "group_size": rl.group_size, "prompts": rl.prompts_per_step, "max_new_tokens": rl.max_new_tokens,
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "load_average": os.getloadavg(),
+        "group_size": rl.group_size,
+        "prompts": rl.prompts_per_step,
+        "max_new_tokens": rl.max_new_tokens,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_average": os.getloadavg(),
         "grpo_step_dtype": str(amp or torch.float32).removeprefix("torch."),
         "rollout_tokens_per_s": sum(t for *_, t in rollouts) / sum(g for _, g, _ in rollouts),
         "rollout_median_s": med(s for s, _, _ in rollouts),
@@ -141,8 +168,10 @@ def main() -> None:
         "unbatched_tokens_per_s": unbatched_tokens / unbatched_s,
         "old_logprob_forward_s": old_logprob_s,
         "grpo_steps_per_s": 1 / med(s["step_s"] for s in steps),
-        "grpo_step_median_s": {k: med(s[k] for s in steps) for k in ("step_s", "generation_s", "reference_s", "rest_s")},
-    }  # fmt: skip
+        "grpo_step_median_s": {
+            k: med(s[k] for s in steps) for k in ("step_s", "generation_s", "reference_s", "rest_s")
+        },
+    }
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,8 @@ def nanogpt_step(nanogpt: Path, vocab: int, sampler: BatchSampler, compile_: boo
     """nanoGPT's train.py step at its README CPU settings (dropout 0, bias on, lr 1e-3, betas (0.9, 0.99)),
     optionally through torch.compile as its `--compile=True` does."""
     sys.path.insert(0, str(nanogpt))
-    from model import GPT as NanoGPT, GPTConfig  # noqa: PLC0415 (nanoGPT's own model.py)
+    from model import GPT as NanoGPT  # noqa: PLC0415 (nanoGPT's own model.py)
+    from model import GPTConfig
 
     torch.manual_seed(0)
     model = NanoGPT(GPTConfig(block_size=64, vocab_size=vocab, n_layer=4, n_head=4, n_embd=128, dropout=0.0))
@@ -90,8 +91,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results/throughput.json"))
     args = ap.parse_args()
     docs = load_documents(None)
-    results: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__, "load_before": os.getloadavg(),
-                     "auto_precision": str(autocast_dtype("auto", "cpu") or torch.float32)}  # fmt: skip
+    results: dict = {
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_before": os.getloadavg(),
+        "auto_precision": str(autocast_dtype("auto", "cpu") or torch.float32),
+    }
     with tempfile.TemporaryDirectory() as cache:
         char = Tokenizer.train(docs, "char", 0)
         tiny = resolve("tiny")

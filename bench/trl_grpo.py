@@ -55,8 +55,8 @@ from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 try:
-    import trl
     import transformers
+    import trl
     from datasets import Dataset
     from tokenizers import Tokenizer as HFTokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, PrinterCallback, TrainerCallback
@@ -94,10 +94,19 @@ def rl_config(generate_ahead: bool = False) -> tuple[Config, RLConfig]:
     """The workload of issue #6. Groups without reward variance are kept and truncated completions trained on,
     as TRL does by default: a random model scores 0 everywhere and never stops, and the step must still train."""
     cfg = resolve("tiny")
-    rl = cfg.rl.model_copy(update={
-        "group_size": 8, "prompts_per_step": 8, "max_new_tokens": 24, "temperature": 1.0, "beta": 0.04,
-        "num_iterations": 1, "drop_zero_std": False, "mask_truncated": False, "generate_ahead": generate_ahead,
-    })  # fmt: skip
+    rl = cfg.rl.model_copy(
+        update={
+            "group_size": 8,
+            "prompts_per_step": 8,
+            "max_new_tokens": 24,
+            "temperature": 1.0,
+            "beta": 0.04,
+            "num_iterations": 1,
+            "drop_zero_std": False,
+            "mask_truncated": False,
+            "generate_ahead": generate_ahead,
+        }
+    )
     return cfg, rl
 
 
@@ -126,8 +135,11 @@ def hf_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
     """glasslab's tokenizer as a transformers tokenizer: same vocabulary, same special ids, glasslab's chat format."""
     return PreTrainedTokenizerFast(
         tokenizer_object=HFTokenizer.from_str(tok.hf.to_str()),  # a copy: transformers sets padding on it
-        bos_token="<|bos|>", eos_token="<|end|>", pad_token="<|pad|>", chat_template=CHAT_TEMPLATE,
-    )  # fmt: skip
+        bos_token="<|bos|>",
+        eos_token="<|end|>",
+        pad_token="<|pad|>",
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def llama(tok: Tokenizer, intermediate: int, directory: Path) -> LlamaForCausalLM:
@@ -135,11 +147,20 @@ def llama(tok: Tokenizer, intermediate: int, directory: Path) -> LlamaForCausalL
     path, so both start from the same weights (as glasslab's reference copy does)."""
     m = resolve("tiny").model
     config = LlamaConfig(
-        vocab_size=tok.vocab_size, hidden_size=m.n_embd, intermediate_size=intermediate, num_hidden_layers=m.n_layer,
-        num_attention_heads=m.n_head, num_key_value_heads=m.n_head, max_position_embeddings=m.block_size,
-        rope_theta=m.rope_theta, tie_word_embeddings=True, bos_token_id=tok.bos_id, eos_token_id=tok.end_id,
-        pad_token_id=tok.pad_id, attn_implementation="sdpa",
-    )  # fmt: skip
+        vocab_size=tok.vocab_size,
+        hidden_size=m.n_embd,
+        intermediate_size=intermediate,
+        num_hidden_layers=m.n_layer,
+        num_attention_heads=m.n_head,
+        num_key_value_heads=m.n_head,
+        max_position_embeddings=m.block_size,
+        rope_theta=m.rope_theta,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_id,
+        eos_token_id=tok.end_id,
+        pad_token_id=tok.pad_id,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(directory)
     return LlamaForCausalLM.from_pretrained(directory, attn_implementation="sdpa")
@@ -147,10 +168,12 @@ def llama(tok: Tokenizer, intermediate: int, directory: Path) -> LlamaForCausalL
 
 def dataset(env: Environment, n: int) -> Dataset:
     """n training problems as TRL's conversational prompts, with the columns the reward needs."""
-    return Dataset.from_list([
-        {"prompt": [{"role": "user", "content": p.prompt}], "answer": p.answer, "difficulty": p.difficulty}
-        for p in env.problems("train", n, seed=1)
-    ])  # fmt: skip
+    return Dataset.from_list(
+        [
+            {"prompt": [{"role": "user", "content": p.prompt}], "answer": p.answer, "difficulty": p.difficulty}
+            for p in env.problems("train", n, seed=1)
+        ]
+    )
 
 
 def reward(env: Environment, tok: Tokenizer, weights: dict[str, float]) -> Callable[..., list[float]]:
@@ -212,8 +235,16 @@ class StepClock(TrainerCallback):
         gen, ref = spent.get("generation_s", 0.0), spent.get("reference_s", 0.0)
         metrics = self.trainer._metrics["train"]
         tokens = metrics["completions/mean_length"][-1] * self.batch
-        self.steps.append({"step_s": total, "generation_s": gen, "reference_s": ref, "rest_s": total - gen - ref,
-                           "outside_training_step_s": total - metrics["step_time"][-1], "tokens": tokens})  # fmt: skip
+        self.steps.append(
+            {
+                "step_s": total,
+                "generation_s": gen,
+                "reference_s": ref,
+                "rest_s": total - gen - ref,
+                "outside_training_step_s": total - metrics["step_time"][-1],
+                "tokens": tokens,
+            }
+        )
 
 
 def trl_steps(
@@ -230,19 +261,47 @@ def trl_steps(
 
     batch = rl.prompts_per_step * rl.group_size
     args = GRPOConfig(
-        output_dir=str(workdir / "out"), use_cpu=True, bf16=bf16, fp16=False, activation_checkpointing=False,
-        per_device_train_batch_size=batch, gradient_accumulation_steps=1, num_generations=rl.group_size,
-        max_completion_length=rl.max_new_tokens, temperature=rl.temperature, top_p=1.0, top_k=0,
-        beta=rl.beta, num_iterations=rl.num_iterations, epsilon=rl.eps_low, epsilon_high=rl.eps_high,
-        loss_type=rl.loss_type, scale_rewards=rl.scale_rewards, mask_truncated_completions=rl.mask_truncated,
-        learning_rate=rl.train.lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
-        max_steps=warmup + n, report_to="none", logging_strategy="no", save_strategy="no", eval_strategy="no",
-        disable_tqdm=True, log_completions=False, use_vllm=False, dataloader_pin_memory=False, seed=0,
-    )  # fmt: skip
+        output_dir=str(workdir / "out"),
+        use_cpu=True,
+        bf16=bf16,
+        fp16=False,
+        activation_checkpointing=False,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        num_generations=rl.group_size,
+        max_completion_length=rl.max_new_tokens,
+        temperature=rl.temperature,
+        top_p=1.0,
+        top_k=0,
+        beta=rl.beta,
+        num_iterations=rl.num_iterations,
+        epsilon=rl.eps_low,
+        epsilon_high=rl.eps_high,
+        loss_type=rl.loss_type,
+        scale_rewards=rl.scale_rewards,
+        mask_truncated_completions=rl.mask_truncated,
+        learning_rate=rl.train.lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        max_steps=warmup + n,
+        report_to="none",
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
+        log_completions=False,
+        use_vllm=False,
+        dataloader_pin_memory=False,
+        seed=0,
+    )
     trainer = GRPOTrainer(
-        model=model, reward_funcs=reward(env, tok, rl.reward_weights), args=args,
-        train_dataset=dataset(env, rl.prompts_per_step * (warmup + n + 1)), processing_class=processing,
-    )  # fmt: skip
+        model=model,
+        reward_funcs=reward(env, tok, rl.reward_weights),
+        args=args,
+        train_dataset=dataset(env, rl.prompts_per_step * (warmup + n + 1)),
+        processing_class=processing,
+    )
     timers = Timers()
     trainer._generate_single_turn = timers.wrap("generation_s", trainer._generate_single_turn)
     trainer._get_per_token_logps_and_entropies = timers.wrap(
@@ -261,18 +320,33 @@ def trl_steps(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per side (glasslab runs this many twice)")
-    ap.add_argument("--warmup", type=int, default=5,
-                    help="untimed steps per side first (after 2, glasslab's first timed half still ran 4-36%% slower"
-                         " than its second)")  # fmt: skip
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=5,
+        help="untimed steps per side first (after 2, glasslab's first timed half still ran 4-36%% slower"
+        " than its second)",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     ap.add_argument("--intermediate", type=int, default=512, help="the Llama's MLP width (341: parameter-matched)")
-    ap.add_argument("--precision", default="bfloat16", choices=["float32", "bfloat16"],
-                    help="both sides: glasslab's system.precision, TRL's bf16 flag (the CPU autocast either way)")
-    ap.add_argument("--generate-ahead", action="store_true",
-                    help="glasslab samples the next batch in a second process while this one trains (rl.generate_ahead);"
-                         " it then uses two cores, so give both sides --threads 2")  # fmt: skip
-    ap.add_argument("--out", type=Path, default=None,
-                    help="default: bench/results/trl_grpo.json, or trl_grpo_ahead.json with --generate-ahead")
+    ap.add_argument(
+        "--precision",
+        default="bfloat16",
+        choices=["float32", "bfloat16"],
+        help="both sides: glasslab's system.precision, TRL's bf16 flag (the CPU autocast either way)",
+    )
+    ap.add_argument(
+        "--generate-ahead",
+        action="store_true",
+        help="glasslab samples the next batch in a second process while this one trains (rl.generate_ahead);"
+        " it then uses two cores, so give both sides --threads 2",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="default: bench/results/trl_grpo.json, or trl_grpo_ahead.json with --generate-ahead",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
@@ -309,18 +383,31 @@ def main() -> None:
         ours["reference_scored_ahead"] = statistics.mean(s["reference_scored_ahead"] for s in before + after)
     trl_summary = summary(theirs, (*parts, "outside_training_step_s"))
     result = {
-        "workload": {"prompts": rl.prompts_per_step, "group_size": rl.group_size, "max_new_tokens": rl.max_new_tokens,
-                     "temperature": rl.temperature, "beta": rl.beta, "num_iterations": rl.num_iterations,
-                     "loss_type": rl.loss_type, "precision": args.precision, "generate_ahead": rl.generate_ahead},
-        "threads": args.threads, "torch": torch.__version__, "trl": trl.__version__,
+        "workload": {
+            "prompts": rl.prompts_per_step,
+            "group_size": rl.group_size,
+            "max_new_tokens": rl.max_new_tokens,
+            "temperature": rl.temperature,
+            "beta": rl.beta,
+            "num_iterations": rl.num_iterations,
+            "loss_type": rl.loss_type,
+            "precision": args.precision,
+            "generate_ahead": rl.generate_ahead,
+        },
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "trl": trl.__version__,
         "transformers": transformers.__version__,
         "glasslab": {"model": f"GPT, {source}", "params": model.num_params(), **ours},
-        "trl_grpo_trainer": {"model": f"LlamaForCausalLM, intermediate {args.intermediate}, random init",
-                             "params": llama_model.num_parameters(), **trl_summary},
+        "trl_grpo_trainer": {
+            "model": f"LlamaForCausalLM, intermediate {args.intermediate}, random init",
+            "params": llama_model.num_parameters(),
+            **trl_summary,
+        },
         "speedup_steps_per_s": ours["steps_per_s"] / trl_summary["steps_per_s"],
         "speedup_completion_tokens_per_s": ours["completion_tokens_per_s"] / trl_summary["completion_tokens_per_s"],
         "load_average": loads,
-    }  # fmt: skip
+    }
     print(json.dumps(result, indent=2))
     out = args.out or RESULTS / ("trl_grpo_ahead.json" if args.generate_ahead else "trl_grpo.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,11 +13,22 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-SMOKE = ["--preset", "smoke", "--set", "train.steps=40", "--set", "train.checkpoint_every=10", "--set", "probes.mode=off"]
+SMOKE = [
+    "--preset",
+    "smoke",
+    "--set",
+    "train.steps=40",
+    "--set",
+    "train.checkpoint_every=10",
+    "--set",
+    "probes.mode=off",
+]
 
 
 def glasslab(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "glasslab", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "glasslab", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"glasslab {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
     return proc
@@ -53,8 +64,13 @@ def test_pretrain_writes_the_run_directory_contract(reference_run: Path):
 
 def test_kill_and_resume_matches_uninterrupted_losses(reference_run: Path, tmp_path: Path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "glasslab", "pretrain", *SMOKE, "--name", "k"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "glasslab", "pretrain", *SMOKE, "--name", "k"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     ckpt = tmp_path / "runs" / "k" / "checkpoints" / "pretrain" / "step-0000020"
     deadline = time.time() + 240
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
@@ -70,14 +86,17 @@ def test_kill_and_resume_matches_uninterrupted_losses(reference_run: Path, tmp_p
 
 def test_sample_and_runs_listing(reference_run: Path):
     cwd = reference_run.parent.parent
-    out = glasslab("sample", "runs/ref", "--prompt", "ROMEO.", "--max-new-tokens", "20", "--seed", "3", "--json", cwd=cwd)
-    again = glasslab("sample", "runs/ref", "--prompt", "ROMEO.", "--max-new-tokens", "20", "--seed", "3", "--json", cwd=cwd)
+    out = glasslab(
+        "sample", "runs/ref", "--prompt", "ROMEO.", "--max-new-tokens", "20", "--seed", "3", "--json", cwd=cwd
+    )
+    again = glasslab(
+        "sample", "runs/ref", "--prompt", "ROMEO.", "--max-new-tokens", "20", "--seed", "3", "--json", cwd=cwd
+    )
     sample = json.loads(out.stdout)
     assert sample["samples"][0].startswith("ROMEO.") and sample == json.loads(again.stdout)
     runs = json.loads(glasslab("runs", "--json", cwd=cwd).stdout)
     ref = next(r for r in runs if r["name"] == "ref")
     assert ref["status"] == "completed" and "val/bpb" in ref["metrics"]
-
 
 
 def test_rl_from_a_pretrained_run_says_it_has_no_sft(reference_run: Path):
@@ -96,12 +115,19 @@ def test_rl_under_torchrun_with_two_ranks(reference_run: Path):
     cwd = reference_run.parent.parent
     rl = ["--preset", "smoke", "--set", "rl.train.steps=4", "--set", "rl.ref_reset_every=2", "--set", "probes.mode=off"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = subprocess.run([*torchrun, "-m", "glasslab", "rl", "runs/ref", *rl, "--name", "rl-ddp", "--json"], cwd=cwd,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    proc = subprocess.run(
+        [*torchrun, "-m", "glasslab", "rl", "runs/ref", *rl, "--name", "rl-ddp", "--json"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["status"] == "completed"  # one JSON document: rank 1 prints nothing
     refs = sorted(p.name for p in (cwd / "runs" / "rl-ddp" / "checkpoints" / "rl").glob("reference-*"))
     assert refs == ["reference-step-0000002.safetensors", "reference-step-0000004.safetensors"]
+
 
 @pytest.mark.parametrize(
     ("args", "message"),
@@ -132,8 +158,23 @@ def test_binary_data_and_corrupt_checkpoint_are_clear_errors(reference_run: Path
 
 
 def test_nan_stops_the_run_as_failed_and_names_the_step(tmp_path: Path):
-    proc = glasslab("pretrain", "--preset", "smoke", "--set", "train.lr=1e6", "--set", "train.grad_clip=0",
-                    "--set", "train.warmup_steps=0", "--set", "probes.mode=off", "--name", "boom", cwd=tmp_path, check=False)  # fmt: skip
+    proc = glasslab(
+        "pretrain",
+        "--preset",
+        "smoke",
+        "--set",
+        "train.lr=1e6",
+        "--set",
+        "train.grad_clip=0",
+        "--set",
+        "train.warmup_steps=0",
+        "--set",
+        "probes.mode=off",
+        "--name",
+        "boom",
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2 and "became" in proc.stderr and "at step" in proc.stderr
     manifest = json.loads((tmp_path / "runs" / "boom" / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "at step" in manifest["message"]

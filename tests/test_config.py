@@ -62,11 +62,16 @@ def test_set_replaces_a_table_and_files_layer_sections(tmp_path: Path):
     cfg = resolve("tiny", overrides=["rl.env={countdown=1}", "rl.reward_weights={correct=1}"])
     assert cfg.rl.env == {"countdown": 1} and cfg.rl.reward_weights == {"correct": 1}  # not merged with defaults
     assert resolve("tiny", overrides=["rl.reward_weights.digits=0.5"]).rl.reward_weights == {
-        "correct": 1, "format": 0.1, "digits": 0.5}  # a dotted key changes one entry  # fmt: skip
+        "correct": 1,
+        "format": 0.1,
+        "digits": 0.5,
+    }  # a dotted key changes one entry
     # a file layers: its sections and per-environment option tables merge key by key, its weight tables replace
     layer = tmp_path / "layer.toml"
-    layer.write_text("[rl]\nenv = { arithmetic = 1 }\n[rl.env_options.arithmetic]\nmax_digits = 4\n"
-                     "[envs.arithmetic]\nlevel_weights = { 2 = 3 }\n")  # fmt: skip
+    layer.write_text(
+        "[rl]\nenv = { arithmetic = 1 }\n[rl.env_options.arithmetic]\nmax_digits = 4\n"
+        "[envs.arithmetic]\nlevel_weights = { 2 = 3 }\n"
+    )
     cfg = resolve("tiny", config_file=layer)
     assert cfg.rl.env == {"arithmetic": 1} and cfg.rl.group_size == 4  # the rest of [rl] is the preset's
     assert cfg.rl.env_options["arithmetic"] == {"min_digits": 3, "max_digits": 4}

@@ -216,7 +216,8 @@ def test_load_errors(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(GlasslabError, match="corrupt"):
         Tokenizer.load(tmp_path / "bad.json")
-    from tokenizers import Tokenizer as HFTokenizer, models
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
 
     HFTokenizer(models.BPE()).save(str(tmp_path / "foreign.json"))
     with pytest.raises(GlasslabError, match="not a glasslab tokenizer"):

@@ -27,7 +27,15 @@ def tok():
 
 @pytest.mark.parametrize(
     "expr, value",
-    [("1+2", 3), ("7/2*2", 7), ("2**10", 1024), ("-3+4*(5-1)", 13), ("10/4", Fraction(5, 2)), ("17//5", 3), ("17%5", 2)],
+    [
+        ("1+2", 3),
+        ("7/2*2", 7),
+        ("2**10", 1024),
+        ("-3+4*(5-1)", 13),
+        ("10/4", Fraction(5, 2)),
+        ("17//5", 3),
+        ("17%5", 2),
+    ],
 )
 def test_calculator_is_exact_arithmetic(expr, value):
     assert calculate(expr) == value
@@ -35,9 +43,27 @@ def test_calculator_is_exact_arithmetic(expr, value):
 
 @pytest.mark.parametrize(
     "expr",
-    ["__import__('os').system('true')", "x+1", "(1).real", "[1, 2]", "1 if 1 else 2", "1<<3", "3<4", "True+1",
-     "'a'*3", "f(2)", "9**9**9", "2**0.5", "1e999", "1/0", "", "1+", "3and 4", "1if"],
-)  # fmt: skip
+    [
+        "__import__('os').system('true')",
+        "x+1",
+        "(1).real",
+        "[1, 2]",
+        "1 if 1 else 2",
+        "1<<3",
+        "3<4",
+        "True+1",
+        "'a'*3",
+        "f(2)",
+        "9**9**9",
+        "2**0.5",
+        "1e999",
+        "1/0",
+        "",
+        "1+",
+        "3and 4",
+        "1if",
+    ],
+)
 def test_calculator_refuses_everything_but_arithmetic(expr):
     with warnings.catch_warnings(record=True) as caught:  # and says so in its answer only, not on stderr
         warnings.simplefilter("always")
@@ -68,7 +94,11 @@ def test_tool_interceptor_runs_the_call_and_hands_back_to_the_assistant(tok):
 
 def test_parse_completion_and_final_answer():
     text = "<|tool_call|>1*2<|end|><|tool|>2<|end|><|assistant|>2<|end|>"
-    assert parse_completion(text) == [Message("assistant", "<|tool_call|>1*2"), Message("tool", "2"), Message("assistant", "2")]
+    assert parse_completion(text) == [
+        Message("assistant", "<|tool_call|>1*2"),
+        Message("tool", "2"),
+        Message("assistant", "2"),
+    ]
     assert final_answer(text) == "2"
     assert final_answer("57<|end|>") == "57"
     assert final_answer("57") is None  # truncated: never ended
@@ -94,7 +124,8 @@ def test_get_env_validates_options_and_names():
 
 
 def test_user_environment_by_module_and_class(tmp_path, monkeypatch):
-    (tmp_path / "my_env.py").write_text(textwrap.dedent("""
+    (tmp_path / "my_env.py").write_text(
+        textwrap.dedent("""
         from glasslab.envs.base import Environment, EnvOptions, Problem
 
         class Options(EnvOptions):
@@ -114,7 +145,8 @@ def test_user_environment_by_module_and_class(tmp_path, monkeypatch):
 
             def score(self, problem, completion):
                 return {"correct": float(completion == problem.answer + "<|end|>")}
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     env = get_env("my_env:Echo", {"word": "yo"})
     p = env.problems("eval", 1, 0)[0]
@@ -207,8 +239,18 @@ def test_arithmetic_place_diagnostics_tell_a_carry_error_from_a_misread_operand(
     env = get_env("arithmetic", {"min_digits": 3, "max_digits": 3})
     p = Problem("354+751=", "1105", 3, {"a": 354, "op": "+", "b": 751})
     places = lambda completion: env.diagnostics(p, completion)  # noqa: E731
-    assert places("1105<|end|>") == {"place/units": 1.0, "place/tens": 1.0, "place/hundreds": 1.0, "place/thousands": 1.0}
-    assert places("1115<|end|>") == {"place/units": 1.0, "place/tens": 0.0, "place/hundreds": 1.0, "place/thousands": 1.0}
+    assert places("1105<|end|>") == {
+        "place/units": 1.0,
+        "place/tens": 1.0,
+        "place/hundreds": 1.0,
+        "place/thousands": 1.0,
+    }
+    assert places("1115<|end|>") == {
+        "place/units": 1.0,
+        "place/tens": 0.0,
+        "place/hundreds": 1.0,
+        "place/thousands": 1.0,
+    }
     assert places("1107<|end|>")["place/units"] == 0.0 and places("1107<|end|>")["place/tens"] == 1.0
     assert places("105<|end|>")["place/thousands"] == 0.0 and places("105<|end|>")["place/units"] == 1.0
     assert set(places("x<|end|>").values()) == {0.0}  # malformed: wrong everywhere

@@ -69,7 +69,9 @@ def test_aggregates_accuracy_pass_at_k_difficulty_and_rewards(tok, monkeypatch):
     ones = sum(p.difficulty == 1 for p in problems.values())
     assert r.accuracy == pytest.approx(ones / 40)
     assert r.by_difficulty == {1: 1.0, 2: 0.0}
-    assert r.rewards == dict.fromkeys(["correct", "digits", "format"], pytest.approx(ones / 40))  # wrong answers are "x"
+    assert r.rewards == dict.fromkeys(
+        ["correct", "digits", "format"], pytest.approx(ones / 40)
+    )  # wrong answers are "x"
     assert r.pass_at_k == {1: pytest.approx(0.25), 2: pytest.approx(0.5), 4: pytest.approx(1.0)}
     # each place averages over the problems whose answer has it: only right (1-digit) problems' places are right
     tens = [p for p in problems.values() if int(p.answer) >= 10]
@@ -116,5 +118,8 @@ def test_tool_call_runs_during_evaluation(tok):
     script = tok.encode(f"<|tool_call|>{expr}<|end|>") + [0] * forced + tok.encode(f"{p.answer}<|end|>")
     cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=64)
     r = evaluate_env(ScriptedGPT(cfg, script).eval(), tok, env, n=1, seed=0, samples=0, pass_k=(), max_new_tokens=40)
-    assert r.records[0]["completion"] == f"<|tool_call|>{expr}<|end|><|tool|>{p.answer}<|end|><|assistant|>{p.answer}<|end|>"
+    assert (
+        r.records[0]["completion"]
+        == f"<|tool_call|>{expr}<|end|><|tool|>{p.answer}<|end|><|assistant|>{p.answer}<|end|>"
+    )
     assert r.accuracy == 1.0 and r.rewards["format"] == 1.0

@@ -16,8 +16,17 @@ def _greedy_without_cache(model: GPT, prompt: list[int], n: int) -> list[int]:
 def test_variants_build_and_run():
     for mlp in ("gelu", "swiglu", "relu2"):
         for kv, tie, cap in ((None, True, None), (2, False, 15.0)):
-            cfg = ModelConfig(vocab_size=50, n_layer=2, n_head=4, n_kv_head=kv, n_embd=32, block_size=16, mlp=mlp,
-                              tie_embeddings=tie, logit_softcap=cap)  # fmt: skip
+            cfg = ModelConfig(
+                vocab_size=50,
+                n_layer=2,
+                n_head=4,
+                n_kv_head=kv,
+                n_embd=32,
+                block_size=16,
+                mlp=mlp,
+                tie_embeddings=tie,
+                logit_softcap=cap,
+            )
             model = GPT(cfg)
             logits = model(torch.randint(0, 50, (3, 16)))
             assert logits.shape == (3, 16, 50) and torch.isfinite(logits).all()
@@ -59,8 +68,14 @@ def test_stop_token_and_interceptor_forcing(tiny_model):
     first = generate(tiny_model, [[1, 2]], 1, temperature=0).tokens[0][0]
     out = generate(tiny_model, [[1, 2]], 5, temperature=0, stop_ids=(first,))
     assert out.tokens[0] == [first] and out.truncated == [False]
-    forced = generate(tiny_model, [[1, 2]], 5, temperature=0, stop_ids=(first,),
-                      interceptor=lambda row, toks: [7, 8] if len(toks) == 1 else None)  # fmt: skip
+    forced = generate(
+        tiny_model,
+        [[1, 2]],
+        5,
+        temperature=0,
+        stop_ids=(first,),
+        interceptor=lambda row, toks: [7, 8] if len(toks) == 1 else None,
+    )
     assert forced.tokens[0][:3] == [first, 7, 8] and forced.sampled[0][:3] == [True, False, False]
 
 

@@ -11,8 +11,13 @@ import pyarrow.parquet as pq
 
 
 def test_run_smoke_chains_every_stage_into_one_run_directory(tmp_path: Path):
-    proc = subprocess.run([sys.executable, "-m", "glasslab", "run", "--preset", "smoke", "--name", "main", "--json"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "glasslab", "run", "--preset", "smoke", "--name", "main", "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     headline = json.loads(proc.stdout)
     run = tmp_path / "runs" / "main"

@@ -41,8 +41,17 @@ def objective_for(tok: Tokenizer, batch_size: int = 8) -> LanguageModeling:
     ids = np.array(tok.encode(TEXT), dtype=np.uint16)
     cut = int(len(ids) * 0.9)
     splits = TokenSplits(train=ids[:cut], val=ids[cut:], bytes_per_token=1.0)
-    return LanguageModeling(splits, tok, batch_size=batch_size, block_size=BLOCK, eval_batches_n=2, z_loss=0.0,
-                            seed=0, device=torch.device("cpu"), sample_tokens=4)  # fmt: skip
+    return LanguageModeling(
+        splits,
+        tok,
+        batch_size=batch_size,
+        block_size=BLOCK,
+        eval_batches_n=2,
+        z_loss=0.0,
+        seed=0,
+        device=torch.device("cpu"),
+        sample_tokens=4,
+    )
 
 
 def model_for(tok: Tokenizer, **kw) -> GPT:
@@ -53,8 +62,14 @@ def model_for(tok: Tokenizer, **kw) -> GPT:
 def run_train(tmp_path, model, objective, hooks, steps=4, **train_kw) -> tuple[RunDir, dict]:
     """Train through the real loop; returns the run and the last value of every metric."""
     run = RunDir.create(tmp_path / "run")
-    cfg = TrainConfig(steps=steps, batch_size=objective.sampler.batch_size, warmup_steps=0, eval_every=0,
-                      checkpoint_every=1000, **train_kw)  # fmt: skip
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=objective.sampler.batch_size,
+        warmup_steps=0,
+        eval_every=0,
+        checkpoint_every=1000,
+        **train_kw,
+    )
     with MetricStore(run.metrics_db_path) as store:
         try:
             train(model, objective, cfg, run, store, arch={}, hooks=hooks)
@@ -74,7 +89,9 @@ class WeightRecorder(Hook):
 
     def on_optimizer_step(self, ctx: StepContext) -> None:
         self.after = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
-        self.state = {n: {k: v.clone() for k, v in ctx.optimizer.state[p].items()} for n, p in ctx.model.named_parameters()}
+        self.state = {
+            n: {k: v.clone() for k, v in ctx.optimizer.state[p].items()} for n, p in ctx.model.named_parameters()
+        }
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
@@ -94,7 +111,9 @@ def test_grad_norms_combine_and_update_ratio_is_the_measured_change(tmp_path, to
     assert m["update_ratio/blocks.1.attn.q"] == pytest.approx(((a[q] - b[q]).norm() / b[q].norm()).item(), rel=1e-4)
     mlp = [n for n in b if n.startswith("blocks.0.mlp.")]
     change = math.sqrt(sum((a[n] - b[n]).norm().item() ** 2 for n in mlp))
-    assert m["update_ratio/blocks.0.mlp"] == pytest.approx(change / math.sqrt(sum(b[n].norm().item() ** 2 for n in mlp)), rel=1e-4)
+    assert m["update_ratio/blocks.0.mlp"] == pytest.approx(
+        change / math.sqrt(sum(b[n].norm().item() ** 2 for n in mlp)), rel=1e-4
+    )
     assert m["update_norm/wte"] > 0
 
     adam_param = "wte.weight"  # AdamW in both optimizers; Muon's block matrices have no Adam moments
@@ -138,7 +157,9 @@ def test_attention_probe_equals_sdpa_and_a_direct_softmax(tok):
         for kind in ("entropy", "entropy_norm", "sink"):
             assert metrics[f"attn_{kind}/blocks.1.h{h}"] == pytest.approx(np.mean([r[kind] for r in rows]), rel=1e-4)
         assert metrics[f"attn_max_logit/blocks.1.h{h}"] == pytest.approx(max(r["max_logit"] for r in rows), rel=1e-5)
-    assert metrics["attn_entropy/blocks.1"] == pytest.approx((metrics["attn_entropy/blocks.1.h0"] + metrics["attn_entropy/blocks.1.h1"]) / 2)
+    assert metrics["attn_entropy/blocks.1"] == pytest.approx(
+        (metrics["attn_entropy/blocks.1.h0"] + metrics["attn_entropy/blocks.1.h1"]) / 2
+    )
     assert not any(m._forward_hooks for m in model.modules())  # hooks live only for the probe forward
 
 
@@ -154,7 +175,9 @@ def test_attention_with_a_padding_mask_matches_sdpa():
     stats = attention_stats(logits, probs, allowed)
     direct = [direct_attention(q, k, mask, b, 0, group=2) for b in range(2)]
     # per-head means pool every (row, query) with >= 2 keys: row 0 has 5 such queries, row 1 has 3
-    assert stats["entropy"][0].item() == pytest.approx((5 * direct[0]["entropy"] + 3 * direct[1]["entropy"]) / 8, rel=1e-4)
+    assert stats["entropy"][0].item() == pytest.approx(
+        (5 * direct[0]["entropy"] + 3 * direct[1]["entropy"]) / 8, rel=1e-4
+    )
 
 
 def test_activation_and_logit_stats(tok):
@@ -186,7 +209,11 @@ def test_loss_by_position_averages_back_to_the_val_loss(tok, buckets):
     ctx = StepContext("pretrain", model, None, objective, None, TrainConfig())
     ctx.metrics = objective.evaluate(model)
     LossByPosition(buckets).on_eval(ctx)
-    spans = {n: [int(p) for p in n.removeprefix("loss_by_pos/").split("-")] for n in ctx.metrics if n.startswith("loss_by_pos/")}
+    spans = {
+        n: [int(p) for p in n.removeprefix("loss_by_pos/").split("-")]
+        for n in ctx.metrics
+        if n.startswith("loss_by_pos/")
+    }
     assert len(spans) == buckets
     assert sorted(a for a, _ in spans.values())[0] == 0 and max(b for _, b in spans.values()) == BLOCK - 1
     sizes = {n: b - a + 1 for n, (a, b) in spans.items()}
@@ -219,8 +246,9 @@ class Poisoned:
 def test_poisoned_batch_spike_is_caught_at_its_step_with_its_rows(tmp_path, tok):
     probes = ProbesConfig(spike_window=16, spike_history=4, spike_topk=4)
     objective = Poisoned(objective_for(tok), at=40, rows=[2, 5])
-    run, m = run_train(tmp_path, model_for(tok), objective, [SpikeProbe(probes, RunDir(tmp_path / "run"), tok)],
-                       steps=42, lr=1e-2)  # fmt: skip
+    run, m = run_train(
+        tmp_path, model_for(tok), objective, [SpikeProbe(probes, RunDir(tmp_path / "run"), tok)], steps=42, lr=1e-2
+    )
     dossiers = sorted(run.spikes_dir.glob("step-*.json"))
     assert [p.name for p in dossiers] == ["step-0000040.json"]
     d = json.loads(dossiers[0].read_text())
@@ -272,8 +300,9 @@ def test_batch_kinds_are_compared_with_their_own_kind(tmp_path, tok, tell):
     """Told the kinds, the detector flags only the poisoned easy batch; not told, the hard kind's batches fire too."""
     probes = ProbesConfig(spike_window=16, spike_history=4, spike_topk=4)
     objective = TwoKinds(objective_for(tok), at=63, tell=tell)
-    run, _ = run_train(tmp_path, model_for(tok), objective, [SpikeProbe(probes, RunDir(tmp_path / "run"), tok)],
-                       steps=64, lr=1e-2)  # fmt: skip
+    run, _ = run_train(
+        tmp_path, model_for(tok), objective, [SpikeProbe(probes, RunDir(tmp_path / "run"), tok)], steps=64, lr=1e-2
+    )
     steps = [e["step"] for e in run.events() if e["kind"] == "spike"]
     if tell:
         assert steps == [63]
@@ -307,7 +336,10 @@ def test_first_departure_is_the_block_that_left_its_band_first():
         records.append({"step": step, "grad_norm": g, "update_norm": u})
     moved = departures(records, history=4, threshold=6.0)
     assert moved[0] == {"block": "blocks.1", "norm": "grad_norm", "step": 18, "score": moved[0]["score"]}
-    assert [(d["block"], d["norm"], d["step"]) for d in moved[1:]] == [("blocks.0", "grad_norm", 20), ("blocks.0", "update_norm", 20)]
+    assert [(d["block"], d["norm"], d["step"]) for d in moved[1:]] == [
+        ("blocks.0", "grad_norm", 20),
+        ("blocks.0", "update_norm", 20),
+    ]
     assert departures(records[:8], history=4, threshold=6.0) == []  # too little reference to call anything
 
 

@@ -36,17 +36,37 @@ def make_run(path: Path, *, seed: int = 0, lr: float = 3e-3, qk_norm: bool = Tru
     cfg = Config(seed=seed)
     cfg.train.lr, cfg.model.qk_norm, cfg.model.vocab_size = lr, qk_norm, 512
     (path / "config.toml").write_text(cfg.to_toml())
-    manifest = {"status": "completed", "stage": "rl", "stages_done": ["pretrain", "sft", "rl"], "pipeline": ["pretrain", "sft", "rl"],
-                "seed": seed, "created": "2026-01-01T00:00:00+00:00", "last_step": 40, "preset": "tiny"}  # fmt: skip
+    manifest = {
+        "status": "completed",
+        "stage": "rl",
+        "stages_done": ["pretrain", "sft", "rl"],
+        "pipeline": ["pretrain", "sft", "rl"],
+        "seed": seed,
+        "created": "2026-01-01T00:00:00+00:00",
+        "last_step": 40,
+        "preset": "tiny",
+    }
     (path / "manifest.json").write_text(json.dumps(manifest))
     rows: list[tuple] = []
     t0 = 1.7e9
     for step in range(1, 201):
-        loss = 6.0 * math.exp(-step / 60) + 2.0 + loss_shift + 0.02 * rng.standard_normal() + (1.5 if step == 120 else 0.0)
-        rows += _rows("pretrain", step, {
-            "train/loss": loss, "train/z_loss": 20 + step / 50, "optim/lr": lr * min(1, step / 20), "optim/grad_norm": 1.2 - step / 400,
-            "optim/clipped": float(step < 30), "throughput/tokens_per_s": 30000 + 100 * rng.standard_normal(), "time/step_s": 0.07,
-        }, t0)  # fmt: skip
+        loss = (
+            6.0 * math.exp(-step / 60) + 2.0 + loss_shift + 0.02 * rng.standard_normal() + (1.5 if step == 120 else 0.0)
+        )
+        rows += _rows(
+            "pretrain",
+            step,
+            {
+                "train/loss": loss,
+                "train/z_loss": 20 + step / 50,
+                "optim/lr": lr * min(1, step / 20),
+                "optim/grad_norm": 1.2 - step / 400,
+                "optim/clipped": float(step < 30),
+                "throughput/tokens_per_s": 30000 + 100 * rng.standard_normal(),
+                "time/step_s": 0.07,
+            },
+            t0,
+        )
         if step % 10 == 0:
             fam = {}
             for b in range(BLOCKS):
@@ -62,8 +82,14 @@ def make_run(path: Path, *, seed: int = 0, lr: float = 3e-3, qk_norm: bool = Tru
             fam["grad_norm/wte"] = 0.3
             rows += _rows("pretrain", step, fam, t0)
         if step % 25 == 0:
-            probe = {"val/loss": loss + 0.1, "val/bpb": (loss + 0.1) / math.log(2) / 3, "val/ppl": math.exp(loss + 0.1),
-                     "logits/max": 5 + step / 20, "logits/log_z_mean": 3 + step / 50, "custom/thing": step * 2.0}  # fmt: skip
+            probe = {
+                "val/loss": loss + 0.1,
+                "val/bpb": (loss + 0.1) / math.log(2) / 3,
+                "val/ppl": math.exp(loss + 0.1),
+                "logits/max": 5 + step / 20,
+                "logits/log_z_mean": 3 + step / 50,
+                "custom/thing": step * 2.0,
+            }
             for b in range(BLOCKS):
                 for h in range(HEADS):
                     collapsed = b == 1 and h == 0 and step > 100
@@ -79,21 +105,59 @@ def make_run(path: Path, *, seed: int = 0, lr: float = 3e-3, qk_norm: bool = Tru
                 probe[f"loss_by_pos/{lo:03d}-{lo + 15:03d}"] = loss + 1.0 / (1 + lo / 16)
             rows += _rows("pretrain", step, probe, t0)
     for step in range(1, 61):
-        rows += _rows("sft", step, {"train/loss": 1.5 - step / 100, "optim/lr": 1e-3, "optim/grad_norm": 0.8,
-                                    "throughput/tokens_per_s": 20000, "time/step_s": 0.1}, t0 + 300)  # fmt: skip
+        rows += _rows(
+            "sft",
+            step,
+            {
+                "train/loss": 1.5 - step / 100,
+                "optim/lr": 1e-3,
+                "optim/grad_norm": 0.8,
+                "throughput/tokens_per_s": 20000,
+                "time/step_s": 0.1,
+            },
+            t0 + 300,
+        )
         if step % 20 == 0:
             rows += _rows("sft", step, {"val/loss": 1.4 - step / 100, "eval/arithmetic/accuracy": step / 100}, t0 + 300)
     for step in range(1, 41):
-        rl = {"rl/reward_mean": 0.4 + step / 100, "rl/reward/correct": 0.4 + step / 100, "rl/reward/format": 0.9, "rl/reward_std": 0.3,
-              "rl/kl_ref": step / 400, "rl/kl_old": 0.0, "rl/entropy": 0.8, "rl/completion_len_mean": 6, "rl/completion_len_min": 3,
-              "rl/completion_len_max": 12, "rl/truncated_ratio": 0.0, "rl/clip_ratio_low": 0.0, "rl/clip_ratio_high": 0.01,
-              "rl/clip_ratio_region": 0.01, "rl/frac_reward_zero_std": 0.25, "rl/advantage_min": -1.5, "rl/advantage_mean": 0.0,
-              "rl/advantage_max": 1.5, "rl/repeat_rate": 0.02, "train/loss": 0.01, "time/generation_s": 0.5, "time/reference_s": 0.05,
-              "time/training_s": 0.1, "throughput/tokens_per_s": 900, "time/step_s": 0.65}  # fmt: skip
+        rl = {
+            "rl/reward_mean": 0.4 + step / 100,
+            "rl/reward/correct": 0.4 + step / 100,
+            "rl/reward/format": 0.9,
+            "rl/reward_std": 0.3,
+            "rl/kl_ref": step / 400,
+            "rl/kl_old": 0.0,
+            "rl/entropy": 0.8,
+            "rl/completion_len_mean": 6,
+            "rl/completion_len_min": 3,
+            "rl/completion_len_max": 12,
+            "rl/truncated_ratio": 0.0,
+            "rl/clip_ratio_low": 0.0,
+            "rl/clip_ratio_high": 0.01,
+            "rl/clip_ratio_region": 0.01,
+            "rl/frac_reward_zero_std": 0.25,
+            "rl/advantage_min": -1.5,
+            "rl/advantage_mean": 0.0,
+            "rl/advantage_max": 1.5,
+            "rl/repeat_rate": 0.02,
+            "train/loss": 0.01,
+            "time/generation_s": 0.5,
+            "time/reference_s": 0.05,
+            "time/training_s": 0.1,
+            "throughput/tokens_per_s": 900,
+            "time/step_s": 0.65,
+        }
         rows += _rows("rl", step, rl, t0 + 600)
         if step % 10 == 0:
-            rows += _rows("rl", step, {"eval/arithmetic/accuracy": 0.5 + step / 200, "eval/arithmetic/pass@4": 0.8}, t0 + 600)
-    rows += _rows("eval", 0, {"eval/arithmetic/after_rl/accuracy": 0.7 + loss_shift, "eval/arithmetic/after_rl/pass@4": 0.9}, t0 + 900)
+            rows += _rows(
+                "rl", step, {"eval/arithmetic/accuracy": 0.5 + step / 200, "eval/arithmetic/pass@4": 0.8}, t0 + 600
+            )
+    rows += _rows(
+        "eval",
+        0,
+        {"eval/arithmetic/after_rl/accuracy": 0.7 + loss_shift, "eval/arithmetic/after_rl/pass@4": 0.9},
+        t0 + 900,
+    )
     columns = list(zip(*rows))
     pq.write_table(pa.table(dict(zip(SCHEMA.names, columns)), schema=SCHEMA), path / "metrics.parquet")
 
@@ -101,25 +165,53 @@ def make_run(path: Path, *, seed: int = 0, lr: float = 3e-3, qk_norm: bool = Tru
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("".join(json.dumps(r) + "\n" for r in records))
 
-    jsonl(path / "samples.jsonl", [{"stage": "pretrain", "step": 200, "prompt": "\n", "completion": "To be <or> not"},
-                                   {"stage": "rl", "step": 40, "prompt": "12+7=", "completion": "19<|end|>"}])  # fmt: skip
-    jsonl(path / "events.jsonl", [
-        {"time": t0 + 120, "kind": "spike", "message": "loss spike at step 120", "step": 120, "stage": "pretrain"},
-        {"time": t0 + 630, "kind": "hacking", "message": "format reward rises while correctness falls", "step": 30, "stage": "rl",
-         "detector": "format_vs_correct"},
-    ])  # fmt: skip
-    jsonl(path / "rollouts" / "step-20.jsonl", [{"prompt": "3+4=", "completion": "7<|end|>", "rewards": {"correct": 1.0}, "advantage": 0.7}])
+    jsonl(
+        path / "samples.jsonl",
+        [
+            {"stage": "pretrain", "step": 200, "prompt": "\n", "completion": "To be <or> not"},
+            {"stage": "rl", "step": 40, "prompt": "12+7=", "completion": "19<|end|>"},
+        ],
+    )
+    jsonl(
+        path / "events.jsonl",
+        [
+            {"time": t0 + 120, "kind": "spike", "message": "loss spike at step 120", "step": 120, "stage": "pretrain"},
+            {
+                "time": t0 + 630,
+                "kind": "hacking",
+                "message": "format reward rises while correctness falls",
+                "step": 30,
+                "stage": "rl",
+                "detector": "format_vs_correct",
+            },
+        ],
+    )
+    jsonl(
+        path / "rollouts" / "step-20.jsonl",
+        [{"prompt": "3+4=", "completion": "7<|end|>", "rewards": {"correct": 1.0}, "advantage": 0.7}],
+    )
     (path / "eval").mkdir()
     final = {"task": "arithmetic", "n": 100, "accuracy": 0.7, "by_difficulty": {"1": 0.9, "2": 0.6}}
     (path / "eval" / "final.json").write_text(json.dumps({"rl": {"arithmetic": final}}))
-    jsonl(path / "eval" / "arithmetic-seed7.jsonl", [{"prompt": "3+4=", "answer": "7", "completion": "7<|end|>", "rewards": {"correct": 1.0}}])
+    jsonl(
+        path / "eval" / "arithmetic-seed7.jsonl",
+        [{"prompt": "3+4=", "answer": "7", "completion": "7<|end|>", "rewards": {"correct": 1.0}}],
+    )
     (path / "spikes").mkdir()
     dossier = {
-        "step": 120, "stage": "pretrain", "score": 9.5, "first_departing": "blocks.2",
-        "history": [{"step": s, "grad_norm": {f"blocks.{b}": 0.1 * (b + 1) * (5 if s == 120 and b == 2 else 1) for b in range(BLOCKS)}}
-                    for s in range(113, 121)],
+        "step": 120,
+        "stage": "pretrain",
+        "score": 9.5,
+        "first_departing": "blocks.2",
+        "history": [
+            {
+                "step": s,
+                "grad_norm": {f"blocks.{b}": 0.1 * (b + 1) * (5 if s == 120 and b == 2 else 1) for b in range(BLOCKS)},
+            }
+            for s in range(113, 121)
+        ],
         "top_rows": [{"row": 3, "loss": 9.1, "tokens": "</script><b>x"}],
-    }  # fmt: skip
+    }
     (path / "spikes" / "step-120.json").write_text(json.dumps(dossier))
     return path
 
@@ -138,16 +230,38 @@ def test_report_has_every_section_and_embeds_figure_data(run: Path) -> None:
     out = build_report(run)
     assert out == run / "report.html"
     html = out.read_text()
-    for section in ("overview", "config", "stage-pretrain", "stage-sft", "stage-rl", "stage-eval", "gradients", "attention",
-                    "activations", "positions", "spikes", "timing", "events", "other", "eval-records"):  # fmt: skip
+    for section in (
+        "overview",
+        "config",
+        "stage-pretrain",
+        "stage-sft",
+        "stage-rl",
+        "stage-eval",
+        "gradients",
+        "attention",
+        "activations",
+        "positions",
+        "spikes",
+        "timing",
+        "events",
+        "other",
+        "eval-records",
+    ):
         assert f'<section id="{section}">' in html, section
     assert "https://" not in html.split("uPlot, MIT licence")[0]  # nothing loaded from the network
     figs = _figures(html)
     titles = {f["title"] for f in figs.values()}
-    assert {"Loss", "Reward (mean and per function)", "KL divergence", "Gradient norm per block (pretrain)",
-            "Update / weight ratio per parameter (pretrain)", "Normalised attention entropy per head (pretrain)",
-            "Loss by position (pretrain)", "Mean log Z (log-partition of the output logits) (pretrain)",
-            "custom (pretrain)"} <= titles  # fmt: skip
+    assert {
+        "Loss",
+        "Reward (mean and per function)",
+        "KL divergence",
+        "Gradient norm per block (pretrain)",
+        "Update / weight ratio per parameter (pretrain)",
+        "Normalised attention entropy per head (pretrain)",
+        "Loss by position (pretrain)",
+        "Mean log Z (log-partition of the output logits) (pretrain)",
+        "custom (pretrain)",
+    } <= titles
     loss = next(f for f in figs.values() if f["title"] == "Loss")
     assert [s["label"] for s in loss["series"]] == ["train/loss", "val/loss"]
     assert len(loss["x"]) == 200 and loss["series"][1]["y"].count(None) == 200 - 8
@@ -193,9 +307,15 @@ def test_compare_lists_config_differences_and_final_values(tmp_path: Path) -> No
     a = make_run(tmp_path / "a", seed=0)
     b = make_run(tmp_path / "b", seed=1, lr=1e-2, qk_norm=False, loss_shift=0.3)
     summary = compare_summary([a, b])
-    assert summary["config_diff"] == {"seed": {"a": 0, "b": 1}, "model.qk_norm": {"a": True, "b": False}, "train.lr": {"a": 3e-3, "b": 1e-2}}
+    assert summary["config_diff"] == {
+        "seed": {"a": 0, "b": 1},
+        "model.qk_norm": {"a": True, "b": False},
+        "train.lr": {"a": 3e-3, "b": 1e-2},
+    }
     finals = summary["final_metrics"]
-    assert finals["b"]["eval/arithmetic/after_rl/accuracy"] == pytest.approx(finals["a"]["eval/arithmetic/after_rl/accuracy"] + 0.3)
+    assert finals["b"]["eval/arithmetic/after_rl/accuracy"] == pytest.approx(
+        finals["a"]["eval/arithmetic/after_rl/accuracy"] + 0.3
+    )
     assert not any("blocks." in n for n in finals["a"])  # per-block families stay on the run pages
     html = build_compare([a, b], tmp_path / "c.html").read_text()
     figs = _figures(html)
@@ -237,7 +357,9 @@ def test_commands(tmp_path: Path) -> None:
     res = cli.invoke(app, ["compare", str(a), str(b), "--out", str(tmp_path / "c.html"), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["config_diff"] == {"seed": {"a": 0, "b": 1}} and (tmp_path / "c.html").exists()
-    res = cli.invoke(app, ["plot", str(a), str(b), "--metric", "val/*", "--stage", "pretrain", "--out", str(tmp_path / "f.pdf")])
+    res = cli.invoke(
+        app, ["plot", str(a), str(b), "--metric", "val/*", "--stage", "pretrain", "--out", str(tmp_path / "f.pdf")]
+    )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "f.pdf").read_bytes().startswith(b"%PDF")
     res = cli.invoke(app, ["report", str(a), "--json"])

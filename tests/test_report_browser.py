@@ -18,8 +18,15 @@ from glasslab.report.compare import build_compare
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
 
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]  # fmt: skip
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 # For each figure: does its canvas hold any pixel that is neither transparent nor white?
 INKED = """() => Array.from(document.querySelectorAll('.figure')).map(el => {
@@ -45,7 +52,12 @@ def _render(page_path: Path, tmp_path: Path) -> tuple[list[str], list[list], dic
             errors: list[str] = []
             page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
             page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.on("request", lambda req: errors.append(f"network request {req.url}") if not req.url.startswith(("file:", "data:")) else None)
+            page.on(
+                "request",
+                lambda req: (
+                    errors.append(f"network request {req.url}") if not req.url.startswith(("file:", "data:")) else None
+                ),
+            )
             page.goto(page_path.as_uri())
             page.wait_for_function("document.body.dataset.drawn !== undefined", timeout=20_000)
             inked = page.evaluate(INKED)

@@ -30,9 +30,15 @@ from glasslab.rl.dpo import DPO, preference_pairs
 from glasslab.rl.grpo import GRPO
 from glasslab.rl.hacking import HackingDetectors, repeat_rate
 from glasslab.rl.losses import (
-    dpo_loss, group_advantages, grpo_loss, kl_estimate, token_entropy, token_logprobs,
-    token_logprobs_and_entropy, zero_std_groups,
-)  # fmt: skip
+    dpo_loss,
+    group_advantages,
+    grpo_loss,
+    kl_estimate,
+    token_entropy,
+    token_logprobs,
+    token_logprobs_and_entropy,
+    zero_std_groups,
+)
 from glasslab.rl.rollout import completion_logits, pack, sequence_logprobs
 from glasslab.stages.common import save_config
 from glasslab.track.checkpoint import save_checkpoint
@@ -124,15 +130,30 @@ def test_grpo_loss_and_gradient_match_reference(loss_type):
     B, T, f64 = 4, 6, torch.float64
     logp = (torch.rand(B, T, dtype=f64) * -3).requires_grad_()
     ent = torch.rand(B, T, dtype=f64).requires_grad_()
-    old = logp.detach() + torch.empty(B, T, dtype=f64).uniform_(-0.6, 0.6)  # ratios well outside [0.8, 1.28]: both clips fire
+    old = logp.detach() + torch.empty(B, T, dtype=f64).uniform_(
+        -0.6, 0.6
+    )  # ratios well outside [0.8, 1.28]: both clips fire
     ref = logp.detach() + torch.randn(B, T, dtype=f64) * 0.3
     adv = torch.tensor([1.5, -0.7, 0.4, -1.2], dtype=f64)
     mask = torch.rand(B, T) > 0.3
     mask[:, 0] = True
     kw = dict(eps_low=0.2, eps_high=0.28, beta=0.05)
-    loss, stats = grpo_loss(logp, old, ref, adv, mask, kl_estimator="k3", loss_type=loss_type, max_new_tokens=8,
-                            entropy=ent, entropy_coef=0.01, **kw)  # fmt: skip
-    expected, low, high = _reference_grpo(logp, old, ref, adv, mask, ent, coef=0.01, loss_type=loss_type, max_new=8, **kw)
+    loss, stats = grpo_loss(
+        logp,
+        old,
+        ref,
+        adv,
+        mask,
+        kl_estimator="k3",
+        loss_type=loss_type,
+        max_new_tokens=8,
+        entropy=ent,
+        entropy_coef=0.01,
+        **kw,
+    )
+    expected, low, high = _reference_grpo(
+        logp, old, ref, adv, mask, ent, coef=0.01, loss_type=loss_type, max_new=8, **kw
+    )
     assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
     for got, want in zip(torch.autograd.grad(loss, [logp, ent]), torch.autograd.grad(expected, [logp, ent])):
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
@@ -146,8 +167,19 @@ def test_one_iteration_has_ratio_one_and_never_clips():
     logp = (torch.rand(3, 5) * -3).requires_grad_()
     adv = torch.tensor([2.0, -2.0, 0.5])
     mask = torch.ones(3, 5, dtype=torch.bool)
-    loss, stats = grpo_loss(logp, None, logp.detach(), adv, mask, eps_low=0.0, eps_high=0.0, beta=0.1,
-                            kl_estimator="k3", loss_type="dapo", max_new_tokens=5)  # fmt: skip
+    loss, stats = grpo_loss(
+        logp,
+        None,
+        logp.detach(),
+        adv,
+        mask,
+        eps_low=0.0,
+        eps_high=0.0,
+        beta=0.1,
+        kl_estimator="k3",
+        loss_type="dapo",
+        max_new_tokens=5,
+    )
     assert stats["rl/clip_ratio_region"] == 0.0 and stats["rl/kl_old"] == 0.0 and stats["rl/kl_ref"] == 0.0
     assert loss.item() == pytest.approx(-adv.mean().item())  # ρ = 1 exactly: the loss is -mean(A) per token
     (grad,) = torch.autograd.grad(loss, logp)
@@ -179,7 +211,9 @@ def test_token_logprobs_and_entropy():
     logits = torch.randn(2, 3, 7)
     targets = torch.randint(0, 7, (2, 3))
     p = logits.softmax(-1)
-    assert torch.allclose(token_logprobs(logits, targets), p.gather(-1, targets[..., None]).squeeze(-1).log(), atol=1e-6)
+    assert torch.allclose(
+        token_logprobs(logits, targets), p.gather(-1, targets[..., None]).squeeze(-1).log(), atol=1e-6
+    )
     assert torch.allclose(token_entropy(logits), -(p * p.log()).sum(-1), atol=1e-6)
 
 
@@ -202,7 +236,9 @@ def test_fused_logprobs_and_entropy_match_autograd(entropy_grad):
     plain = objective(lambda x, t: (token_logprobs(x, t), token_entropy(x)))
     for got, want in zip(fused, plain):
         assert torch.allclose(got, want, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda x: token_logprobs_and_entropy(x, targets), (logits.detach().requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda x: token_logprobs_and_entropy(x, targets), (logits.detach().requires_grad_(),)
+    )
 
 
 def test_fused_logprobs_and_entropy_in_bfloat16():
@@ -213,7 +249,9 @@ def test_fused_logprobs_and_entropy_in_bfloat16():
     assert logp.dtype == torch.float32 and torch.isfinite(logp).all() and (entropy >= -1e-5).all()
     assert torch.allclose(logp, token_logprobs(logits.float(), targets), atol=1e-5)
     logp.sum().backward()
-    assert logits.grad.dtype == torch.bfloat16 and torch.allclose(logits.grad.float().sum(-1), torch.zeros(5), atol=1e-2)
+    assert logits.grad.dtype == torch.bfloat16 and torch.allclose(
+        logits.grad.float().sum(-1), torch.zeros(5), atol=1e-2
+    )
 
 
 # ---- a fake environment and a tiny model -------------------------------------------------------
@@ -236,7 +274,10 @@ class FakeEnv(Environment):
         return [("assistant", problem.answer)]
 
     def score(self, problem: Problem, completion: str) -> dict[str, float]:
-        return {"correct": float(problem.answer[0] in completion), "format": float(final_answer(completion) is not None)}
+        return {
+            "correct": float(problem.answer[0] in completion),
+            "format": float(final_answer(completion) is not None),
+        }
 
 
 class ConstantEnv(FakeEnv):
@@ -279,8 +320,16 @@ def test_pack_marks_sampled_tokens_and_recorded_logprobs_match_the_training_forw
 
     env = FakeEnv()
     prompts = [prompt_tokens(env, p, tok) for p in env.problems("train", 4, seed=0)]
-    out = generate(model, prompts, 6, temperature=1.0, stop_ids=(tok.end_id,), pad_id=tok.pad_id, seed=0,
-                   interceptor=force_after_second)  # fmt: skip
+    out = generate(
+        model,
+        prompts,
+        6,
+        temperature=1.0,
+        stop_ids=(tok.end_id,),
+        pad_id=tok.pad_id,
+        seed=0,
+        interceptor=force_after_second,
+    )
     packed = pack(prompts, out.tokens, out.sampled, tok.pad_id, CPU)
     for r, (p, c, s) in enumerate(zip(prompts, out.tokens, out.sampled)):
         start = len(p) - 1
@@ -296,7 +345,10 @@ def test_pack_marks_sampled_tokens_and_recorded_logprobs_match_the_training_forw
     assert torch.allclose(logp[packed.mask], recorded[packed.mask], atol=1e-5)
     # the head runs on the trained positions only, with the full forward's numbers there and 0 elsewhere
     with torch.no_grad():
-        full, tempered = token_logprobs(model(packed.inputs) / 0.7, packed.targets), sequence_logprobs(model, packed, 0.7)
+        full, tempered = (
+            token_logprobs(model(packed.inputs) / 0.7, packed.targets),
+            sequence_logprobs(model, packed, 0.7),
+        )
     assert torch.allclose(tempered[packed.mask], full[packed.mask], atol=1e-5) and not tempered[~packed.mask].any()
 
 
@@ -308,8 +360,15 @@ def test_shared_prompt_forward_has_the_full_forwards_logits_and_gradient():
     model = GPT(ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=64, vocab_size=50, qk_norm=True))
     prompts = [[1, 2, 3], [1, 2, 3], [4, 5], [4, 5], [4, 5], [7, 8, 9, 10], [6]]
     completions = [[11, 12, 13, 14], [15], [16, 17], [18, 19, 20, 21, 22], [23, 24], [25], [26, 27]]
-    sampled = [[True, True, False, True], [True], [True, True], [True, False, False, True, True], [True, True], [True],
-               [False, False]]  # fmt: skip
+    sampled = [
+        [True, True, False, True],
+        [True],
+        [True, True],
+        [True, False, False, True, True],
+        [True, True],
+        [True],
+        [False, False],
+    ]
     packed = pack(prompts, completions, sampled, 0, CPU)
     weights = torch.randn(packed.mask.sum().item(), 50)
 
@@ -354,11 +413,30 @@ def test_grpo_step_logs_the_metrics_and_trains_sampled_tokens(tok, mcfg):
     loss, parts = obj.loss(model, batch)
     loss.backward()
     assert model.wte.weight.grad is not None and model.wte.weight.grad.abs().sum() > 0
-    for name in ("rl/reward_mean", "rl/reward_std", "rl/reward/correct", "rl/reward/format", "rl/frac_reward_zero_std",
-                 "rl/advantage_min", "rl/advantage_mean", "rl/advantage_max", "rl/completion_len_mean",
-                 "rl/completion_len_min", "rl/completion_len_max", "rl/truncated_ratio", "rl/entropy", "rl/kl_ref",
-                 "rl/kl_old", "rl/clip_ratio_low", "rl/clip_ratio_high", "rl/clip_ratio_region", "rl/repeat_rate",
-                 "time/generation_s", "time/reference_s", "train/loss"):  # fmt: skip
+    for name in (
+        "rl/reward_mean",
+        "rl/reward_std",
+        "rl/reward/correct",
+        "rl/reward/format",
+        "rl/frac_reward_zero_std",
+        "rl/advantage_min",
+        "rl/advantage_mean",
+        "rl/advantage_max",
+        "rl/completion_len_mean",
+        "rl/completion_len_min",
+        "rl/completion_len_max",
+        "rl/truncated_ratio",
+        "rl/entropy",
+        "rl/kl_ref",
+        "rl/kl_old",
+        "rl/clip_ratio_low",
+        "rl/clip_ratio_high",
+        "rl/clip_ratio_region",
+        "rl/repeat_rate",
+        "time/generation_s",
+        "time/reference_s",
+        "train/loss",
+    ):
         assert math.isfinite(parts[name]), name
     assert parts["rl/kl_ref"] == 0.0  # policy == reference before any update, and the same computation to the bit
     assert parts["rl/clip_ratio_region"] == 0.0
@@ -384,8 +462,9 @@ def test_probe_methods(tok, mcfg):
 
 def test_num_iterations_reuses_the_batch_and_the_ratio_moves(tok, mcfg):
     model, ref = _models(mcfg)
-    obj = _objective(GRPO, tok, ref, num_iterations=2, drop_zero_std=False, mask_truncated=False, eps_low=0.01,
-                     eps_high=0.01)  # fmt: skip
+    obj = _objective(
+        GRPO, tok, ref, num_iterations=2, drop_zero_std=False, mask_truncated=False, eps_low=0.01, eps_high=0.01
+    )
     first = obj.next_batch(model)
     assert first.old_logp is not None
     loss, parts = obj.loss(model, first)
@@ -529,7 +608,7 @@ def test_the_reference_scores_are_the_same_whichever_process_computes_them(tok, 
     batches = []
     for waiting in (False, True):
         obj.close()  # nothing in flight: the next step trains on the batch handed to it
-        obj._next = obj.sample_at(model, ref, 0, lambda: waiting)
+        obj._next = obj.sample_at(model, ref, 0, lambda w=waiting: w)
         batches.append(obj.next_batch(model))
     obj.close()
     ahead, trainer = batches
@@ -538,7 +617,9 @@ def test_the_reference_scores_are_the_same_whichever_process_computes_them(tok, 
     assert ahead.metrics["rl/reference_scored_ahead"] == 1.0 and trainer.metrics["rl/reference_scored_ahead"] == 0.0
 
 
-def _failing_sample(model: GPT, ref: GPT, index: int, trainer_waiting) -> None:  # module level: the sampling process unpickles it
+def _failing_sample(
+    model: GPT, ref: GPT, index: int, trainer_waiting
+) -> None:  # module level: the sampling process unpickles it
     raise GlasslabError(f"batch {index} could not be sampled")
 
 
@@ -672,9 +753,14 @@ def test_dpo_step(tok, mcfg):
 
 def _healthy(step: int) -> dict[str, float]:
     return {
-        "rl/reward/correct": 0.3 + 0.004 * step, "rl/reward/format": 0.9, "rl/completion_len_mean": 4.0 + 0.1 * (step % 3),
-        "rl/truncated_ratio": 0.02, "rl/repeat_rate": 0.01, "rl/kl_ref": 0.01 + 0.0005 * step, "rl/frac_reward_zero_std": 0.3,
-    }  # fmt: skip
+        "rl/reward/correct": 0.3 + 0.004 * step,
+        "rl/reward/format": 0.9,
+        "rl/completion_len_mean": 4.0 + 0.1 * (step % 3),
+        "rl/truncated_ratio": 0.02,
+        "rl/repeat_rate": 0.01,
+        "rl/kl_ref": 0.01 + 0.0005 * step,
+        "rl/frac_reward_zero_std": 0.3,
+    }
 
 
 def _run(detectors: HackingDetectors, steps: int, change=None) -> list[tuple[int, str]]:
@@ -749,16 +835,30 @@ def _chat_run(path: Path, tok: Tokenizer, mcfg: ModelConfig) -> RunDir:
     tok.save(run.tokenizer_path)
     save_config(run, build_config({"model": mcfg.model_dump()}))
     model, _ = _models(mcfg)
-    save_checkpoint(run.checkpoints_dir, "sft", 10, model=model.state_dict(), optimizer={}, extra={"arch": mcfg.model_dump()},
-                    rng={"torch_cpu": torch.get_rng_state()}, keep_last=1)  # fmt: skip
+    save_checkpoint(
+        run.checkpoints_dir,
+        "sft",
+        10,
+        model=model.state_dict(),
+        optimizer={},
+        extra={"arch": mcfg.model_dump()},
+        rng={"torch_cpu": torch.get_rng_state()},
+        keep_last=1,
+    )
     return run
 
 
 RL_SETTINGS = {
-    "env": f"{__name__}:FakeEnv", "group_size": 4, "prompts_per_step": 3, "max_new_tokens": 8, "eval_n": 6,
-    "table_every": 2, "ref_reset_every": 2, "detect_window": 2,
+    "env": f"{__name__}:FakeEnv",
+    "group_size": 4,
+    "prompts_per_step": 3,
+    "max_new_tokens": 8,
+    "eval_n": 6,
+    "table_every": 2,
+    "ref_reset_every": 2,
+    "detect_window": 2,
     "train": {"steps": 4, "eval_every": 2, "checkpoint_every": 2, "lr": 1e-3, "warmup_steps": 0},
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("ahead", [False, True], ids=["sync", "generate_ahead"])
@@ -766,16 +866,34 @@ def test_rl_stage_end_to_end_and_resume(tmp_path, tok, mcfg, ahead):
     from glasslab.stages.rl import rl
 
     run = _chat_run(tmp_path / "chat", tok, mcfg)
-    settings = {"model": mcfg.model_dump(), "rl": RL_SETTINGS | {"generate_ahead": ahead}, "eval": {"samples": 2, "pass_k": [1, 2]},
-                "probes": {"mode": "full"}, "system": {"threads": 1}}  # fmt: skip
+    settings = {
+        "model": mcfg.model_dump(),
+        "rl": RL_SETTINGS | {"generate_ahead": ahead},
+        "eval": {"samples": 2, "pass_k": [1, 2]},
+        "probes": {"mode": "full"},
+        "system": {"threads": 1},
+    }
     rl(build_config(settings), run)
     table = read_metrics(run.path, stage="rl").to_pylist()
     steps = {(r["name"], r["step"]) for r in table}
-    for name in ("rl/reward_mean", "rl/kl_ref", "rl/entropy", "rl/repeat_rate", "train/loss", "optim/grad_norm", "optim/lr",
-                 "time/generation_s", "time/reference_s", "time/training_s", "throughput/tokens_per_s"):  # fmt: skip
+    for name in (
+        "rl/reward_mean",
+        "rl/kl_ref",
+        "rl/entropy",
+        "rl/repeat_rate",
+        "train/loss",
+        "optim/grad_norm",
+        "optim/lr",
+        "time/generation_s",
+        "time/reference_s",
+        "time/training_s",
+        "throughput/tokens_per_s",
+    ):
         assert {(name, s) for s in (1, 2, 3, 4)} <= steps, name
     names = {r["name"] for r in table}
-    assert any(n.startswith("attn_entropy/") for n in names) and any(n.startswith("grad_norm/") for n in names)  # probes
+    assert any(n.startswith("attn_entropy/") for n in names) and any(
+        n.startswith("grad_norm/") for n in names
+    )  # probes
     for name in ("eval/fake/accuracy", "eval/fake/pass@1", "eval/fake/pass@2"):
         assert {(name, 0), (name, 2), (name, 4)} <= steps, name  # step 0: the SFT model, where the curves start
     rows = [json.loads(line) for line in (run.path / "rollouts" / "step-2.jsonl").read_text().splitlines()]
@@ -810,17 +928,44 @@ def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 
 def test_rl_command(tmp_path, tok, mcfg, monkeypatch, capsys):
     chat = _chat_run(tmp_path / "chat", tok, mcfg)
-    sets = ["rl.group_size=4", "rl.prompts_per_step=2", "rl.max_new_tokens=6", "rl.eval_n=4", "eval.samples=2",
-            "eval.pass_k=[1, 2]", "rl.train.steps=2", "rl.train.eval_every=2", 'probes.mode="off"',
-            "system.threads=1"]  # fmt: skip
-    args = ["rl", str(chat.path), "--preset", "smoke", "--algo", "dpo", "--env", f"{__name__}:FakeEnv",
-            "--runs-dir", str(tmp_path), "--name", "r", "--json", *[a for s in sets for a in ("--set", s)]]  # fmt: skip
+    sets = [
+        "rl.group_size=4",
+        "rl.prompts_per_step=2",
+        "rl.max_new_tokens=6",
+        "rl.eval_n=4",
+        "eval.samples=2",
+        "eval.pass_k=[1, 2]",
+        "rl.train.steps=2",
+        "rl.train.eval_every=2",
+        'probes.mode="off"',
+        "system.threads=1",
+    ]
+    args = [
+        "rl",
+        str(chat.path),
+        "--preset",
+        "smoke",
+        "--algo",
+        "dpo",
+        "--env",
+        f"{__name__}:FakeEnv",
+        "--runs-dir",
+        str(tmp_path),
+        "--name",
+        "r",
+        "--json",
+        *[a for s in sets for a in ("--set", s)],
+    ]
     code, out, err = _cli(monkeypatch, capsys, *args)
     assert code == 0, err
     assert json.loads(out)["status"] == "completed"
     run = RunDir.open(tmp_path / "r")
     manifest = run.read_manifest()
-    assert manifest["pipeline"] == ["rl"] and manifest["parent"] == str(chat.path) and manifest["init"].endswith("step-0000010")
+    assert (
+        manifest["pipeline"] == ["rl"]
+        and manifest["parent"] == str(chat.path)
+        and manifest["init"].endswith("step-0000010")
+    )
     assert read_metrics(run.path, names=["rl/dpo/pairs"])["step"].to_pylist() == [1, 2]
     assert (run.tokenizer_path).read_text() == chat.tokenizer_path.read_text()
     unknown_env = ["rl", str(chat.path), "--env", "nope", "--name", "x", "--runs-dir", str(tmp_path)]
@@ -837,7 +982,9 @@ def test_rl_env_options_layer_over_the_environment_settings():
     cfg = build_config({"envs": envs, "rl": {"env_options": {"arithmetic": {"min_digits": 2}, "countdown": {"x": 1}}}})
     opts = rl_env(cfg).options
     assert (opts.ops, opts.min_digits, opts.max_digits) == (["+"], 2, 3)
-    assert rl_env(build_config({"rl": {"env": "calculator", "env_options": cfg.rl.env_options}})).options.min_digits == 3
+    assert (
+        rl_env(build_config({"rl": {"env": "calculator", "env_options": cfg.rl.env_options}})).options.min_digits == 3
+    )
     with pytest.raises(GlasslabError, match="unknown option 'digits'"):
         rl_env(build_config({"rl": {"env_options": {"arithmetic": {"digits": 2}}}}))
 
@@ -857,8 +1004,9 @@ def test_retention_evaluates_what_rl_env_options_changed_at_the_sft_options():
 def test_retention_metrics_are_greedy_and_named_by_task(tok, mcfg):
     model, ref = _models(mcfg)
     cfg = RLConfig(group_size=4, prompts_per_step=3, max_new_tokens=8, eval_n=4)
-    objective = GRPO(FakeEnv(), tok, ref, cfg, build_config({}).eval, seed=0, device=CPU,
-                     retention=[("loud@sft", LoudEnv())])  # fmt: skip
+    objective = GRPO(
+        FakeEnv(), tok, ref, cfg, build_config({}).eval, seed=0, device=CPU, retention=[("loud@sft", LoudEnv())]
+    )
     metrics = objective.evaluate(model)
     assert metrics["eval/loud@sft/accuracy"] == 1.0 and "eval/fake/accuracy" in metrics
     assert "eval/fake/pass@1" in metrics and not any(n.startswith("eval/loud@sft/pass@") for n in metrics)

@@ -15,10 +15,10 @@ from glasslab.cli import app
 from glasslab.config import ModelConfig, build_config
 from glasslab.conversations import load_conversations
 from glasslab.data.tokenizer import Tokenizer
+from glasslab.data.tokens import build_token_splits
 from glasslab.envs import get_env
 from glasslab.errors import GlasslabError
 from glasslab.model.gpt import GPT
-from glasslab.data.tokens import build_token_splits
 from glasslab.stages.common import documents
 from glasslab.stages.sft import build_objective, sft, shares
 from glasslab.track.atomic import write_text_atomic
@@ -41,15 +41,30 @@ def tok():
 
 
 def small_config(tok, **sft):
-    return build_config({
-        "model": {**MODEL, "vocab_size": tok.vocab_size},
-        "tokenizer": {"kind": "char"},
-        "sft": {"tasks": ["arithmetic"], "examples": 64, "val_examples": 8, "eval_n": 4, "max_new_tokens": 4,
-                "train": {"steps": 4, "batch_size": 4, "warmup_steps": 0, "schedule": "constant",
-                          "eval_every": 0, "checkpoint_every": 2}, **sft},
-        "eval": {"n": 8, "samples": 2, "pass_k": [1, 2], "max_new_tokens": 4},
-        "system": {"threads": 1},
-    })  # fmt: skip
+    return build_config(
+        {
+            "model": {**MODEL, "vocab_size": tok.vocab_size},
+            "tokenizer": {"kind": "char"},
+            "sft": {
+                "tasks": ["arithmetic"],
+                "examples": 64,
+                "val_examples": 8,
+                "eval_n": 4,
+                "max_new_tokens": 4,
+                "train": {
+                    "steps": 4,
+                    "batch_size": 4,
+                    "warmup_steps": 0,
+                    "schedule": "constant",
+                    "eval_every": 0,
+                    "checkpoint_every": 2,
+                },
+                **sft,
+            },
+            "eval": {"n": 8, "samples": 2, "pass_k": [1, 2], "max_new_tokens": 4},
+            "system": {"threads": 1},
+        }
+    )
 
 
 def base_run(path, tok):
@@ -60,8 +75,16 @@ def base_run(path, tok):
     write_text_atomic(run.config_path, cfg.to_toml())
     torch.manual_seed(0)
     model = GPT(cfg.model)
-    save_checkpoint(run.checkpoints_dir, "pretrain", 1, model=model.state_dict(), optimizer={}, rng={},
-                    extra={"arch": cfg.model.model_dump()}, keep_last=1)  # fmt: skip
+    save_checkpoint(
+        run.checkpoints_dir,
+        "pretrain",
+        1,
+        model=model.state_dict(),
+        optimizer={},
+        rng={},
+        extra={"arch": cfg.model.model_dump()},
+        keep_last=1,
+    )
     return run
 
 
@@ -73,13 +96,21 @@ def test_only_assistant_tokens_are_trained(tok):
     e = to_example(msgs, tok)
     trained = tok.decode([i for i, t in zip(e.ids, e.trained) if t])
     assert trained == "3<|end|>"
-    tool = [Message("user", "2*3="), Message("assistant", "<|tool_call|>2*3"), Message("tool", "6"), Message("assistant", "6")]
+    tool = [
+        Message("user", "2*3="),
+        Message("assistant", "<|tool_call|>2*3"),
+        Message("tool", "6"),
+        Message("assistant", "6"),
+    ]
     e = to_example(tool, tok)
     assert tok.decode([i for i, t in zip(e.ids, e.trained) if t]) == "<|tool_call|>2*3<|end|>6<|end|>"
 
 
 def test_padding_is_ignored_and_does_not_leak(tok):
-    long, short = Example([1, 4, 5, 6, 7, 8], [False, False, True, True, False, True]), Example([1, 4, 9], [False, True, True])
+    long, short = (
+        Example([1, 4, 5, 6, 7, 8], [False, False, True, True, False, True]),
+        Example([1, 4, 9], [False, True, True]),
+    )
     x, y = pad_batch([long, short], tok.pad_id)
     assert x.tolist() == [[1, 4, 5, 6, 7], [1, 4, tok.pad_id, tok.pad_id, tok.pad_id]]
     assert y.tolist() == [[-100, 5, 6, -100, 8], [4, 9, -100, -100, -100]]
@@ -107,7 +138,10 @@ def test_conversation_file_errors_name_the_line(tmp_path, tok):
         ([good, {"messages": [{"role": "robot", "content": "hi"}]}], "line 2: .*unknown role 'robot'"),
         ([good, good, {"messages": [{"role": "user", "content": "hi"}]}], "line 3: .*no assistant turn"),
         (["{not json"], "line 1"),
-        ([{"messages": [{"role": "user", "content": "1" * 80}, {"role": "assistant", "content": "2"}]}], "line 1: .*tokens"),
+        (
+            [{"messages": [{"role": "user", "content": "1" * 80}, {"role": "assistant", "content": "2"}]}],
+            "line 1: .*tokens",
+        ),
         ([{"messages": [{"role": "tool", "content": "6"}, {"role": "assistant", "content": "6"}]}], "line 1: .*tool"),
         ([{"text": "hello"}], "line 1: .*messages"),
     ]
@@ -198,21 +232,46 @@ def invoke(*args):
 
 def test_sft_eval_and_chat_commands(tmp_path, tok):
     base = base_run(tmp_path / "base", tok)
-    sets = ["--set", "system.threads=1"] + [x for kv in ("sft.train.steps=2", "sft.examples=16", "sft.eval_n=2",
-            "sft.train.batch_size=4", "sft.max_new_tokens=4") for x in ("--set", kv)]  # fmt: skip
+    sets = ["--set", "system.threads=1"] + [
+        x
+        for kv in (
+            "sft.train.steps=2",
+            "sft.examples=16",
+            "sft.eval_n=2",
+            "sft.train.batch_size=4",
+            "sft.max_new_tokens=4",
+        )
+        for x in ("--set", kv)
+    ]
     shown = invoke("sft", base.path, "--preset", "smoke", "--tasks", "calculator", "--show-example", "--json", *sets)
     [example] = json.loads(shown.stdout)
-    assert "".join(t for t, trained in zip(example["tokens"], example["trained"]) if trained).startswith("<|tool_call|>")
+    assert "".join(t for t, trained in zip(example["tokens"], example["trained"]) if trained).startswith(
+        "<|tool_call|>"
+    )
 
-    done = invoke("sft", base.path, "--preset", "smoke", "--tasks", "arithmetic", "--name", "chat",
-                  "--runs-dir", tmp_path, "--json", *sets)  # fmt: skip
+    done = invoke(
+        "sft",
+        base.path,
+        "--preset",
+        "smoke",
+        "--tasks",
+        "arithmetic",
+        "--name",
+        "chat",
+        "--runs-dir",
+        tmp_path,
+        "--json",
+        *sets,
+    )
     assert done.exit_code == 0, done.output
     run = RunDir.open(tmp_path / "chat")
     manifest = run.read_manifest()
     assert manifest["pipeline"] == ["sft"] and manifest["parent"] == str(base.path.resolve())
     assert manifest["init"].endswith("pretrain/step-0000001") and manifest["status"] == "completed"
 
-    out = invoke("eval", run.path, "--task", "arithmetic", "--n", "6", "--seed", "7", "--k", "1,2", "--samples", "2", "--json")
+    out = invoke(
+        "eval", run.path, "--task", "arithmetic", "--n", "6", "--seed", "7", "--k", "1,2", "--samples", "2", "--json"
+    )
     result = json.loads(out.stdout)
     assert set(result) == {"task", "n", "seed", "accuracy", "pass_at_k", "by_difficulty", "rewards", "diagnostics"}
     assert "place/units" in result["diagnostics"]
@@ -235,7 +294,10 @@ def test_chat_streams_tool_calls_readably_and_trims_history(tok):
     for i in tok.encode("<|tool_call|>12*34<|end|><|tool|>408<|end|><|assistant|>it is 408.<|end|>"):
         printer.feed([i])  # one token at a time, as generation streams them
     assert out.getvalue() == "[calculator: 12*34 = 408] it is 408."
-    history = [Message("system", "Be brief."), *[Message(r, "1+2=" if r == "user" else "3") for r in ["user", "assistant"] * 6]]
+    history = [
+        Message("system", "Be brief."),
+        *[Message(r, "1+2=" if r == "user" else "3") for r in ["user", "assistant"] * 6],
+    ]
     kept = fit_history(history, tok, budget=30)
     assert kept[0].role == "system" and kept[1].role == "user" and kept[-1] == history[-1] and len(kept) < len(history)
     with pytest.raises(GlasslabError, match="does not fit"):

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 from scipy import stats as sps
 from test_report import make_run
 
 from glasslab.errors import GlasslabError
 from glasslab.report import build_report
-from glasslab.study import run_study
 from glasslab.report.rundata import Series
+from glasslab.study import run_study
 from glasslab.study.aggregate import RunResult, mean_curve
 from glasslab.study.executor import action_for, claim_study_dir, command_for
 from glasslab.study.findings import compute_findings
@@ -53,7 +53,11 @@ name = "val/loss"
 def test_grid_times_seeds_expands_to_named_runs_with_overrides() -> None:
     plan = expand(spec_of(GRID))
     assert plan.base is None and len(plan.runs) == 2 * 2 * 2
-    assert [r.name for r in plan.runs[:3]] == ["qk=true-lr=0.001-seed0", "qk=true-lr=0.001-seed1", "qk=true-lr=0.003-seed0"]
+    assert [r.name for r in plan.runs[:3]] == [
+        "qk=true-lr=0.001-seed0",
+        "qk=true-lr=0.001-seed1",
+        "qk=true-lr=0.003-seed0",
+    ]
     run = plan.runs[-1]
     assert run.levels == {"qk": False, "lr": 0.003} and run.seed == 1  # "default" = the smoke preset's lr
     assert run.sets == ["train.steps=40", "model.qk_norm=false", "train.lr=0.003"] and run.stages == ["pretrain"]
@@ -62,10 +66,18 @@ def test_grid_times_seeds_expands_to_named_runs_with_overrides() -> None:
 
 
 def test_shared_stages_make_one_base_run() -> None:
-    spec = spec_of(GRID.replace('stages = ["pretrain"]', 'stages = ["pretrain", "sft", "rl"]\nshared_stages = ["pretrain", "sft"]')
-                   .replace('key = "model.qk_norm"', 'key = "rl.mask_truncated"').replace('key = "train.lr"', 'key = "rl.beta"'))  # fmt: skip
+    spec = spec_of(
+        GRID.replace('stages = ["pretrain"]', 'stages = ["pretrain", "sft", "rl"]\nshared_stages = ["pretrain", "sft"]')
+        .replace('key = "model.qk_norm"', 'key = "rl.mask_truncated"')
+        .replace('key = "train.lr"', 'key = "rl.beta"')
+    )
     plan = expand(spec)
-    assert plan.base is not None and plan.base.name == "base" and plan.base.stages == ["pretrain", "sft"] and plan.base.seed == 0
+    assert (
+        plan.base is not None
+        and plan.base.name == "base"
+        and plan.base.stages == ["pretrain", "sft"]
+        and plan.base.seed == 0
+    )
     assert all(r.stages == ["rl"] and r.from_base for r in plan.runs)
     assert plan.runs[-1].levels["lr"] == 0.1  # rl.beta's default
     cmd = command_for(plan.runs[0], plan, Path("/s/runs"), "start", threads=1)
@@ -144,7 +156,9 @@ def _results(values: dict[float, list[float | None]], metric: str = "final val/l
     for lr, vals in values.items():
         for seed, v in enumerate(vals):
             status = "failed" if v is None else "completed"
-            out.append(RunResult(f"lr={lr}-seed{seed}", Path("."), seed, {"lr": lr}, status, None, {metric: v}, vocab_size=512))
+            out.append(
+                RunResult(f"lr={lr}-seed{seed}", Path("."), seed, {"lr": lr}, status, None, {metric: v}, vocab_size=512)
+            )
     return out
 
 
@@ -167,15 +181,19 @@ def test_findings_say_significant_for_a_clear_effect_and_not_for_a_null_one() ->
     plan = expand(spec_of(SWEEP))
     clear = compute_findings(plan, _results({0.001: [4.10, 4.12, 4.09], 0.01: [3.51, 3.50, 3.53]}))
     assert len(clear) == 1 and clear[0].significant
-    assert clear[0].text.startswith("lr=0.001: final val/loss 4.1 ± 0.038 vs 3.51 ± 0.038 with lr=0.01 (difference 0.59")
+    assert clear[0].text.startswith(
+        "lr=0.001: final val/loss 4.1 ± 0.038 vs 3.51 ± 0.038 with lr=0.01 (difference 0.59"
+    )
     assert "p < 0.001, significant" in clear[0].text
     null = compute_findings(plan, _results({0.001: [4.10, 4.30, 3.95], 0.01: [4.05, 4.25, 4.12]}))
     assert not null[0].significant and "not significant" in null[0].text and null[0].p > 0.5
 
 
 def test_failed_runs_are_counted_not_averaged_and_lr_sensitivity_caps_them() -> None:
-    spec = spec_of(SWEEP.replace("values = [0.001, 0.01]", "values = [0.001, 0.01, 0.1]")
-                   + '[sensitivity]\nfactor = "lr"\nmetric = "final val/loss"\n')  # fmt: skip
+    spec = spec_of(
+        SWEEP.replace("values = [0.001, 0.01]", "values = [0.001, 0.01, 0.1]")
+        + '[sensitivity]\nfactor = "lr"\nmetric = "final val/loss"\n'
+    )
     results = _results({0.001: [4.0, 4.0, 4.0], 0.01: [3.0, 3.2, 3.1], 0.1: [5.0, None, None]})
     findings = compute_findings(expand(spec), results)
     sens = findings[0]
@@ -184,13 +202,27 @@ def test_failed_runs_are_counted_not_averaged_and_lr_sensitivity_caps_them() -> 
     expected = [((4.0 + 3.0 + 5.0) / 3 - 3.0), ((4.0 + 3.2 + cap) / 3 - 3.2), ((4.0 + 3.1 + cap) / 3 - 3.1)]
     assert sens.extra["per_seed"] == pytest.approx(expected)
     comparison = next(f for f in findings if f.kind == "comparison")
-    assert "highest at lr=0.1 (5)" in comparison.text and "2 of 3 runs with lr=0.1 did not complete (failed)" in comparison.text
+    assert (
+        "highest at lr=0.1 (5)" in comparison.text
+        and "2 of 3 runs with lr=0.1 did not complete (failed)" in comparison.text
+    )
 
 
 def test_a_smoothed_curve_is_each_runs_trailing_mean_then_the_mean_over_seeds() -> None:
     steps = np.arange(1, 7)
-    runs = [RunResult(f"r{i}", Path("."), i, {}, "completed", None, {}, curves={"kl": Series(steps, np.array(v, float), steps * 1.0)})
-            for i, v in enumerate([[0, 1, 2, 3, 4, 5], [2, 3, 4, 5, 6, 7]])]  # fmt: skip
+    runs = [
+        RunResult(
+            f"r{i}",
+            Path("."),
+            i,
+            {},
+            "completed",
+            None,
+            {},
+            curves={"kl": Series(steps, np.array(v, float), steps * 1.0)},
+        )
+        for i, v in enumerate([[0, 1, 2, 3, 4, 5], [2, 3, 4, 5, 6, 7]])
+    ]
     s, mean, _ = mean_curve(runs, "kl", smooth=3)
     assert list(s) == [3, 4, 5, 6] and mean == pytest.approx([2, 3, 4, 5])  # run means 1,2,3,4 and 3,4,5,6
     s, mean, _ = mean_curve(runs, "kl")
@@ -201,7 +233,12 @@ def test_study_report_from_run_directories(tmp_path: Path) -> None:
     spec = spec_of('curves = ["train/loss"]\n' + SWEEP.replace("seeds = [0, 1, 2]", "seeds = [0, 1]"))
     plan = expand(spec)
     for r in plan.runs:
-        make_run(tmp_path / "runs" / r.name, seed=r.seed, lr=r.levels["lr"], loss_shift=0.5 if r.levels["lr"] == 0.01 else 0.0)
+        make_run(
+            tmp_path / "runs" / r.name,
+            seed=r.seed,
+            lr=r.levels["lr"],
+            loss_shift=0.5 if r.levels["lr"] == 0.01 else 0.0,
+        )
     build_report(tmp_path / "runs" / plan.runs[0].name)
     summary = build_study_report(plan, tmp_path)
     assert {p.name for p in (tmp_path / "figures").iterdir()} == {"final-val-loss-by-lr.png", "curve-train-loss.png"}
@@ -211,7 +248,9 @@ def test_study_report_from_run_directories(tmp_path: Path) -> None:
     assert finding["difference"] == pytest.approx(-0.5, abs=0.05)
     html = (tmp_path / "report.html").read_text()
     assert "Findings" in html and 'src="data:image/png;base64,' in html
-    assert 'href="runs/lr=0.001-seed0/report.html"' in html and 'href="runs/lr=0.001-seed1/report.html"' not in html  # only built ones
+    assert (
+        'href="runs/lr=0.001-seed0/report.html"' in html and 'href="runs/lr=0.001-seed1/report.html"' not in html
+    )  # only built ones
     assert "# Study: s" in (tmp_path / "findings.md").read_text()
 
 
@@ -247,7 +286,9 @@ name = "val/loss"
 
 def test_a_baseline_level_is_compared_with_every_other_level() -> None:
     spec = spec_of(SWEEP.replace("values = [0.001, 0.01]", "values = [0.001, 0.01, 0.1]\nbaseline = 0.01"))
-    findings = compute_findings(expand(spec), _results({0.001: [4.0, 4.1, 4.2], 0.01: [3.0, 3.1, 3.2], 0.1: [3.0, 3.2, 3.1]}))
+    findings = compute_findings(
+        expand(spec), _results({0.001: [4.0, 4.1, 4.2], 0.01: [3.0, 3.1, 3.2], 0.1: [3.0, 3.2, 3.1]})
+    )
     assert [f.text.split(":")[0] for f in findings] == ["lr=0.01", "lr=0.01"]
     assert [(f.groups[1]["level"], f.significant) for f in findings] == [(0.001, True), (0.1, False)]
     with pytest.raises(ValueError, match="baseline 0.5"):

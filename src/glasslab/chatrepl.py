@@ -90,7 +90,9 @@ def fit_history(history: list[Message], tok: Tokenizer, budget: int) -> list[Mes
         while turns and turns[0].role != "user":  # never start mid-exchange
             turns = turns[1:]
     if not turns:
-        raise GlasslabError(f"the message does not fit the model's context ({budget} tokens for the prompt): write a shorter one")
+        raise GlasslabError(
+            f"the message does not fit the model's context ({budget} tokens for the prompt): write a shorter one"
+        )
     return system + turns
 
 
@@ -112,8 +114,18 @@ def reply(
     history = fit_history(history, tok, block - min(max_new_tokens, block // 2))
     prompt = render_prompt(history, tok)
     stream = StreamingTools(tok, TokenPrinter(tok, console) if console else None)
-    out = generate(model, [prompt], min(max_new_tokens, block - len(prompt)), temperature=temperature, top_k=top_k,
-                   top_p=top_p, stop_ids=(tok.end_id,), pad_id=tok.pad_id, seed=seed, interceptor=stream)  # fmt: skip
+    out = generate(
+        model,
+        [prompt],
+        min(max_new_tokens, block - len(prompt)),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop_ids=(tok.end_id,),
+        pad_id=tok.pad_id,
+        seed=seed,
+        interceptor=stream,
+    )
     stream.flush(out.tokens[0])
     return parse_completion(completion_text(tok, out.tokens[0])), history
 
@@ -124,7 +136,9 @@ def final_text(turns: list[Message]) -> str:
     return answers[-1] if answers else ""
 
 
-def repl(model: nn.Module, tok: Tokenizer, *, system: str | None, seed: int, out: Console, ui: Console, **sampling) -> None:
+def repl(
+    model: nn.Module, tok: Tokenizer, *, system: str | None, seed: int, out: Console, ui: Console, **sampling
+) -> None:
     """Read a message, stream the answer, repeat. /reset forgets the conversation, /quit (or Ctrl-D) leaves;
     Ctrl-C stops an answer mid-way."""
     base = [Message("system", system)] if system else []
@@ -147,7 +161,9 @@ def repl(model: nn.Module, tok: Tokenizer, *, system: str | None, seed: int, out
             continue
         ui.print("[bold]bot>[/] ", end="")
         try:
-            turns, used = reply(model, tok, [*history, Message("user", text)], seed=seed + turn, console=out, **sampling)
+            turns, used = reply(
+                model, tok, [*history, Message("user", text)], seed=seed + turn, console=out, **sampling
+            )
         except KeyboardInterrupt:
             ui.print("\n[dim](stopped)[/]")
             continue

@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 import typer
 
 from glasslab import __version__
 from glasslab.commands.common import config_from_options, finish, new_run, resume_run
 from glasslab.commands.options import (
-    ConfigFile, Json, Name, Overwrite, Preset, Resume, RunArg, RunsDir, Seed, Sets,
-)  # fmt: skip
+    ConfigFile,
+    Json,
+    Name,
+    Overwrite,
+    Preset,
+    Resume,
+    RunArg,
+    RunsDir,
+    Seed,
+    Sets,
+)
 from glasslab.errors import GlasslabError
 from glasslab.ui import console, emit_json, errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="glasslab: a small-LLM lab you can see through.")
+
 
 def _version(value: bool) -> None:
     if value:
@@ -26,7 +36,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version")
+    ] = False,
 ) -> None:
     """Train a GPT from scratch through tokenizer -> pretraining -> SFT -> RL, and see inside every step."""
 
@@ -35,7 +47,7 @@ def _main(
 def pretrain(
     preset: Preset = "tiny",
     config: ConfigFile = None,
-    data: Annotated[Optional[str], typer.Option(help="text file, directory, .jsonl, .parquet or datasets dir")] = None,
+    data: Annotated[str | None, typer.Option(help="text file, directory, .jsonl, .parquet or datasets dir")] = None,
     set_: Sets = None,
     name: Name = None,
     runs_dir: RunsDir = Path("runs"),
@@ -43,7 +55,8 @@ def pretrain(
     overwrite: Overwrite = False,
     resume: Resume = False,
     probes: Annotated[
-        Optional[Literal["off", "default", "full"]], typer.Option(help="probes: off | default cadences | full (every step)")
+        Literal["off", "default", "full"] | None,
+        typer.Option(help="probes: off | default cadences | full (every step)"),
     ] = None,
     json_: Json = False,
 ) -> None:
@@ -81,8 +94,8 @@ def sample(
     prompt: Annotated[str, typer.Option(help="text to continue")] = "\n",
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 200,
     temperature: Annotated[float, typer.Option(help="0 for greedy")] = 0.8,
-    top_k: Annotated[Optional[int], typer.Option(help="keep the k most likely tokens")] = None,
-    top_p: Annotated[Optional[float], typer.Option(help="nucleus sampling mass")] = 0.95,
+    top_k: Annotated[int | None, typer.Option(help="keep the k most likely tokens")] = None,
+    top_p: Annotated[float | None, typer.Option(help="nucleus sampling mass")] = 0.95,
     n: Annotated[int, typer.Option(help="number of samples")] = 1,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
     json_: Json = False,
@@ -94,8 +107,17 @@ def sample(
 
     model, tok, _ = load_model(RunDir.open(run_dir))
     ids = [tok.bos_id, *tok.encode(prompt)]
-    out = generate(model, [ids] * n, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   stop_ids=(tok.end_id,), pad_id=tok.pad_id, seed=seed)  # fmt: skip
+    out = generate(
+        model,
+        [ids] * n,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop_ids=(tok.end_id,),
+        pad_id=tok.pad_id,
+        seed=seed,
+    )
     texts = [prompt + tok.decode(t, skip_special=True) for t in out.tokens]
     if json_:
         emit_json({"run": str(run_dir), "prompt": prompt, "seed": seed, "samples": texts})

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import copy
 import difflib
-import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import tomli_w
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from glasslab.errors import GlasslabError
@@ -45,8 +45,7 @@ class ModelConfig(Section):
         kv = self.n_kv_head or self.n_head
         if self.n_embd % self.n_head or self.n_head % kv:
             raise ValueError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), "
-                f"and n_head by n_kv_head ({kv})"
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), and n_head by n_kv_head ({kv})"
             )
         return self
 
@@ -133,13 +132,17 @@ class SFTConfig(Section):
     # train split, every token trained), so SFT does not wipe out the language model; 0: none.
     replay: float = Field(0.0, ge=0, lt=1)
     # defaults: the tiny recipe (the default model is the tiny one)
-    train: TrainConfig = TrainConfig(steps=2000, batch_size=64, optimizer="muon", lr=6e-3, warmup_steps=50, eval_every=500, checkpoint_every=500)
+    train: TrainConfig = TrainConfig(
+        steps=2000, batch_size=64, optimizer="muon", lr=6e-3, warmup_steps=50, eval_every=500, checkpoint_every=500
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SFTConfig:
         if not self.tasks and not self.data:
             raise ValueError("give sft.tasks or sft.data (or both): there is nothing to train on")
-        if any(w < 0 for w in self.weights.values()) or (self.tasks and not sum(self.weights.get(t, 1.0) for t in self.tasks)):
+        if any(w < 0 for w in self.weights.values()) or (
+            self.tasks and not sum(self.weights.get(t, 1.0) for t in self.tasks)
+        ):
             raise ValueError("task weights must be >= 0, and not all zero for the tasks in sft.tasks")
         return self
 
@@ -185,7 +188,16 @@ class RLConfig(Section):
     retention_eval: bool = True
     table_every: int = Field(25, ge=0)  # rollouts/step-N.jsonl every this many steps (0: never)
     detect_window: int = Field(10, ge=2)  # steps per window of the reward-hacking detectors
-    train: TrainConfig = TrainConfig(steps=150, batch_size=1, lr=5e-5, warmup_steps=5, weight_decay=0.0, eval_every=50, checkpoint_every=25, schedule="constant")
+    train: TrainConfig = TrainConfig(
+        steps=150,
+        batch_size=1,
+        lr=5e-5,
+        warmup_steps=5,
+        weight_decay=0.0,
+        eval_every=50,
+        checkpoint_every=25,
+        schedule="constant",
+    )
 
     @model_validator(mode="after")
     def _mix(self) -> RLConfig:

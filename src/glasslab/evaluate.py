@@ -90,10 +90,17 @@ def complete(
     texts = []
     for i in range(0, len(prompts), batch_size):
         out = generate(
-            model, prompts[i : i + batch_size], max_new_tokens,
-            temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=(tok.end_id,), pad_id=tok.pad_id,
-            seed=seed + i, interceptor=interceptor,
-        )  # fmt: skip
+            model,
+            prompts[i : i + batch_size],
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop_ids=(tok.end_id,),
+            pad_id=tok.pad_id,
+            seed=seed + i,
+            interceptor=interceptor,
+        )
         texts += [completion_text(tok, t) for t in out.tokens]
     return texts
 
@@ -116,7 +123,9 @@ def evaluate_env(
     """Greedy answers give accuracy, per-difficulty accuracy and mean rewards; `samples` answers per problem at
     `temperature` give pass@k for each k in `pass_k` (none when samples is 0)."""
     if samples and any(k < 1 or k > samples for k in pass_k):
-        raise GlasslabError(f"pass@k needs 1 <= k <= samples ({samples}), got k = {list(pass_k)}: raise --samples or lower --k")
+        raise GlasslabError(
+            f"pass@k needs 1 <= k <= samples ({samples}), got k = {list(pass_k)}: raise --samples or lower --k"
+        )
     problems = env.problems(split, n, seed)
     prompts = [prompt_tokens(env, p, tok) for p in problems]
     kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -125,7 +134,9 @@ def evaluate_env(
 
     n_correct = [0] * len(problems)
     if samples and pass_k:
-        sampled = complete(model, tok, [p for p in prompts for _ in range(samples)], temperature=temperature, seed=seed, **kwargs)
+        sampled = complete(
+            model, tok, [p for p in prompts for _ in range(samples)], temperature=temperature, seed=seed, **kwargs
+        )
         for i, (p, c) in enumerate(zip((p for p in problems for _ in range(samples)), sampled)):
             n_correct[i // samples] += env.score(p, c)["correct"] == 1.0
 
@@ -145,10 +156,16 @@ def evaluate_env(
         rewards={name: _mean([s[name] for s in scores]) for name in env.reward_names},
         diagnostics={name: _mean(v) for name, v in diagnostics.items()},
         records=[
-            {"prompt": p.prompt, "answer": p.answer, "completion": c, "rewards": s, "difficulty": p.difficulty,
-             **({"samples_correct": k} if samples else {})}
+            {
+                "prompt": p.prompt,
+                "answer": p.answer,
+                "completion": c,
+                "rewards": s,
+                "difficulty": p.difficulty,
+                **({"samples_correct": k} if samples else {}),
+            }
             for p, c, s, k in zip(problems, greedy, scores, n_correct)
-        ],  # fmt: skip
+        ],
     )
 
 

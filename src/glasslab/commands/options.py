@@ -1,16 +1,16 @@
 """Options shared by every command, so each command spells them the same way."""
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 Preset = Annotated[str, typer.Option(help="smoke | tiny | small | gpt2-124m")]
-ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="a TOML file layered over the preset")]
-Sets = Annotated[Optional[list[str]], typer.Option("--set", help="override a config key: --set train.lr=3e-3")]
-Name = Annotated[Optional[str], typer.Option(help="the run's name (default: stage-preset-time)")]
+ConfigFile = Annotated[Path | None, typer.Option("--config", help="a TOML file layered over the preset")]
+Sets = Annotated[list[str] | None, typer.Option("--set", help="override a config key: --set train.lr=3e-3")]
+Name = Annotated[str | None, typer.Option(help="the run's name (default: stage-preset-time)")]
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="where runs live")]
-Seed = Annotated[Optional[int], typer.Option(help="random seed (overrides the config)")]
+Seed = Annotated[int | None, typer.Option(help="random seed (overrides the config)")]
 Json = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
 Overwrite = Annotated[bool, typer.Option(help="replace an existing run of that name")]
 Resume = Annotated[bool, typer.Option(help="continue an existing run of that name")]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -11,7 +11,9 @@ from glasslab.commands.options import Json, RunArg
 
 def probes(
     run_dir: RunArg,
-    spike: Annotated[Optional[int], typer.Option(help="show only the dossier of this step (default: all, the latest in full)")] = None,
+    spike: Annotated[
+        int | None, typer.Option(help="show only the dossier of this step (default: all, the latest in full)")
+    ] = None,
     json_: Json = False,
 ) -> None:
     """Latest per-block probe values (grad norm, update ratio, attention entropy, activation RMS...) and spike dossiers."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -27,9 +27,11 @@ def report(run_dir: RunArg, json_: Json = False) -> None:
 
 def compare(
     runs: Runs,
-    out: Annotated[Optional[Path], typer.Option(help="where to write the page (default: compare.html beside the first run)")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="where to write the page (default: compare.html beside the first run)")
+    ] = None,
     align: Align = "step",
-    metric: Annotated[Optional[str], typer.Option(help="only metrics matching this glob, e.g. 'val/*'")] = None,
+    metric: Annotated[str | None, typer.Option(help="only metrics matching this glob, e.g. 'val/*'")] = None,
     json_: Json = False,
 ) -> None:
     """Overlay two or more runs: curves, config differences and final values, on one page."""
@@ -51,11 +53,11 @@ def plot(
     runs: Runs,
     metric: Annotated[str, typer.Option(help="metric name or glob, e.g. 'attn_entropy/*'")],
     out: Annotated[Path, typer.Option(help="figure file: .png, .pdf or .svg")] = Path("figure.png"),
-    stage: Annotated[Optional[str], typer.Option(help="only this stage (pretrain, sft, rl, eval)")] = None,
+    stage: Annotated[str | None, typer.Option(help="only this stage (pretrain, sft, rl, eval)")] = None,
     smooth: Annotated[float, typer.Option(help="exponential smoothing weight in [0, 1), e.g. 0.9")] = 0.0,
     align: Align = "step",
     logy: Annotated[bool, typer.Option(help="logarithmic y axis")] = False,
-    title: Annotated[Optional[str], typer.Option(help="figure title")] = None,
+    title: Annotated[str | None, typer.Option(help="figure title")] = None,
     json_: Json = False,
 ) -> None:
     """A publication-ready figure of the matching metrics of one or more runs."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,9 +15,11 @@ from glasslab.errors import GlasslabError
 
 def rl(
     parent: RunArg,
-    algo: Annotated[Optional[str], typer.Option(help="grpo | dpo (default: the config's rl.algo)")] = None,
-    env: Annotated[Optional[str], typer.Option(
-        help="arithmetic | countdown | calculator | module:Class (a mix: rl.env as a table of weights)")] = None,
+    algo: Annotated[str | None, typer.Option(help="grpo | dpo (default: the config's rl.algo)")] = None,
+    env: Annotated[
+        str | None,
+        typer.Option(help="arithmetic | countdown | calculator | module:Class (a mix: rl.env as a table of weights)"),
+    ] = None,
     preset: Preset = "tiny",
     config: ConfigFile = None,
     set_: Sets = None,
@@ -54,8 +56,10 @@ def rl(
     run.update_manifest(command="rl", pipeline=["rl"], preset=preset, init=str(init), parent=str(base.path))
     save_config(run, cfg)
     if init.parent.name == "pretrain":
-        note = (f"{parent} has no SFT checkpoint: RL starts from the pretrained model, which has never seen the chat "
-                "format, so expect rewards near 0 and groups without signal (run `glasslab sft` on it first)")
+        note = (
+            f"{parent} has no SFT checkpoint: RL starts from the pretrained model, which has never seen the chat "
+            "format, so expect rewards near 0 and groups without signal (run `glasslab sft` on it first)"
+        )
         run.log_event("notice", note, step=0, stage="rl")
         console.print(f"[yellow]notice[/] {note}", highlight=False)
     with progress() as bar:

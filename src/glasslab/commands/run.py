@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -22,7 +22,9 @@ def run(
     runs_dir: RunsDir = Path("runs"),
     seed: Seed = None,
     stages: Annotated[str, typer.Option(help="comma-separated, in order: pretrain,sft,rl")] = "pretrain,sft,rl",
-    from_: Annotated[Optional[Path], typer.Option("--from", help="start the first stage from this run's checkpoint")] = None,
+    from_: Annotated[
+        Path | None, typer.Option("--from", help="start the first stage from this run's checkpoint")
+    ] = None,
     report: Annotated[bool, typer.Option(help="write report.html at the end")] = True,
     overwrite: Overwrite = False,
     resume: Resume = False,
@@ -38,7 +40,9 @@ def run(
     order = [s.strip() for s in stages.split(",") if s.strip()]
     unknown = [s for s in order if s not in PIPELINE]
     if unknown or not order:
-        raise GlasslabError(f"unknown stage '{','.join(unknown)}' in --stages: use some of {','.join(PIPELINE)}, in that order")
+        raise GlasslabError(
+            f"unknown stage '{','.join(unknown)}' in --stages: use some of {','.join(PIPELINE)}, in that order"
+        )
     cfg = config_from_options(preset, config, set_, seed)
     parent = RunDir.open(from_) if from_ else None
     init = latest_checkpoint(parent.checkpoints_dir) if parent else None
@@ -54,8 +58,14 @@ def run(
             base = load_run_config(parent)
             cfg.model, cfg.tokenizer = base.model, base.tokenizer
             shutil.copyfile(parent.tokenizer_path, run_dir.tokenizer_path)
-        run_dir.update_manifest(command="run", pipeline=order, preset=preset, init=str(init) if init else None,
-                                parent=str(parent.path) if parent else None, make_report=report)  # fmt: skip
+        run_dir.update_manifest(
+            command="run",
+            pipeline=order,
+            preset=preset,
+            init=str(init) if init else None,
+            parent=str(parent.path) if parent else None,
+            make_report=report,
+        )
         save_config(run_dir, cfg)
     t0 = time.time()
     with progress() as bar:
@@ -64,7 +74,9 @@ def run(
     if json_:
         emit_json(result)
         return
-    console.print(f"[green]done[/] in {result['wall_time_s']:.0f} s, peak memory {result['peak_rss_mb']:.0f} MiB: {run_dir.path}")
+    console.print(
+        f"[green]done[/] in {result['wall_time_s']:.0f} s, peak memory {result['peak_rss_mb']:.0f} MiB: {run_dir.path}"
+    )
     for key, value in result.items():
         if key not in ("run", "status", "wall_time_s", "peak_rss_mb") and value is not None:
             console.print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")

@@ -4,7 +4,7 @@ talk to it."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -34,9 +34,11 @@ if TYPE_CHECKING:
 
 def sft(
     base: Annotated[Path, typer.Argument(help="the run to fine-tune (its newest checkpoint), e.g. runs/base")],
-    tasks: Annotated[Optional[str], typer.Option(help="task environments, comma-separated: arithmetic,countdown")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="a JSONL file of conversations (alone unless --tasks too)")] = None,
-    show_example: Annotated[bool, typer.Option(help="print rendered examples, trained tokens highlighted, and exit")] = False,
+    tasks: Annotated[str | None, typer.Option(help="task environments, comma-separated: arithmetic,countdown")] = None,
+    data: Annotated[Path | None, typer.Option(help="a JSONL file of conversations (alone unless --tasks too)")] = None,
+    show_example: Annotated[
+        bool, typer.Option(help="print rendered examples, trained tokens highlighted, and exit")
+    ] = False,
     preset: Preset = "tiny",
     config: ConfigFile = None,
     set_: Sets = None,
@@ -71,7 +73,9 @@ def sft(
     tree = cfg.model_dump()
     tree["model"], tree["tokenizer"] = base_cfg.model.model_dump(), base_cfg.tokenizer.model_dump()
     if tasks is not None or data is not None:  # the command line's data replaces the config's
-        tree["sft"].update(tasks=[t.strip() for t in (tasks or "").split(",") if t.strip()], data=str(data) if data else None)
+        tree["sft"].update(
+            tasks=[t.strip() for t in (tasks or "").split(",") if t.strip()], data=str(data) if data else None
+        )
     cfg = build_config(tree)
     if show_example:
         _show_examples(cfg, base_run.tokenizer_path, json_)
@@ -111,19 +115,27 @@ def _show_examples(cfg: Config, tokenizer_path: Path, as_json: bool) -> None:
         for i, trained in zip(e.ids, e.trained):
             text.append(tok.decode([i]), style="bold green" if trained else "dim")
         console.print(text)
-    console.print(f"[bold green]trained[/] / [dim]given[/]: the loss covers assistant tokens only ({len(examples)} example(s))")
+    console.print(
+        f"[bold green]trained[/] / [dim]given[/]: the loss covers assistant tokens only ({len(examples)} example(s))"
+    )
 
 
 def eval_(
     run_dir: RunArg,
     task: Annotated[str, typer.Option(help="task environment: arithmetic, countdown, calculator or module:Class")],
-    n: Annotated[Optional[int], typer.Option(help="held-out problems (default: the run's eval.n)")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="which held-out set (default: the run's seed, as in training)")] = None,
-    k: Annotated[Optional[str], typer.Option(help="pass@k values, comma-separated (default: eval.pass_k)")] = None,
-    samples: Annotated[Optional[int], typer.Option(help="sampled answers per problem for pass@k (default: eval.samples)")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="sampling temperature for pass@k")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="tokens per answer (default: eval.max_new_tokens)")] = None,
-    text: Annotated[bool, typer.Option("--text", help="also loss and bits per byte on the pretraining's held-out text")] = False,
+    n: Annotated[int | None, typer.Option(help="held-out problems (default: the run's eval.n)")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="which held-out set (default: the run's seed, as in training)")
+    ] = None,
+    k: Annotated[str | None, typer.Option(help="pass@k values, comma-separated (default: eval.pass_k)")] = None,
+    samples: Annotated[
+        int | None, typer.Option(help="sampled answers per problem for pass@k (default: eval.samples)")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(help="sampling temperature for pass@k")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="tokens per answer (default: eval.max_new_tokens)")] = None,
+    text: Annotated[
+        bool, typer.Option("--text", help="also loss and bits per byte on the pretraining's held-out text")
+    ] = False,
     set_: Sets = None,
     json_: Json = False,
 ) -> None:
@@ -154,11 +166,17 @@ def eval_(
     ckpt = latest_checkpoint(run.checkpoints_dir)
     step = json.loads((ckpt / "state.json").read_text())["step"]
     result = evaluate_env(
-        model, tok, env, n=n or cfg.eval.n, seed=seed, pass_k=pass_k,
+        model,
+        tok,
+        env,
+        n=n or cfg.eval.n,
+        seed=seed,
+        pass_k=pass_k,
         samples=cfg.eval.samples if samples is None else samples,
         temperature=cfg.eval.temperature if temperature is None else temperature,
-        max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens, task=task,
-    )  # fmt: skip
+        max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens,
+        task=task,
+    )
     text_metrics = _held_out_text(run, model, tok, device) if text else {}
     with MetricStore(run.metrics_db_path) as store:
         store.log(step, "eval", result.metrics() | {f"eval/text/{name}": v for name, v in text_metrics.items()})
@@ -200,22 +218,32 @@ def _held_out_text(run: RunDir, model: GPT, tok: Tokenizer, device: torch.device
     while "pretrain" not in source.read_manifest().get("stages_done", []):
         parent = source.read_manifest().get("parent")
         if not parent:
-            raise GlasslabError(f"neither run {run.path} nor its parents were pretrained here: --text needs that run's data")
+            raise GlasslabError(
+                f"neither run {run.path} nor its parents were pretrained here: --text needs that run's data"
+            )
         source = RunDir.open(Path(parent))
     cfg = load_run_config(source)
     splits = build_token_splits(documents(cfg), tok, cache_dir(source), cfg.data.val_fraction, cfg.seed)
-    lm = LanguageModeling(splits, tok, batch_size=cfg.train.batch_size, block_size=cfg.model.block_size,
-                          eval_batches_n=cfg.train.eval_batches, z_loss=0.0, seed=cfg.seed, device=device)  # fmt: skip
+    lm = LanguageModeling(
+        splits,
+        tok,
+        batch_size=cfg.train.batch_size,
+        block_size=cfg.model.block_size,
+        eval_batches_n=cfg.train.eval_batches,
+        z_loss=0.0,
+        seed=cfg.seed,
+        device=device,
+    )
     return {name.removeprefix("val/"): v for name, v in lm.evaluate(model).items()}
 
 
 def chat(
     run_dir: RunArg,
-    prompt: Annotated[Optional[str], typer.Option(help="answer this one message and exit")] = None,
-    system: Annotated[Optional[str], typer.Option(help='a system prompt, e.g. "Use the calculator."')] = None,
+    prompt: Annotated[str | None, typer.Option(help="answer this one message and exit")] = None,
+    system: Annotated[str | None, typer.Option(help='a system prompt, e.g. "Use the calculator."')] = None,
     temperature: Annotated[float, typer.Option(help="0 for greedy")] = 0.8,
-    top_p: Annotated[Optional[float], typer.Option(help="nucleus sampling mass")] = 0.95,
-    top_k: Annotated[Optional[int], typer.Option(help="keep the k most likely tokens")] = None,
+    top_p: Annotated[float | None, typer.Option(help="nucleus sampling mass")] = 0.95,
+    top_k: Annotated[int | None, typer.Option(help="keep the k most likely tokens")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="tokens per answer")] = 64,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
     json_: Json = False,

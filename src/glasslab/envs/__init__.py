@@ -14,7 +14,11 @@ from glasslab.envs.calculator import Calculator
 from glasslab.envs.countdown import Countdown
 from glasslab.errors import GlasslabError
 
-ENVIRONMENTS: dict[str, type[Environment]] = {"arithmetic": Arithmetic, "countdown": Countdown, "calculator": Calculator}
+ENVIRONMENTS: dict[str, type[Environment]] = {
+    "arithmetic": Arithmetic,
+    "countdown": Countdown,
+    "calculator": Calculator,
+}
 
 
 def env_class(name: str) -> type[Environment]:
@@ -31,7 +35,9 @@ def env_class(name: str) -> type[Environment]:
         msg = f"cannot import module '{module_name}' for environment '{name}' ({e}): check it is on PYTHONPATH"
         raise GlasslabError(msg) from None
     except AttributeError:
-        raise GlasslabError(f"module '{module_name}' has no class '{class_name}': check the name after the ':'") from None
+        raise GlasslabError(
+            f"module '{module_name}' has no class '{class_name}': check the name after the ':'"
+        ) from None
     if not (isinstance(cls, type) and issubclass(cls, Environment)):
         raise GlasslabError(f"'{name}' is not a subclass of glasslab.envs.base.Environment: subclass it")
     return cls

@@ -42,7 +42,12 @@ def final_answer(completion: str) -> str | None:
     """The assistant's final answer: the last turn's text, if the completion ended properly (with `<|end|>`,
     on an assistant turn that is not a tool call); None otherwise. Rewards build on this."""
     turns = parse_completion(completion)
-    if not completion.endswith(END) or not turns or turns[-1].role != "assistant" or turns[-1].content.startswith(TOOL_CALL):
+    if (
+        not completion.endswith(END)
+        or not turns
+        or turns[-1].role != "assistant"
+        or turns[-1].content.startswith(TOOL_CALL)
+    ):
         return None
     return turns[-1].content.strip()
 
@@ -76,7 +81,9 @@ class Environment(ABC):
                 out.append(p)
                 if len(out) == n:
                     return out
-        raise GlasslabError(f"{self.name}: could not draw {n} distinct {split} problems: ask for fewer or widen its settings")
+        raise GlasslabError(
+            f"{self.name}: could not draw {n} distinct {split} problems: ask for fewer or widen its settings"
+        )
 
     @abstractmethod
     def ideal_answer(self, problem: Problem) -> list[tuple[str, str]]:

@@ -8,7 +8,7 @@ The forward pass carries no instrumentation: probes attach forward hooks to name
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

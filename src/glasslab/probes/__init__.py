@@ -36,8 +36,15 @@ def build_probes(cfg: Config, run: RunDir, tokenizer: Tokenizer | None = None) -
     if p.mode == "off":
         return []
     if p.mode == "full":
-        p = p.model_copy(update={"grads_every": 1, "attention_every": 1, "activations_every": 1,
-                                 "loss_by_position": True, "spikes": True})  # fmt: skip
+        p = p.model_copy(
+            update={
+                "grads_every": 1,
+                "attention_every": 1,
+                "activations_every": 1,
+                "loss_by_position": True,
+                "spikes": True,
+            }
+        )
     hooks: list[Hook] = []
     if p.grads_every:
         hooks.append(GradProbe(p.grads_every))

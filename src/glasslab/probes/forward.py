@@ -58,9 +58,11 @@ class ForwardProbe(Hook):
         self.enabled = hasattr(ctx.objective, "probe_inputs")
         if not self.enabled:
             ctx.run.log_event(
-                "notice", f"attention and activation probes skipped: the {ctx.stage} objective has no probe_inputs()",
-                step=ctx.step, stage=ctx.stage,
-            )  # fmt: skip
+                "notice",
+                f"attention and activation probes skipped: the {ctx.stage} objective has no probe_inputs()",
+                step=ctx.step,
+                stage=ctx.stage,
+            )
 
     def on_optimizer_step(self, ctx: StepContext) -> None:
         attention = bool(self.attention_every) and ctx.step % self.attention_every == 0
@@ -86,7 +88,9 @@ def probe_forward(model: nn.Module, inputs: Tensor, attention: bool, activations
 
     hooks = []
     if attention:
-        hooks += [(m, partial(on_attention, name)) for name, m in modules_of(model, AttentionCore, ".attn.core").items()]
+        hooks += [
+            (m, partial(on_attention, name)) for name, m in modules_of(model, AttentionCore, ".attn.core").items()
+        ]
     if activations:
         hooks += [(m, partial(on_block, name)) for name, m in modules_of(model, Block).items()]
     with eval_mode(model), forward_hooks(hooks):

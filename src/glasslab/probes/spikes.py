@@ -69,7 +69,9 @@ def first_nonfinite_module(model: nn.Module, run_forward: Callable[[], Any]) -> 
 
     def check(name: str, module: nn.Module, args: tuple, output: Any) -> None:
         outputs = output if isinstance(output, (tuple, list)) else (output,)
-        if not found and any(isinstance(t, Tensor) and t.is_floating_point() and not t.isfinite().all() for t in outputs):
+        if not found and any(
+            isinstance(t, Tensor) and t.is_floating_point() and not t.isfinite().all() for t in outputs
+        ):
             found.append(name)
 
     with torch.no_grad(), forward_hooks((m, partial(check, name or "model")) for name, m in model.named_modules()):
@@ -106,8 +108,13 @@ class SpikeProbe(Hook):
         values = torch.cat([by_block, norms.square().sum().sqrt()[None]]).tolist()
         total = values[-1]
         torch._foreach_copy_(self.before, [p.detach() for p in self.params])
-        self.record = {"step": ctx.step + 1, "loss": ctx.loss, "total_grad_norm": total,
-                       "grad_norm": dict(zip(self.blocks.names, values[:-1])), "update_norm": None}  # fmt: skip
+        self.record = {
+            "step": ctx.step + 1,
+            "loss": ctx.loss,
+            "total_grad_norm": total,
+            "grad_norm": dict(zip(self.blocks.names, values[:-1])),
+            "update_norm": None,
+        }
         self.nonfinite_grads = [k for k, v in zip(self.keys, norms.tolist()) if not math.isfinite(v)]
         if self.nonfinite_grads:
             return
@@ -120,7 +127,9 @@ class SpikeProbe(Hook):
                 score = (value - median) / scale
                 ctx.metrics[f"spike/{name}_score"] = score
                 if score > self.threshold:
-                    fired[name] = {"value": value, "score": score, "median": median, "scale": scale} | ({"batch_kind": kind} if kind else {})
+                    fired[name] = {"value": value, "score": score, "median": median, "scale": scale} | (
+                        {"batch_kind": kind} if kind else {}
+                    )
             past.append(value)
         if fired and not self.in_spike:  # one dossier per spike, at its onset
             self.pending = {"signals": fired, **self.worst_tokens(ctx)}
@@ -143,13 +152,22 @@ class SpikeProbe(Hook):
         if module:
             cause = f"first non-finite module output: {module}"
         elif grads:
-            cause = f"forward is finite; non-finite gradients in {', '.join(grads[:5])}{' ...' if len(grads) > 5 else ''}"
+            cause = (
+                f"forward is finite; non-finite gradients in {', '.join(grads[:5])}{' ...' if len(grads) > 5 else ''}"
+            )
         else:
             cause = "no module output is non-finite when the batch is re-run"
         info = {"what": what, "loss": ctx.loss, "first_nonfinite_module": module, "nonfinite_grads": grads}
         path = self.write_dossier(ctx, step, "nonfinite", {"nonfinite": info})
-        self.run.log_event("nonfinite", f"{what} became non-finite at step {step}: {cause}", step=step,
-                           stage=ctx.stage, module=module, nonfinite_grads=grads, dossier=str(path))  # fmt: skip
+        self.run.log_event(
+            "nonfinite",
+            f"{what} became non-finite at step {step}: {cause}",
+            step=step,
+            stage=ctx.stage,
+            module=module,
+            nonfinite_grads=grads,
+            dossier=str(path),
+        )
 
     def worst_tokens(self, ctx: StepContext) -> dict:
         """The batch rows and (row, position) targets with the highest loss, recomputed with the weights that
@@ -178,8 +196,9 @@ class SpikeProbe(Hook):
 
     def write_spike(self, ctx: StepContext, found: dict) -> None:
         moved = departures(list(self.records), self.history, self.threshold)
-        path = self.write_dossier(ctx, ctx.step, "spike", {**found, "first_departure": moved[0] if moved else None,
-                                                              "departures": moved})  # fmt: skip
+        path = self.write_dossier(
+            ctx, ctx.step, "spike", {**found, "first_departure": moved[0] if moved else None, "departures": moved}
+        )
         signal, info = max(found["signals"].items(), key=lambda kv: kv[1]["score"])
         of = f" of {info['batch_kind']} batches" if "batch_kind" in info else ""
         message = f"{signal} spike at step {ctx.step}: {info['value']:.4g} vs median {info['median']:.4g}{of} (score {info['score']:.1f})"
@@ -187,7 +206,9 @@ class SpikeProbe(Hook):
             message += f"; worst rows {', '.join(str(r['row']) for r in found['top_rows'][:3])}"
         if moved:
             message += f"; first to move: {moved[0]['block']} {moved[0]['norm']} at step {moved[0]['step']}"
-        self.run.log_event("spike", message, step=ctx.step, stage=ctx.stage, signals=found["signals"], dossier=str(path))
+        self.run.log_event(
+            "spike", message, step=ctx.step, stage=ctx.stage, signals=found["signals"], dossier=str(path)
+        )
 
     def write_dossier(self, ctx: StepContext, step: int, kind: str, body: dict) -> Path:
         """Atomically write spikes/step-NNNNNNN.json with the last `spike_history + 1` step records."""
@@ -195,6 +216,8 @@ class SpikeProbe(Hook):
         path = self.run.spikes_dir / f"step-{step:07d}.json"
         records = [*self.records, self.record] if kind == "nonfinite" and self.record["step"] == step else self.records
         history = list(records)[-(self.history + 1) :]
-        write_json_atomic(path, {"kind": kind, "stage": ctx.stage, "step": step, "threshold": self.threshold,
-                                 **body, "history": history})  # fmt: skip
+        write_json_atomic(
+            path,
+            {"kind": kind, "stage": ctx.stage, "step": step, "threshold": self.threshold, **body, "history": history},
+        )
         return path

@@ -18,11 +18,26 @@ from glasslab.track.metrics import read_metrics
 from glasslab.ui import console
 
 BLOCK_COLUMNS = [
-    "grad_norm", "update_ratio", "weight_norm", "attn_entropy", "attn_entropy_norm", "attn_max_logit", "attn_sink",
-    "act_rms", "act_max", "act_kurtosis",
-]  # fmt: skip
+    "grad_norm",
+    "update_ratio",
+    "weight_norm",
+    "attn_entropy",
+    "attn_entropy_norm",
+    "attn_max_logit",
+    "attn_sink",
+    "act_rms",
+    "act_max",
+    "act_kurtosis",
+]
 HEAD = re.compile(r".+\.h\d+")  # attention metrics per head: attn_entropy/blocks.2.h1
-GLOBAL_METRICS = ["optim/grad_norm", "optim/clipped", "logits/max", "logits/log_z_mean", "spike/loss_score", "spike/grad_norm_score"]
+GLOBAL_METRICS = [
+    "optim/grad_norm",
+    "optim/clipped",
+    "logits/max",
+    "logits/log_z_mean",
+    "spike/loss_score",
+    "spike/grad_norm_score",
+]
 
 
 def probe_summary(run_path: Path) -> dict:
@@ -70,7 +85,9 @@ def render(summary: dict, spike_step: int | None = None) -> None:
         table.add_row("val loss", *(f"{e['value']:.4f}" for e in summary["loss_by_pos"].values()))
         console.print(table)
     if summary["global"]:
-        console.print("  ".join(f"{n} [bold]{e['value']:.4g}[/] (step {e['step']})" for n, e in summary["global"].items()))
+        console.print(
+            "  ".join(f"{n} [bold]{e['value']:.4g}[/] (step {e['step']})" for n, e in summary["global"].items())
+        )
     if chosen is not None:
         _spikes_table(summary["spikes"])
         _dossier(chosen)
@@ -120,10 +137,18 @@ def _dossier(d: dict) -> None:
     history = d["history"]
     if history:
         blocks = list(history[-1]["grad_norm"])
-        table = Table("step", "loss", *(f"{b}\ngrad | upd" for b in blocks), title=f"step {d['step']}: per-block norms before and at the {d['kind']}")
+        table = Table(
+            "step",
+            "loss",
+            *(f"{b}\ngrad | upd" for b in blocks),
+            title=f"step {d['step']}: per-block norms before and at the {d['kind']}",
+        )
         for r in history:
             upd = r["update_norm"] or {}
-            cells = [f"{r['grad_norm'][b]:.3g} | {upd[b]:.3g}" if b in upd else f"{r['grad_norm'][b]:.3g} | -" for b in blocks]
+            cells = [
+                f"{r['grad_norm'][b]:.3g} | {upd[b]:.3g}" if b in upd else f"{r['grad_norm'][b]:.3g} | -"
+                for b in blocks
+            ]
             table.add_row(str(r["step"]), f"{r['loss']:.4g}", *cells)
         console.print(table)
     if d.get("top_tokens"):

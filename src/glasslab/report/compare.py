@@ -42,7 +42,9 @@ def config_diff(runs: list[RunData], labels: list[str]) -> dict[str, dict[str, A
     """Dotted config keys whose values differ between runs (a key a run lacks counts as None)."""
     flat = [_flatten(r.config) for r in runs]
     keys = sorted(set().union(*flat), key=F.natural_key)
-    return {k: {label: f.get(k) for label, f in zip(labels, flat)} for k in keys if len({repr(f.get(k)) for f in flat}) > 1}
+    return {
+        k: {label: f.get(k) for label, f in zip(labels, flat)} for k in keys if len({repr(f.get(k)) for f in flat}) > 1
+    }
 
 
 def headline_names(runs: list[RunData], pattern: str | None) -> list[str]:
@@ -72,10 +74,14 @@ def tokens_at(run: RunData, stage: str) -> tuple[np.ndarray, np.ndarray]:
     (tokens/s × s = the step's tokens)."""
     m = run.metrics[stage]
     if "throughput/tokens_per_s" not in m or "time/step_s" not in m:
-        raise GlasslabError(f"run {run.path} logged no throughput for {stage}, so it cannot be aligned by tokens: use --align step")
+        raise GlasslabError(
+            f"run {run.path} logged no throughput for {stage}, so it cannot be aligned by tokens: use --align step"
+        )
     tps, dt = m["throughput/tokens_per_s"], m["time/step_s"]
     if not np.array_equal(tps.steps, dt.steps):
-        raise GlasslabError(f"run {run.path}: throughput and step time were logged at different steps of {stage}: use --align step")
+        raise GlasslabError(
+            f"run {run.path}: throughput and step time were logged at different steps of {stage}: use --align step"
+        )
     return tps.steps, np.cumsum(np.nan_to_num(tps.values * dt.values))
 
 
@@ -96,8 +102,10 @@ def _load(run_paths: list[Path]) -> tuple[list[RunData], list[str]]:
 def compare_summary(run_paths: list[Path], pattern: str | None = None) -> dict[str, Any]:
     runs, labels = _load(run_paths)
     names = headline_names(runs, pattern)
-    listing = [{"label": label, "path": str(r.path), "status": r.manifest.get("status"), "stages": r.stages}
-               for r, label in zip(runs, labels)]  # fmt: skip
+    listing = [
+        {"label": label, "path": str(r.path), "status": r.manifest.get("status"), "stages": r.stages}
+        for r, label in zip(runs, labels)
+    ]
     return {
         "runs": listing,
         "config_diff": config_diff(runs, labels),
@@ -114,11 +122,19 @@ def build_compare(run_paths: list[Path], out: Path, align: Align = "step", patte
     runs, labels = _load(run_paths)
     names = headline_names(runs, pattern)
     sections = [Section("runs", "Runs")]
-    sections[0].html(table(["run", "status", "stages", "path"],
-                           [(label, r.manifest.get("status"), ", ".join(r.stages), str(r.path)) for r, label in zip(runs, labels)]))  # fmt: skip
+    sections[0].html(
+        table(
+            ["run", "status", "stages", "path"],
+            [(label, r.manifest.get("status"), ", ".join(r.stages), str(r.path)) for r, label in zip(runs, labels)],
+        )
+    )
     diff = config_diff(runs, labels)
     cfg = Section("config-diff", "Config differences", intro="Only the keys whose values differ between the runs.")
-    cfg.html(table(["key", *labels], [(k, *v.values()) for k, v in diff.items()]) if diff else "<p>The configs are identical.</p>")
+    cfg.html(
+        table(["key", *labels], [(k, *v.values()) for k, v in diff.items()])
+        if diff
+        else "<p>The configs are identical.</p>"
+    )
     sections.append(cfg)
     stages = list(dict.fromkeys(s for r in runs for s in r.stages))
     rows = []
@@ -145,5 +161,10 @@ def build_compare(run_paths: list[Path], out: Path, align: Align = "step", patte
             sections.append(sec)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, render_page(f"glasslab compare: {', '.join(labels)}", sections, subtitle=f"{len(runs)} runs, aligned by {align}"))
+    write_text_atomic(
+        out,
+        render_page(
+            f"glasslab compare: {', '.join(labels)}", sections, subtitle=f"{len(runs)} runs, aligned by {align}"
+        ),
+    )
     return out

@@ -68,9 +68,16 @@ def lines(
         aligned[np.searchsorted(xs, x)] = y
         out.append({"label": label, "y": _json_values(aligned), "points": int(np.isfinite(y).sum()) <= 25})
     return {
-        "type": "lines", "title": title, "x": [float(v) for v in xs.tolist()], "xlabel": xlabel,
-        "ylabel": ylabel, "ylog": ylog, "series": out, "note": note, "wide": wide,
-    }  # fmt: skip
+        "type": "lines",
+        "title": title,
+        "x": [float(v) for v in xs.tolist()],
+        "xlabel": xlabel,
+        "ylabel": ylabel,
+        "ylog": ylog,
+        "series": out,
+        "note": note,
+        "wide": wide,
+    }
 
 
 def heatmap(
@@ -97,10 +104,19 @@ def heatmap(
         cell[pos[hit]] = np.asarray(v, dtype=np.float64)[hit]
         z.append(_json_values(cell))
     return {
-        "type": "heatmap", "title": title, "rows": [label for label, _, _ in rows], "x": [int(v) for v in steps.tolist()],
-        "z": z, "log": log, "threshold": threshold, "vmin": vmin, "vmax": vmax, "xlabel": xlabel, "note": note,
+        "type": "heatmap",
+        "title": title,
+        "rows": [label for label, _, _ in rows],
+        "x": [int(v) for v in steps.tolist()],
+        "z": z,
+        "log": log,
+        "threshold": threshold,
+        "vmin": vmin,
+        "vmax": vmax,
+        "xlabel": xlabel,
+        "note": note,
         "wide": True,
-    }  # fmt: skip
+    }
 
 
 _BUCKET_NUMBERS = re.compile(r"\d+")

@@ -32,7 +32,9 @@ def cell(value: Any, limit: int = 400) -> str:
     return escape(text)
 
 
-def table(header: Sequence[str], rows: Iterable[Sequence[Any]], *, cls: str = "", row_classes: Sequence[str] = ()) -> str:
+def table(
+    header: Sequence[str], rows: Iterable[Sequence[Any]], *, cls: str = "", row_classes: Sequence[str] = ()
+) -> str:
     """Text cells of `records` tables scroll past a few lines, so one long completion cannot flood the page."""
     head = "".join(f"<th>{escape(h)}</th>" for h in header)
     body = []

@@ -83,8 +83,10 @@ def plot_metric(
     if not lines:
         available = sorted(set().union(*(r.names(stage) for r in runs)))
         where = f" in stage {stage}" if stage else ""
-        raise GlasslabError(f"no metric matches '{pattern}'{where}: available are {', '.join(available[:10]) or 'none'}"
-                            f"{', ...' if len(available) > 10 else ''}")  # fmt: skip
+        raise GlasslabError(
+            f"no metric matches '{pattern}'{where}: available are {', '.join(available[:10]) or 'none'}"
+            f"{', ...' if len(available) > 10 else ''}"
+        )
     several = {k: len({line[i] for line in lines}) > 1 for k, i in (("run", 1), ("stage", 2), ("name", 3))}
 
     def legend_label(label: str, st: str, name: str) -> str:
@@ -104,7 +106,14 @@ def plot_metric(
                 ax.plot(x, s.values, color=colour, alpha=0.25, linewidth=0.8)
                 ax.plot(x, ema(s.values, smooth), color=colour, label=legend_label(label, st, name))
             else:
-                ax.plot(x, s.values, color=colour, label=legend_label(label, st, name), marker="o" if len(x) < 30 else None, markersize=3)
+                ax.plot(
+                    x,
+                    s.values,
+                    color=colour,
+                    label=legend_label(label, st, name),
+                    marker="o" if len(x) < 30 else None,
+                    markersize=3,
+                )
         names = {line[3] for line in lines}
         ax.set_xlabel("tokens" if align == "tokens" else "step")
         ax.set_ylabel(next(iter(names)) if len(names) == 1 else pattern)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomllib
 
 from glasslab.errors import GlasslabError
 from glasslab.track.atomic import read_jsonl
@@ -77,7 +77,9 @@ def load_run(path: Path) -> RunData:
     try:
         manifest = json.loads(manifest_path.read_text())
     except ValueError as e:
-        raise GlasslabError(f"manifest {manifest_path} is not valid JSON ({e}): fix or delete that run directory") from e
+        raise GlasslabError(
+            f"manifest {manifest_path} is not valid JSON ({e}): fix or delete that run directory"
+        ) from e
     config_text = (path / "config.toml").read_text() if (path / "config.toml").is_file() else ""
     try:
         config = tomllib.loads(config_text)
@@ -132,7 +134,9 @@ def _json_or_empty(path: Path) -> dict:
 def _step_files(directory: Path, ext: str) -> list[tuple[int, Path]]:
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_FILE.fullmatch(p.name)) and m.group(2) == ext]
+    found = [
+        (int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_FILE.fullmatch(p.name)) and m.group(2) == ext
+    ]
     return sorted(found)
 
 

@@ -32,7 +32,10 @@ GRADIENT_FAMILIES = {
     "adam_v_norm": "Adam second-moment norm",
 }
 ATTENTION_FAMILIES = {
-    "attn_entropy_norm": ("Normalised attention entropy", "entropy / log(number of attended keys): 1 = uniform, 0 = one key"),
+    "attn_entropy_norm": (
+        "Normalised attention entropy",
+        "entropy / log(number of attended keys): 1 = uniform, 0 = one key",
+    ),
     "attn_entropy": ("Attention entropy (nats)", "mean over queries of the entropy of each attention row"),
     "attn_max_logit": ("Maximum attention logit", "largest pre-softmax q·k/√d: its growth precedes instability"),
     "attn_sink": ("Attention on the first token", "share of attention mass on position 0 (attention sink)"),
@@ -80,7 +83,7 @@ def _with_prefix(metrics: dict[str, Series], prefix: str) -> list[str]:
 
 
 def _rows(metrics: dict[str, Series], names: list[str], prefix: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    return [(n[len(prefix):], metrics[n].steps, metrics[n].values) for n in names]
+    return [(n[len(prefix) :], metrics[n].steps, metrics[n].values) for n in names]
 
 
 def _lines_of(metrics: dict[str, Series], names: list[str], title: str, **kw: Any) -> dict[str, Any]:
@@ -88,7 +91,12 @@ def _lines_of(metrics: dict[str, Series], names: list[str], title: str, **kw: An
 
 
 def _stage_label(stage: str) -> str:
-    return {"pretrain": "pretraining", "sft": "supervised fine-tuning", "rl": "reinforcement learning", "eval": "final evaluation"}.get(stage, stage)
+    return {
+        "pretrain": "pretraining",
+        "sft": "supervised fine-tuning",
+        "rl": "reinforcement learning",
+        "eval": "final evaluation",
+    }.get(stage, stage)
 
 
 # Overview and config
@@ -97,12 +105,31 @@ def _stage_label(stage: str) -> str:
 def overview(run: RunData) -> Section:
     m = run.manifest
     sec = Section("overview", f"Run {run.name}")
-    keys = ["status", "message", "pipeline", "stages_done", "stage", "last_step", "preset", "seed", "device", "parent",
-            "init", "created", "updated", "wall_time_s", "glasslab_version", "git_commit", "torch_version"]  # fmt: skip
+    keys = [
+        "status",
+        "message",
+        "pipeline",
+        "stages_done",
+        "stage",
+        "last_step",
+        "preset",
+        "seed",
+        "device",
+        "parent",
+        "init",
+        "created",
+        "updated",
+        "wall_time_s",
+        "glasslab_version",
+        "git_commit",
+        "torch_version",
+    ]
     sec.html(kv_table([(k, m[k]) for k in keys if m.get(k) not in (None, [], "")]))
     headline = []
     for stage in run.stages:
-        names = [n for n in ("train/loss", "val/loss", "val/bpb", "rl/reward_mean", "rl/kl_ref") if n in run.metrics[stage]]
+        names = [
+            n for n in ("train/loss", "val/loss", "val/bpb", "rl/reward_mean", "rl/kl_ref") if n in run.metrics[stage]
+        ]
         names += sorted(n for n in run.metrics[stage] if n.startswith("eval/") and n.endswith("/accuracy"))
         headline += [(stage, n, run.metrics[stage][n].steps[-1], run.metrics[stage][n].last) for n in names]
     if headline:
@@ -120,18 +147,48 @@ def config_section(run: RunData) -> Section | None:
     sec = Section("config", "Configuration", intro="The resolved config (config.toml): every setting this run used.")
     model = run.config.get("model", {})
     if model:
-        arch = (f"{model.get('n_layer')} layers, {model.get('n_head')} heads, width {model.get('n_embd')}, "
-                f"context {model.get('block_size')}, vocabulary {model.get('vocab_size')}, MLP {model.get('mlp')}, "
-                f"QK-norm {'on' if model.get('qk_norm') else 'off'}")  # fmt: skip
+        arch = (
+            f"{model.get('n_layer')} layers, {model.get('n_head')} heads, width {model.get('n_embd')}, "
+            f"context {model.get('block_size')}, vocabulary {model.get('vocab_size')}, MLP {model.get('mlp')}, "
+            f"QK-norm {'on' if model.get('qk_norm') else 'off'}"
+        )
         sec.html(paragraph(f"Model: {arch}."))
     rows = []
     for stage in run.manifest.get("pipeline") or run.stages:  # [train] is pretraining's; [sft.train], [rl.train]
         t = run.config.get("train", {}) if stage == "pretrain" else run.config.get(stage, {}).get("train", {})
         if t:
-            rows.append((stage, t.get("steps"), t.get("batch_size"), t.get("optimizer"), t.get("lr"), t.get("schedule"),
-                         t.get("warmup_steps"), t.get("weight_decay"), t.get("grad_clip"), t.get("z_loss")))  # fmt: skip
+            rows.append(
+                (
+                    stage,
+                    t.get("steps"),
+                    t.get("batch_size"),
+                    t.get("optimizer"),
+                    t.get("lr"),
+                    t.get("schedule"),
+                    t.get("warmup_steps"),
+                    t.get("weight_decay"),
+                    t.get("grad_clip"),
+                    t.get("z_loss"),
+                )
+            )
     if rows:
-        sec.html(table(["stage", "steps", "batch", "optimizer", "lr", "schedule", "warmup", "weight decay", "grad clip", "z-loss"], rows))
+        sec.html(
+            table(
+                [
+                    "stage",
+                    "steps",
+                    "batch",
+                    "optimizer",
+                    "lr",
+                    "schedule",
+                    "warmup",
+                    "weight decay",
+                    "grad clip",
+                    "z-loss",
+                ],
+                rows,
+            )
+        )
     sec.html(f"<details><summary>config.toml (everything)</summary><pre>{escape(run.config_text)}</pre></details>")
     return sec
 
@@ -168,7 +225,10 @@ def stage_section(run: RunData, stage: str, claims: Claims) -> Section | None:
     _eval_items(stage, m, sec, claims)
     samples = [s for s in run.samples if s.get("stage") == stage]
     if samples:
-        sec.html(f"<h3>Samples ({len(samples)} logged, last shown)</h3>" + records_table(samples[-4:], first=("step", "prompt", "completion")))
+        sec.html(
+            f"<h3>Samples ({len(samples)} logged, last shown)</h3>"
+            + records_table(samples[-4:], first=("step", "prompt", "completion"))
+        )
     if not sec.items:
         return None
     return sec
@@ -180,10 +240,17 @@ def _rl_figures(run: RunData, stage: str, sec: Section, claims: Claims, add: Cal
         return
     hacking = [e for e in run.events if e.get("kind") == "hacking" and e.get("stage") in (stage, None)]
     if hacking:
-        sec.html('<div class="warn"><b>Reward-hacking warnings</b>'
-                 + records_table(hacking, limit=50, first=("step", "detector", "message")) + "</div>")  # fmt: skip
+        sec.html(
+            '<div class="warn"><b>Reward-hacking warnings</b>'
+            + records_table(hacking, limit=50, first=("step", "detector", "message"))
+            + "</div>"
+        )
     add("Reward (mean and per function)", ["rl/reward_mean", *_with_prefix(m, "rl/reward/"), "rl/reward_std"])
-    add("KL divergence", ["rl/kl_ref", "rl/kl_old"], note="rl/kl_ref: to the frozen reference policy; rl/kl_old: to the sampling policy")
+    add(
+        "KL divergence",
+        ["rl/kl_ref", "rl/kl_old"],
+        note="rl/kl_ref: to the frozen reference policy; rl/kl_old: to the sampling policy",
+    )
     add("Policy entropy (nats / token)", ["rl/entropy"])
     add("Completion length (tokens)", ["rl/completion_len_mean", "rl/completion_len_min", "rl/completion_len_max"])
     add("Truncated completions (share)", ["rl/truncated_ratio"])
@@ -195,9 +262,13 @@ def _rl_figures(run: RunData, stage: str, sec: Section, claims: Claims, add: Cal
         add(name, [name])
     if stage == "rl" and run.rollouts:
         step = max(run.rollouts)
-        sec.html(f"<h3>Rollouts at step {step}</h3><p class='muted'>rollouts/step-{step}.jsonl; saved at steps "
-                 f"{', '.join(map(str, sorted(run.rollouts)))}</p>"
-                 + records_table(run.rollouts[step], limit=16, first=("prompt", "completion", "reward", "rewards", "advantage")))  # fmt: skip
+        sec.html(
+            f"<h3>Rollouts at step {step}</h3><p class='muted'>rollouts/step-{step}.jsonl; saved at steps "
+            f"{', '.join(map(str, sorted(run.rollouts)))}</p>"
+            + records_table(
+                run.rollouts[step], limit=16, first=("prompt", "completion", "reward", "rewards", "advantage")
+            )
+        )
 
 
 def _eval_items(stage: str, m: dict[str, Series], sec: Section, claims: Claims) -> None:
@@ -210,7 +281,11 @@ def _eval_items(stage: str, m: dict[str, Series], sec: Section, claims: Claims) 
     for task, task_names in by_task.items():
         curves = [n for n in task_names if len(m[n].steps) > 1]
         if curves:
-            sec.figure(_lines_of(m, curves, f"Held-out evaluation: {task}", note="greedy accuracy and pass@k on held-out problems"))
+            sec.figure(
+                _lines_of(
+                    m, curves, f"Held-out evaluation: {task}", note="greedy accuracy and pass@k on held-out problems"
+                )
+            )
         rows += [(n, int(m[n].steps[-1]), m[n].last) for n in task_names if n not in curves]
     if rows:
         sec.html("<h3>Evaluation</h3>" + table(["metric", "step", "value"], rows))
@@ -219,16 +294,22 @@ def _eval_items(stage: str, m: dict[str, Series], sec: Section, claims: Claims) 
 def eval_files_section(run: RunData) -> Section | None:
     if not run.evals and not run.final_eval:
         return None
-    sec = Section("eval-records", "Evaluation records",
-                  intro="The final held-out evaluation of each chat stage (eval/final.json) and per-problem results "
-                        "saved by `glasslab eval` (eval/<task>-seed<S>.jsonl).")  # fmt: skip
+    sec = Section(
+        "eval-records",
+        "Evaluation records",
+        intro="The final held-out evaluation of each chat stage (eval/final.json) and per-problem results "
+        "saved by `glasslab eval` (eval/<task>-seed<S>.jsonl).",
+    )
     for stage, by_env in run.final_eval.items():
         for env, result in by_env.items():
             if isinstance(result, dict):
                 rows = ((k, v) for k, v in result.items() if k != "records")
                 sec.html(f"<h3>After {escape(stage)}: {escape(env)}</h3>" + kv_table(rows))
     for key, records in run.evals.items():
-        sec.html(f"<h3>{escape(key)}</h3>" + records_table(records, limit=10, first=("prompt", "answer", "completion", "rewards")))
+        sec.html(
+            f"<h3>{escape(key)}</h3>"
+            + records_table(records, limit=10, first=("prompt", "answer", "completion", "rewards"))
+        )
     return sec
 
 
@@ -236,15 +317,18 @@ def eval_files_section(run: RunData) -> Section | None:
 
 
 def gradients_section(run: RunData, claims: Claims) -> Section | None:
-    sec = Section("gradients", "Gradients and updates",
-                  intro="Per block (rows) over steps (columns), log colour scale. Look for a block whose gradient or "
-                        "update ratio departs from the others; update/weight ratios near 1e-3 are typical for healthy training.")  # fmt: skip
+    sec = Section(
+        "gradients",
+        "Gradients and updates",
+        intro="Per block (rows) over steps (columns), log colour scale. Look for a block whose gradient or "
+        "update ratio departs from the others; update/weight ratios near 1e-3 are typical for healthy training.",
+    )
     for stage in run.stages:
         m = run.metrics[stage]
         for fam, title in GRADIENT_FAMILIES.items():
             prefix = f"{fam}/"
             names = claims.take(stage, _with_prefix(m, prefix))
-            coarse = [n for n in names if _LAYER.fullmatch(n[len(prefix):]) or "blocks." not in n]
+            coarse = [n for n in names if _LAYER.fullmatch(n[len(prefix) :]) or "blocks." not in n]
             fine = [n for n in names if n not in coarse]
             for group, level in ((coarse, "per block"), (fine, "per parameter")):
                 if group:
@@ -253,24 +337,32 @@ def gradients_section(run: RunData, claims: Claims) -> Section | None:
 
 
 def attention_section(run: RunData, claims: Claims) -> Section | None:
-    sec = Section("attention", "Attention",
-                  intro=f"Per layer and head over steps, on a fixed probe batch. A head whose normalised entropy falls below "
-                        f"{COLLAPSE_THRESHOLD} attends to almost a single key (collapse): such cells are outlined in red.")  # fmt: skip
+    sec = Section(
+        "attention",
+        "Attention",
+        intro=f"Per layer and head over steps, on a fixed probe batch. A head whose normalised entropy falls below "
+        f"{COLLAPSE_THRESHOLD} attends to almost a single key (collapse): such cells are outlined in red.",
+    )
     for stage in run.stages:
         m = run.metrics[stage]
         for fam, (title, meaning) in ATTENTION_FAMILIES.items():
             prefix = f"{fam}/"
             names = claims.take(stage, _with_prefix(m, prefix))
-            heads = [n for n in names if _HEAD.fullmatch(n[len(prefix):])]
+            heads = [n for n in names if _HEAD.fullmatch(n[len(prefix) :])]
             others = [n for n in names if n not in heads]
             normalised = fam == "attn_entropy_norm"
             if heads:
-                sec.figure(F.heatmap(
-                    f"{title} per head ({stage})", _rows(m, heads, prefix), log=False,
-                    threshold=COLLAPSE_THRESHOLD if normalised else None,
-                    vmin=0.0 if normalised or fam == "attn_sink" else None, vmax=1.0 if normalised or fam == "attn_sink" else None,
-                    note=meaning,
-                ))  # fmt: skip
+                sec.figure(
+                    F.heatmap(
+                        f"{title} per head ({stage})",
+                        _rows(m, heads, prefix),
+                        log=False,
+                        threshold=COLLAPSE_THRESHOLD if normalised else None,
+                        vmin=0.0 if normalised or fam == "attn_sink" else None,
+                        vmax=1.0 if normalised or fam == "attn_sink" else None,
+                        note=meaning,
+                    )
+                )
             if others:
                 sec.figure(F.lines(f"{title} per layer ({stage})", _rows(m, others, prefix), note=meaning))
             if normalised and (heads or others):
@@ -286,42 +378,55 @@ def _collapse_summary(m: dict[str, Series], names: list[str], stage: str) -> str
         if len(below):
             rows.append((n, int(s.steps[below[0]]), s.last, float(np.nanmin(s.values))))
     if not rows:
-        return paragraph(f"No head's normalised attention entropy fell below {COLLAPSE_THRESHOLD} during {stage}.", "ok")
-    return (f'<p class="warn">{len(rows)} of {len(names)} heads collapsed (normalised entropy below {COLLAPSE_THRESHOLD}) '
-            f"during {escape(stage)}:</p>" + table(["head", "first step below", "final", "minimum"], rows))  # fmt: skip
+        return paragraph(
+            f"No head's normalised attention entropy fell below {COLLAPSE_THRESHOLD} during {stage}.", "ok"
+        )
+    return (
+        f'<p class="warn">{len(rows)} of {len(names)} heads collapsed (normalised entropy below {COLLAPSE_THRESHOLD}) '
+        f"during {escape(stage)}:</p>" + table(["head", "first step below", "final", "minimum"], rows)
+    )
 
 
 def activations_section(run: RunData, claims: Claims) -> Section | None:
-    sec = Section("activations", "Activations and logits",
-                  intro="Residual-stream statistics after each block, and output-logit statistics, on the probe batch. "
-                        "Growing max |x| or kurtosis means outlier features; a drifting mean log Z means the logits drift as a whole.")  # fmt: skip
+    sec = Section(
+        "activations",
+        "Activations and logits",
+        intro="Residual-stream statistics after each block, and output-logit statistics, on the probe batch. "
+        "Growing max |x| or kurtosis means outlier features; a drifting mean log Z means the logits drift as a whole.",
+    )
     for stage in run.stages:
         m = run.metrics[stage]
         for fam, (title, ylog) in ACTIVATION_FAMILIES.items():
             prefix = f"{fam}/"
             names = claims.take(stage, _with_prefix(m, prefix))
-            coarse = [n for n in names if _LAYER.fullmatch(n[len(prefix):]) or "blocks." not in n]
+            coarse = [n for n in names if _LAYER.fullmatch(n[len(prefix) :]) or "blocks." not in n]
             fine = [n for n in names if n not in coarse]
             if coarse:
                 sec.figure(F.lines(f"{title} ({stage})", _rows(m, coarse, prefix), ylog=ylog))
             if fine:
                 sec.figure(F.heatmap(f"{title}, finer ({stage})", _rows(m, fine, prefix), log=ylog))
-        titles = {"logits/max": "Maximum output logit", "logits/log_z_mean": "Mean log Z (log-partition of the output logits)"}
+        titles = {
+            "logits/max": "Maximum output logit",
+            "logits/log_z_mean": "Mean log Z (log-partition of the output logits)",
+        }
         for name in claims.take(stage, _with_prefix(m, "logits/")):
             sec.figure(_lines_of(m, [name], f"{titles.get(name, name)} ({stage})"))
     return sec if sec.items else None
 
 
 def positions_section(run: RunData, claims: Claims) -> Section | None:
-    sec = Section("positions", "Loss by token position",
-                  intro="Validation loss per position bucket at several evaluations: later positions see more context, "
-                        "so their loss should fall lower; a flat curve means the model does not use its context.")  # fmt: skip
+    sec = Section(
+        "positions",
+        "Loss by token position",
+        intro="Validation loss per position bucket at several evaluations: later positions see more context, "
+        "so their loss should fall lower; a flat curve means the model does not use its context.",
+    )
     for stage in run.stages:
         m = run.metrics[stage]
         names = claims.take(stage, _with_prefix(m, "loss_by_pos/"))
         if not names:
             continue
-        buckets = [(F.position_bucket(n[len("loss_by_pos/"):]), n) for n in names]
+        buckets = [(F.position_bucket(n[len("loss_by_pos/") :]), n) for n in names]
         if all(b is not None for b, _ in buckets):
             xs = np.array([(b[0] + b[1]) / 2 for b, _ in buckets])
             xlabel = "token position (bucket middle)"
@@ -334,8 +439,12 @@ def positions_section(run: RunData, claims: Claims) -> Section | None:
         for step in chosen:
             ys = np.array([_value_at(m[n], step) for _, n in buckets])
             series.append((f"step {step}", xs[order], ys[order]))
-        labels = ", ".join(n[len("loss_by_pos/"):] for _, n in buckets)
-        sec.figure(F.lines(f"Loss by position ({stage})", series, xlabel=xlabel, ylabel="nats / token", note=f"buckets: {labels}"))
+        labels = ", ".join(n[len("loss_by_pos/") :] for _, n in buckets)
+        sec.figure(
+            F.lines(
+                f"Loss by position ({stage})", series, xlabel=xlabel, ylabel="nats / token", note=f"buckets: {labels}"
+            )
+        )
     return sec if sec.items else None
 
 
@@ -348,16 +457,28 @@ def _value_at(s: Series, step: int) -> float:
 
 
 def spikes_section(run: RunData, claims: Claims) -> Section | None:
-    sec = Section("spikes", "Spikes",
-                  intro="A spike is a robust z-score (against the rolling median and MAD of recent steps) of the loss or "
-                        "gradient norm above the threshold. Each one leaves a dossier: what every block did in the steps "
-                        "before, which block departed first, and which rows and tokens carried the loss.")  # fmt: skip
+    sec = Section(
+        "spikes",
+        "Spikes",
+        intro="A spike is a robust z-score (against the rolling median and MAD of recent steps) of the loss or "
+        "gradient norm above the threshold. Each one leaves a dossier: what every block did in the steps "
+        "before, which block departed first, and which rows and tokens carried the loss.",
+    )
     for stage in run.stages:
         names = claims.take(stage, _with_prefix(run.metrics[stage], "spike/"))
         if names:
-            sec.figure(_lines_of(run.metrics[stage], names, f"Spike scores ({stage})", note="robust z-scores; a dossier is written above the threshold"))
+            sec.figure(
+                _lines_of(
+                    run.metrics[stage],
+                    names,
+                    f"Spike scores ({stage})",
+                    note="robust z-scores; a dossier is written above the threshold",
+                )
+            )
     for d in run.spikes:
-        head = f"{str(d.get('kind', 'spike')).capitalize()} at step {d.get('step')}" + (f" ({d['stage']})" if d.get("stage") else "")
+        head = f"{str(d.get('kind', 'spike')).capitalize()} at step {d.get('step')}" + (
+            f" ({d['stage']})" if d.get("stage") else ""
+        )
         sec.html(f"<h3>{escape(head)}</h3>")
         scalars = [(k, v) for k, v in d.items() if not isinstance(v, (dict, list))]
         if scalars:
@@ -383,7 +504,9 @@ def _dossier_part(sec: Section, key: str, value: Any, head: str) -> None:
     elif isinstance(value, dict) and all(not isinstance(v, (dict, list)) for v in value.values()):
         sec.html(f"<h4>{escape(key)}</h4>" + kv_table(value.items()))
     else:
-        sec.html(f"<details><summary>{escape(key)}</summary><pre>{escape(json.dumps(value, indent=1)[:20000])}</pre></details>")
+        sec.html(
+            f"<details><summary>{escape(key)}</summary><pre>{escape(json.dumps(value, indent=1)[:20000])}</pre></details>"
+        )
 
 
 def _is_numbers(v: Any) -> bool:
@@ -392,6 +515,7 @@ def _is_numbers(v: Any) -> bool:
 
 def _histories(value: Any) -> dict[str, tuple[np.ndarray, dict[str, np.ndarray]]]:
     """Recognise {name: [numbers]} (x: a 'steps' entry or the index) and [{step, <group>: {name: number}, ...}]."""
+
     def arr(v: list) -> np.ndarray:
         return np.array([np.nan if x is None else x for x in v], dtype=float)
 
@@ -407,7 +531,11 @@ def _histories(value: Any) -> dict[str, tuple[np.ndarray, dict[str, np.ndarray]]
     if records and any(isinstance(v, dict) for r in value for v in r.values()):  # per-step records of per-block norms
         x = np.array([float(r["step"]) for r in value])
         out = {}
-        scalars = [k for k in value[0] if k != "step" and all(isinstance(r.get(k), (int, float)) or r.get(k) is None for r in value)]
+        scalars = [
+            k
+            for k in value[0]
+            if k != "step" and all(isinstance(r.get(k), (int, float)) or r.get(k) is None for r in value)
+        ]
         if scalars:
             out[", ".join(scalars)] = (x, {k: arr([r.get(k) for r in value]) for k in scalars})
         for group in value[0]:
@@ -425,7 +553,11 @@ def events_section(run: RunData) -> Section | None:
     sec = Section("events", "Events", intro="Warnings and notices the run recorded (events.jsonl).")
     rows, classes = [], []
     for e in run.events:
-        when = datetime.fromtimestamp(e["time"], timezone.utc).strftime("%H:%M:%S") if isinstance(e.get("time"), (int, float)) else ""
+        when = (
+            datetime.fromtimestamp(e["time"], timezone.utc).strftime("%H:%M:%S")
+            if isinstance(e.get("time"), (int, float))
+            else ""
+        )
         extra = {k: v for k, v in e.items() if k not in ("time", "kind", "message", "step", "stage")}
         rows.append((when, e.get("kind"), e.get("stage"), e.get("step"), e.get("message"), extra or ""))
         classes.append("warnrow" if e.get("kind") in ("hacking", "spike", "nonfinite", "diverged") else "")
@@ -442,8 +574,15 @@ def timing_section(run: RunData, claims: Claims) -> Section | None:
         steps = max(int(s.steps.max()) for s in m.values())
         tps = m.get("throughput/tokens_per_s")
         step_s = m.get("time/step_s")
-        rows.append((stage, steps, float(times.max() - times.min()),
-                     float(np.nanmedian(tps.values)) if tps else None, float(np.nanmedian(step_s.values)) if step_s else None))  # fmt: skip
+        rows.append(
+            (
+                stage,
+                steps,
+                float(times.max() - times.min()),
+                float(np.nanmedian(tps.values)) if tps else None,
+                float(np.nanmedian(step_s.values)) if step_s else None,
+            )
+        )
         names = claims.take(stage, _with_prefix(m, "throughput/") + _with_prefix(m, "time/"))
         if "throughput/tokens_per_s" in names:
             sec.figure(_lines_of(m, ["throughput/tokens_per_s"], f"Throughput, tokens/s ({stage})"))

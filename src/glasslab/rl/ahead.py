@@ -50,7 +50,9 @@ class Ahead(Generic[T]):
         half = max(1, self._threads // 2)
         torch.set_num_threads(half)
         self._pool = ProcessPoolExecutor(
-            1, mp_context=mp.get_context("spawn"), initializer=_start_worker,
+            1,
+            mp_context=mp.get_context("spawn"),
+            initializer=_start_worker,
             initargs=(self.copy, self.reference, self._waiting, sample, half),
         )
         self._future: Future[T] | None = None
@@ -65,7 +67,11 @@ class Ahead(Generic[T]):
 
     def start(self, index: int) -> None:
         """Sample batch `index` in the background, under the caller's autocast."""
-        autocast = (self.device_type, torch.get_autocast_dtype(self.device_type), torch.is_autocast_enabled(self.device_type))
+        autocast = (
+            self.device_type,
+            torch.get_autocast_dtype(self.device_type),
+            torch.is_autocast_enabled(self.device_type),
+        )
         self._waiting.fill_(False)
         self._future = self._pool.submit(_job, index, autocast)
 

@@ -101,7 +101,9 @@ class GRPO(RolloutObjective):
         if ahead_ref is not None:
             ref_logp = ahead_ref * packed.mask  # 0 where not trained, as the forward below gives
         else:
-            ref_logp = self.reference_logprobs(packed) if kept.any() else torch.zeros(packed.mask.shape, device=self.device)
+            ref_logp = (
+                self.reference_logprobs(packed) if kept.any() else torch.zeros(packed.mask.shape, device=self.device)
+            )
         metrics = rollout.metrics() | {
             "rl/advantage_min": advantages.min().item(),
             "rl/advantage_mean": advantages.mean().item(),
@@ -116,10 +118,18 @@ class GRPO(RolloutObjective):
         logits = completion_logits(model, packed, cfg.temperature)
         logp, entropy = token_logprobs_and_entropy(logits, packed.targets[packed.mask])
         return grpo_token_loss(
-            packed.scatter(logp), batch.old_logp, batch.ref_logp, batch.advantages[batch.kept], packed.mask,
-            eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, kl_estimator=cfg.kl_estimator,
-            entropy=packed.scatter(entropy if cfg.entropy_coef else entropy.detach()), entropy_coef=cfg.entropy_coef,
-        )  # fmt: skip
+            packed.scatter(logp),
+            batch.old_logp,
+            batch.ref_logp,
+            batch.advantages[batch.kept],
+            packed.mask,
+            eps_low=cfg.eps_low,
+            eps_high=cfg.eps_high,
+            beta=cfg.beta,
+            kl_estimator=cfg.kl_estimator,
+            entropy=packed.scatter(entropy if cfg.entropy_coef else entropy.detach()),
+            entropy_coef=cfg.entropy_coef,
+        )
 
     def loss(self, model: nn.Module, batch: GRPOBatch) -> tuple[Tensor, dict[str, float]]:
         if not batch.kept.any():  # every group was dropped: nothing to learn from this batch
@@ -144,7 +154,11 @@ class GRPO(RolloutObjective):
     def state_dict(self) -> dict:
         """Also, while a batch still has iterations to go, that batch, so a resumed run repeats the same steps."""
         b = self.batch
-        pending = self.rollout_state(b.rollout) | {"uses": b.uses} if b is not None and b.uses < self.cfg.num_iterations else None
+        pending = (
+            self.rollout_state(b.rollout) | {"uses": b.uses}
+            if b is not None and b.uses < self.cfg.num_iterations
+            else None
+        )
         return super().state_dict() | {"pending": pending}
 
     def load_state_dict(self, state: dict) -> None:

@@ -127,7 +127,9 @@ class HackingDetectors:
         start, recent = self._start("rl/repeat_rate"), self._recent("rl/repeat_rate")
         if start is None or recent is None or recent < start + self.repeat_rise:
             return None
-        return f"completions turned repetitive: repeated 3-gram rate {start:.2f} -> {recent:.2f}; check the rollout tables"
+        return (
+            f"completions turned repetitive: repeated 3-gram rate {start:.2f} -> {recent:.2f}; check the rollout tables"
+        )
 
     def _kl_runaway(self) -> str | None:
         before, recent = self._before("rl/kl_ref"), self._recent("rl/kl_ref")

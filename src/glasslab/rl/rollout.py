@@ -312,7 +312,9 @@ class RolloutObjective:
     def pack_rows(self, rollout: Rollout, rows: Sequence[int]) -> Packed:
         """These rows of the batch, in this order, packed for a forward."""
         pick = lambda seqs: [seqs[r] for r in rows]  # noqa: E731
-        return pack(pick(rollout.prompts), pick(rollout.completions), pick(rollout.sampled), self.tok.pad_id, self.device)
+        return pack(
+            pick(rollout.prompts), pick(rollout.completions), pick(rollout.sampled), self.tok.pad_id, self.device
+        )
 
     def __getstate__(self) -> dict:
         """The copy the sampling process gets (rl/ahead.py): all but the reference model and the batches in hand."""
@@ -326,25 +328,42 @@ class RolloutObjective:
         t0 = time.perf_counter()
         with torch.autocast(self.device.type, enabled=False):  # sampling is float32, also inside a bf16 step
             out = generate(
-                model, prompts, self.cfg.max_new_tokens, temperature=self.cfg.temperature, stop_ids=(self.tok.end_id,),
-                pad_id=self.tok.pad_id, seed=self.batch_seed(index), interceptor=self.interceptor,
-            )  # fmt: skip
+                model,
+                prompts,
+                self.cfg.max_new_tokens,
+                temperature=self.cfg.temperature,
+                stop_ids=(self.tok.end_id,),
+                pad_id=self.tok.pad_id,
+                seed=self.batch_seed(index),
+                interceptor=self.interceptor,
+            )
         self.rollouts += 1
         elapsed = time.perf_counter() - t0
         return self.scored(problems, prompts, out.tokens, out.sampled, out.logprobs, out.truncated, elapsed, index)
 
     def scored(
-        self, problems: list[Problem], prompts: list[list[int]], completions: list[list[int]], sampled: list[list[bool]],
-        logprobs: list[list[float]], truncated: list[bool], generation_s: float, index: int,
-    ) -> Rollout:  # fmt: skip
+        self,
+        problems: list[Problem],
+        prompts: list[list[int]],
+        completions: list[list[int]],
+        sampled: list[list[bool]],
+        logprobs: list[list[float]],
+        truncated: list[bool],
+        generation_s: float,
+        index: int,
+    ) -> Rollout:
         """Score completions with every reward function; the reward is their weighted sum."""
         texts = [completion_text(self.tok, c) for c in completions]
         per_row = [self.env.score(p, t) for p, t in zip(problems, texts)]
         scores = {name: [s[name] for s in per_row] for name in self.env.reward_names}
         weights = self.cfg.reward_weights
-        rewards = torch.tensor([sum(w * s.get(name, 0.0) for name, w in weights.items()) for s in per_row], device=self.device)
+        rewards = torch.tensor(
+            [sum(w * s.get(name, 0.0) for name, w in weights.items()) for s in per_row], device=self.device
+        )
         g = self.cfg.group_size
-        return Rollout(problems, prompts, completions, sampled, logprobs, truncated, texts, scores, rewards, g, generation_s, index)
+        return Rollout(
+            problems, prompts, completions, sampled, logprobs, truncated, texts, scores, rewards, g, generation_s, index
+        )
 
     @torch.no_grad()
     def reference_logprobs(self, packed: Packed) -> Tensor:
@@ -356,23 +375,43 @@ class RolloutObjective:
         e, out = self.eval_cfg, {}
         for env in self.env.parts():  # a mixture's members one by one
             out |= evaluate_env(
-                model, self.tok, env, n=self.cfg.eval_n, seed=self.seed, pass_k=tuple(e.pass_k), samples=e.samples,
-                temperature=e.temperature, max_new_tokens=self.cfg.max_new_tokens, split="eval",
-            ).metrics()  # fmt: skip
+                model,
+                self.tok,
+                env,
+                n=self.cfg.eval_n,
+                seed=self.seed,
+                pass_k=tuple(e.pass_k),
+                samples=e.samples,
+                temperature=e.temperature,
+                max_new_tokens=self.cfg.max_new_tokens,
+                split="eval",
+            ).metrics()
         for task, env in self.retention:  # greedy only: accuracy and its split by difficulty show the forgetting
             out |= evaluate_env(
-                model, self.tok, env, n=self.cfg.eval_n, seed=self.seed, samples=0, max_new_tokens=self.cfg.max_new_tokens,
-                split="eval", task=task,
-            ).metrics()  # fmt: skip
+                model,
+                self.tok,
+                env,
+                n=self.cfg.eval_n,
+                seed=self.seed,
+                samples=0,
+                max_new_tokens=self.cfg.max_new_tokens,
+                split="eval",
+                task=task,
+            ).metrics()
         return out
 
     def samples(self, model: nn.Module, n: int = 4) -> list[dict]:
         """Greedy answers to a few held-out problems, with their rewards."""
         problems = self.env.problems("eval", n, seed=self.seed)
         out = generate(
-            model, [prompt_tokens(self.env, p, self.tok) for p in problems], self.cfg.max_new_tokens, temperature=0.0,
-            stop_ids=(self.tok.end_id,), pad_id=self.tok.pad_id, interceptor=self.interceptor,
-        )  # fmt: skip
+            model,
+            [prompt_tokens(self.env, p, self.tok) for p in problems],
+            self.cfg.max_new_tokens,
+            temperature=0.0,
+            stop_ids=(self.tok.end_id,),
+            pad_id=self.tok.pad_id,
+            interceptor=self.interceptor,
+        )
         texts = [completion_text(self.tok, c) for c in out.tokens]
         return [
             {"prompt": p.prompt, "answer": p.answer, "completion": t, "scores": self.env.score(p, t)}
@@ -387,7 +426,9 @@ class RolloutObjective:
             for p in self.env.problems("eval", 8, seed=self.seed):
                 rows.append(render(self.env.ideal_conversation(p), self.tok)[0])
             width = max(map(len, rows))
-            self._probe_rows = torch.tensor([r + [self.tok.pad_id] * (width - len(r)) for r in rows], device=self.device)
+            self._probe_rows = torch.tensor(
+                [r + [self.tok.pad_id] * (width - len(r)) for r in rows], device=self.device
+            )
         return self._probe_rows
 
     def state_dict(self) -> dict:
@@ -404,13 +445,23 @@ class RolloutObjective:
     @staticmethod
     def rollout_state(r: Rollout) -> dict:
         """What a checkpoint keeps of a rollout batch: everything else is recomputed from it."""
-        return {"index": r.index, "completions": r.completions, "sampled": r.sampled, "logprobs": r.logprobs,
-                "truncated": r.truncated, "old": r.old, "ref": r.ref, "ref_ahead": r.ref_ahead}  # fmt: skip
+        return {
+            "index": r.index,
+            "completions": r.completions,
+            "sampled": r.sampled,
+            "logprobs": r.logprobs,
+            "truncated": r.truncated,
+            "old": r.old,
+            "ref": r.ref,
+            "ref_ahead": r.ref_ahead,
+        }
 
     def restore_rollout(self, s: dict) -> Rollout:
         problems = self.problems(s["index"])
         prompts = [prompt_tokens(self.env, p, self.tok) for p in problems]
-        rollout = self.scored(problems, prompts, s["completions"], s["sampled"], s["logprobs"], s["truncated"], 0.0, s["index"])
+        rollout = self.scored(
+            problems, prompts, s["completions"], s["sampled"], s["logprobs"], s["truncated"], 0.0, s["index"]
+        )
         rollout.old, rollout.ref, rollout.ref_ahead = s["old"], s.get("ref"), s.get("ref_ahead", False)
         return rollout
 
@@ -450,7 +501,9 @@ class ReferenceReset(Hook):
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(self.directory / f"reference-step-{ctx.step:07d}.safetensors", safetensors_bytes(weights))
-        ctx.run.log_event("notice", f"reference policy reset to the policy at step {ctx.step}", step=ctx.step, stage=ctx.stage)
+        ctx.run.log_event(
+            "notice", f"reference policy reset to the policy at step {ctx.step}", step=ctx.step, stage=ctx.stage
+        )
         self._prune()
 
     def _prune(self) -> None:

@@ -4,8 +4,8 @@ Every stage has the signature `stage(cfg, run, *, init=None, hooks=(), progress=
 checkpoint directory whose weights start the stage (None: the run's own previous stage, or scratch).
 """
 
+from collections.abc import Callable
 from importlib import import_module
-from typing import Callable
 
 STAGES = {
     "pretrain": "glasslab.stages.pretrain:pretrain",

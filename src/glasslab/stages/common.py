@@ -34,7 +34,9 @@ def setup_runtime(system: SystemConfig, seed: int) -> torch.device:
     if system.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if system.device.startswith("cuda") and not torch.cuda.is_available():
-        raise GlasslabError(f"system.device is '{system.device}' but no CUDA device is visible: use --set system.device=cpu")
+        raise GlasslabError(
+            f"system.device is '{system.device}' but no CUDA device is visible: use --set system.device=cpu"
+        )
     return torch.device(system.device)
 
 
@@ -102,7 +104,9 @@ def load_run_config(run: RunDir) -> Config:
     return build_config(load_toml(run.config_path))
 
 
-def load_model(run: RunDir, device: torch.device | None = None, stage: str | None = None) -> tuple[GPT, Tokenizer, Config]:
+def load_model(
+    run: RunDir, device: torch.device | None = None, stage: str | None = None
+) -> tuple[GPT, Tokenizer, Config]:
     """The newest checkpoint of a run (of `stage`, if given) as a ready model, with its tokenizer and config."""
     from glasslab.track.checkpoint import latest_checkpoint
 
@@ -119,7 +123,9 @@ def load_model(run: RunDir, device: torch.device | None = None, stage: str | Non
 def stage_tokenizer(cfg: Config, run: RunDir, command: str) -> Tokenizer:
     """A fine-tuning stage's tokenizer: the one its run already holds (the stage command copies the parent's)."""
     if not run.tokenizer_path.exists():
-        raise GlasslabError(f"run {run.path} has no tokenizer.json: start it with `glasslab {command} PARENT_RUN`, which copies it")
+        raise GlasslabError(
+            f"run {run.path} has no tokenizer.json: start it with `glasslab {command} PARENT_RUN`, which copies it"
+        )
     tok = Tokenizer.load(run.tokenizer_path)
     cfg.model.vocab_size = tok.vocab_size
     save_config(run, cfg)
@@ -134,4 +140,3 @@ def load_weights(model: GPT, path: Path, cfg: Config) -> None:
     ckpt = load_checkpoint(path)
     check_architecture(ckpt.extra["arch"], cfg.model.model_dump(), path)
     model.load_state_dict(ckpt.model)
-

@@ -23,7 +23,9 @@ from glasslab.track.rundir import RunDir
 PIPELINE = ("pretrain", "sft", "rl")
 
 
-def run_pipeline(cfg: Config, run: RunDir, stages: list[str], *, init: Path | None = None, progress: Any = None) -> None:
+def run_pipeline(
+    cfg: Config, run: RunDir, stages: list[str], *, init: Path | None = None, progress: Any = None
+) -> None:
     """Run the stages not yet done; `init` (a checkpoint dir) starts the first stage when it is not pretraining."""
     done = run.read_manifest().get("stages_done", [])
     for i, stage in enumerate(stages):
@@ -51,9 +53,18 @@ def final_evaluation(cfg: Config, run: RunDir) -> dict[str, dict]:
             model, tok, _ = load_model(run, device, stage=stage)
             results[stage] = {}
             for task, env in tasks:
-                res = evaluate_env(model, tok, env, n=cfg.eval.n, seed=cfg.seed, pass_k=tuple(cfg.eval.pass_k),
-                                   samples=cfg.eval.samples, temperature=cfg.eval.temperature,
-                                   max_new_tokens=cfg.eval.max_new_tokens, task=task)  # fmt: skip
+                res = evaluate_env(
+                    model,
+                    tok,
+                    env,
+                    n=cfg.eval.n,
+                    seed=cfg.seed,
+                    pass_k=tuple(cfg.eval.pass_k),
+                    samples=cfg.eval.samples,
+                    temperature=cfg.eval.temperature,
+                    max_new_tokens=cfg.eval.max_new_tokens,
+                    task=task,
+                )
                 results[stage][task] = res.as_dict()
                 values = {f"eval/{task}/after_{stage}/accuracy": res.accuracy}
                 values |= {f"eval/{task}/after_{stage}/pass@{k}": v for k, v in res.pass_at_k.items()}
@@ -88,8 +99,10 @@ def finalize(cfg: Config, run: RunDir, *, report: bool, started: float) -> dict[
         final_evaluation(cfg, run)
 
     def record_resources() -> None:
-        run.update_manifest(wall_time_s=manifest.get("wall_time_s", 0.0) + time.time() - started,
-                            peak_rss_mb=max(manifest.get("peak_rss_mb", 0.0), peak_rss_mb()))  # fmt: skip
+        run.update_manifest(
+            wall_time_s=manifest.get("wall_time_s", 0.0) + time.time() - started,
+            peak_rss_mb=max(manifest.get("peak_rss_mb", 0.0), peak_rss_mb()),
+        )
 
     record_resources()
     run.set_status("completed")  # before the report, which shows the status

@@ -11,13 +11,18 @@ from glasslab.model.gpt import GPT
 from glasslab.probes import build_probes
 from glasslab.stages.common import cache_dir, documents, save_config, setup_runtime, stage_run, tokenizer_for
 from glasslab.track.rundir import RunDir
-from glasslab.train.lm import LanguageModeling
 from glasslab.train.distributed import rank, world_size
+from glasslab.train.lm import LanguageModeling
 from glasslab.train.loop import Hook, train
 
 
 def pretrain(
-    cfg: Config, run: RunDir, *, init: Path | None = None, hooks: list[Hook] = (), progress: Any = None  # type: ignore[assignment]
+    cfg: Config,
+    run: RunDir,
+    *,
+    init: Path | None = None,
+    hooks: list[Hook] = (),
+    progress: Any = None,  # type: ignore[assignment]
 ) -> GPT:
     """`init` is accepted for the common stage signature; pretraining starts from scratch."""
     device = setup_runtime(cfg.system, cfg.seed)
@@ -29,12 +34,25 @@ def pretrain(
     splits = build_token_splits(docs, tokenizer, cache_dir(run), cfg.data.val_fraction, cfg.seed)
     model = GPT(cfg.model).to(device)
     objective = LanguageModeling(
-        splits, tokenizer,
-        batch_size=cfg.train.batch_size, block_size=cfg.model.block_size, eval_batches_n=cfg.train.eval_batches,
-        z_loss=cfg.train.z_loss, seed=cfg.seed + rank(), device=device,
-    )  # fmt: skip
+        splits,
+        tokenizer,
+        batch_size=cfg.train.batch_size,
+        block_size=cfg.model.block_size,
+        eval_batches_n=cfg.train.eval_batches,
+        z_loss=cfg.train.z_loss,
+        seed=cfg.seed + rank(),
+        device=device,
+    )
     with stage_run(run, objective.stage) as store:
-        train(model, objective, cfg.train, run, store, arch=cfg.model.model_dump(),
-              hooks=[*hooks, *build_probes(cfg, run, tokenizer)],
-              progress=progress, system=cfg.system)  # fmt: skip
+        train(
+            model,
+            objective,
+            cfg.train,
+            run,
+            store,
+            arch=cfg.model.model_dump(),
+            hooks=[*hooks, *build_probes(cfg, run, tokenizer)],
+            progress=progress,
+            system=cfg.system,
+        )
     return model

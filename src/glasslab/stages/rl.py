@@ -35,8 +35,10 @@ def rl_env_names(cfg: Config) -> list[str]:
 def rl_env(cfg: Config) -> Environment:
     """The RL environment (a Mixture for several): each with its [envs.<env>] options, [rl.env_options.<env>]
     over them."""
-    members = {name: get_env(name, {**cfg.envs.get(name, {}), **cfg.rl.env_options.get(name, {})})
-               for name in rl_env_names(cfg)}  # fmt: skip
+    members = {
+        name: get_env(name, {**cfg.envs.get(name, {}), **cfg.rl.env_options.get(name, {})})
+        for name in rl_env_names(cfg)
+    }
     return Mixture(members, cfg.rl.env) if isinstance(cfg.rl.env, dict) else members[cfg.rl.env]
 
 
@@ -50,7 +52,12 @@ def retention_envs(cfg: Config) -> list[tuple[str, Environment]]:
 
 
 def rl(
-    cfg: Config, run: RunDir, *, init: Path | None = None, hooks: list[Hook] = (), progress: Any = None  # type: ignore[assignment]
+    cfg: Config,
+    run: RunDir,
+    *,
+    init: Path | None = None,
+    hooks: list[Hook] = (),
+    progress: Any = None,  # type: ignore[assignment]
 ) -> GPT:
     """`init`: the checkpoint directory both policy and reference start from (None: this run's latest SFT one)."""
     device = setup_runtime(cfg.system, cfg.seed)
@@ -78,8 +85,17 @@ def rl(
             store.log(0, objective.stage, objective.evaluate(model))  # the curves start at the SFT model
         all_hooks = [*stage_hooks, *hooks, *build_probes(cfg, run, tok)]
         try:
-            train(model, objective, cfg.rl.train, run, store, arch=cfg.model.model_dump(), hooks=all_hooks,
-                  progress=progress, system=cfg.system)  # fmt: skip
+            train(
+                model,
+                objective,
+                cfg.rl.train,
+                run,
+                store,
+                arch=cfg.model.model_dump(),
+                hooks=all_hooks,
+                progress=progress,
+                system=cfg.system,
+            )
         finally:
             objective.close()  # with rl.generate_ahead: stop its process, give back the intra-op threads
     return model

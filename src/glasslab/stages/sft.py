@@ -12,8 +12,8 @@ import torch
 from glasslab.chat import Message
 from glasslab.config import Config
 from glasslab.conversations import load_conversations
-from glasslab.data.tokens import build_token_splits
 from glasslab.data.tokenizer import Tokenizer
+from glasslab.data.tokens import build_token_splits
 from glasslab.envs import get_env
 from glasslab.envs.base import Environment, split_of
 from glasslab.errors import GlasslabError
@@ -58,7 +58,9 @@ def file_data(cfg: Config, tok: Tokenizer) -> tuple[list[Example], list[Example]
     if not cfg.sft.data:
         return [], [], []
     conversations = load_conversations(Path(cfg.sft.data), tok, cfg.model.block_size + 1)
-    held_out = [split_of(json.dumps([[m.role, m.content] for m in c]), cfg.sft.val_fraction) == "eval" for c in conversations]
+    held_out = [
+        split_of(json.dumps([[m.role, m.content] for m in c]), cfg.sft.val_fraction) == "eval" for c in conversations
+    ]
     train = [to_example(c, tok) for c, h in zip(conversations, held_out) if not h]
     val = [to_example(c, tok) for c, h in zip(conversations, held_out) if h]
     firsts = [c for c, h in zip(conversations, held_out) if h] or conversations
@@ -84,21 +86,37 @@ def replay_data(cfg: Config, tok: Tokenizer, cache: Path | None, conversations: 
     return [Example(tokens[s : s + width].tolist(), [True] * width) for s in starts]
 
 
-def build_objective(cfg: Config, tok: Tokenizer, device: torch.device, cache: Path | None = None) -> SupervisedFineTuning:
+def build_objective(
+    cfg: Config, tok: Tokenizer, device: torch.device, cache: Path | None = None
+) -> SupervisedFineTuning:
     """`cache`: where the pretraining tokens are cached (only sft.replay reads them)."""
     envs = {task: get_env(task, cfg.envs.get(task, {})) for task in cfg.sft.tasks}
     train_tasks, val_tasks = task_data(cfg, tok, envs)
     train_file, val_file, prompts = file_data(cfg, tok)
     replay = replay_data(cfg, tok, cache, len(train_tasks) + len(train_file))
     return SupervisedFineTuning(
-        train_tasks + train_file + replay, val_tasks + val_file, tok,
-        envs=envs, batch_size=cfg.sft.train.batch_size, seed=cfg.seed, device=device, rank=rank(), z_loss=cfg.sft.train.z_loss,
-        eval_n=cfg.sft.eval_n, max_new_tokens=cfg.sft.max_new_tokens, sample_prompts=prompts,
-    )  # fmt: skip
+        train_tasks + train_file + replay,
+        val_tasks + val_file,
+        tok,
+        envs=envs,
+        batch_size=cfg.sft.train.batch_size,
+        seed=cfg.seed,
+        device=device,
+        rank=rank(),
+        z_loss=cfg.sft.train.z_loss,
+        eval_n=cfg.sft.eval_n,
+        max_new_tokens=cfg.sft.max_new_tokens,
+        sample_prompts=prompts,
+    )
 
 
 def sft(
-    cfg: Config, run: RunDir, *, init: Path | None = None, hooks: list[Hook] = (), progress: Any = None  # type: ignore[assignment]
+    cfg: Config,
+    run: RunDir,
+    *,
+    init: Path | None = None,
+    hooks: list[Hook] = (),
+    progress: Any = None,  # type: ignore[assignment]
 ) -> GPT:
     """Fine-tune from the checkpoint dir `init` (None: this run's latest pretrain checkpoint). A run that
     already has SFT checkpoints resumes from them instead."""
@@ -115,6 +133,15 @@ def sft(
     model.to(device)
     objective = build_objective(cfg, tok, device, cache_dir(run))
     with stage_run(run, objective.stage) as store:
-        train(model, objective, cfg.sft.train, run, store, arch=cfg.model.model_dump(),
-              hooks=[*hooks, *build_probes(cfg, run, tok)], progress=progress, system=cfg.system)  # fmt: skip
+        train(
+            model,
+            objective,
+            cfg.sft.train,
+            run,
+            store,
+            arch=cfg.model.model_dump(),
+            hooks=[*hooks, *build_probes(cfg, run, tok)],
+            progress=progress,
+            system=cfg.system,
+        )
     return model

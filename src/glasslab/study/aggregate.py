@@ -65,7 +65,9 @@ def collect(plan: Plan, runs_dir: Path) -> list[RunResult]:
 
 def _result(spec: StudySpec, planned: PlannedRun, path: Path) -> RunResult:
     if not (path / "manifest.json").is_file():
-        return RunResult(planned.name, path, planned.seed, planned.levels, "missing", None, {m.title: None for m in spec.metrics})
+        return RunResult(
+            planned.name, path, planned.seed, planned.levels, "missing", None, {m.title: None for m in spec.metrics}
+        )
     data = load_run(path)
     status = data.manifest.get("status", "?")
     ok = status == "completed"
@@ -73,9 +75,17 @@ def _result(spec: StudySpec, planned: PlannedRun, path: Path) -> RunResult:
     stage = spec.stages[-1]
     curves = {c: data.metrics[stage][c] for c in spec.curves if c in data.metrics.get(stage, {})}
     return RunResult(
-        planned.name, path, planned.seed, planned.levels, status, data.manifest.get("message"), values, curves,
-        data.config.get("model", {}).get("vocab_size"), data.manifest.get("wall_time_s"),
-    )  # fmt: skip
+        planned.name,
+        path,
+        planned.seed,
+        planned.levels,
+        status,
+        data.manifest.get("message"),
+        values,
+        curves,
+        data.config.get("model", {}).get("vocab_size"),
+        data.manifest.get("wall_time_s"),
+    )
 
 
 @dataclass

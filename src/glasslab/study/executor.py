@@ -53,8 +53,21 @@ def action_for(run_dir: Path, stages: list[str], *, retry_failed: bool = False) 
 def command_for(run: PlannedRun, plan: Plan, runs_dir: Path, action: Action, threads: int) -> list[str]:
     if action == "resume":
         return [*GLASSLAB, "resume", str(runs_dir / run.name), "--json"]
-    cmd = [*GLASSLAB, "run", "--preset", plan.spec.preset, "--name", run.name, "--runs-dir", str(runs_dir),
-           "--seed", str(run.seed), "--stages", ",".join(run.stages), "--json"]  # fmt: skip
+    cmd = [
+        *GLASSLAB,
+        "run",
+        "--preset",
+        plan.spec.preset,
+        "--name",
+        run.name,
+        "--runs-dir",
+        str(runs_dir),
+        "--seed",
+        str(run.seed),
+        "--stages",
+        ",".join(run.stages),
+        "--json",
+    ]
     for pair in [*run.sets, f"system.threads={threads}"]:
         cmd += ["--set", pair]
     if run.from_base:
@@ -67,7 +80,10 @@ def claim_study_dir(plan: Plan, study_dir: Path) -> None:
     (adding seeds or levels to a study is fine, changing what a name means is not)."""
     path = study_dir / "plan.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
-    new = {r.name: {k: v for k, v in r.as_dict().items() if k != "levels"} for r in ([plan.base] if plan.base else []) + plan.runs}
+    new = {
+        r.name: {k: v for k, v in r.as_dict().items() if k != "levels"}
+        for r in ([plan.base] if plan.base else []) + plan.runs
+    }
     for name, recipe in new.items():
         if name in old and old[name] != recipe:
             raise GlasslabError(
@@ -115,15 +131,23 @@ def execute(
     if plan.base:
         outcomes += _batch([plan.base], plan, runs_dir, logs, 1, cores, retry_failed, report)
         if action_for(runs_dir / BASE_NAME, plan.base.stages) != "skip":
-            raise GlasslabError(f"the shared base run failed: see {logs / (BASE_NAME + '.log')}, fix the cause and run the study again")
+            raise GlasslabError(
+                f"the shared base run failed: see {logs / (BASE_NAME + '.log')}, fix the cause and run the study again"
+            )
     outcomes += _batch(plan.runs, plan, runs_dir, logs, workers, max(1, cores // workers), retry_failed, report)
     return outcomes
 
 
 def _batch(
-    runs: list[PlannedRun], plan: Plan, runs_dir: Path, logs: Path, workers: int, threads: int, retry_failed: bool,
+    runs: list[PlannedRun],
+    plan: Plan,
+    runs_dir: Path,
+    logs: Path,
+    workers: int,
+    threads: int,
+    retry_failed: bool,
     report: Callable[[str], None],
-) -> list[Outcome]:  # fmt: skip
+) -> list[Outcome]:
     outcomes: dict[str, Outcome] = {}
     todo: deque[tuple[PlannedRun, Action]] = deque()
     for run in runs:
@@ -151,7 +175,9 @@ def _batch(
                 # Own session: a Ctrl-C in the terminal reaches this process only, which then stops each run once.
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
                 running.append(_Job(run, action, proc, time.monotonic(), log))
-                report(f"{'resumed' if action == 'resume' else 'started'} {run.name} ({threads} thread{'s' * (threads > 1)})")
+                report(
+                    f"{'resumed' if action == 'resume' else 'started'} {run.name} ({threads} thread{'s' * (threads > 1)})"
+                )
             time.sleep(0.2)
             for job in [j for j in running if j.proc.poll() is not None]:
                 running.remove(job)
@@ -159,7 +185,11 @@ def _batch(
                 finished += 1
                 seconds = time.monotonic() - job.started
                 outcomes[job.run.name] = Outcome(job.run.name, job.action, job.proc.returncode, seconds)
-                state = "done" if job.proc.returncode == 0 else f"FAILED ({_failure(runs_dir / job.run.name, logs / f'{job.run.name}.log')})"
+                state = (
+                    "done"
+                    if job.proc.returncode == 0
+                    else f"FAILED ({_failure(runs_dir / job.run.name, logs / f'{job.run.name}.log')})"
+                )
                 report(f"[{finished}/{total}] {job.run.name} {state} in {seconds:.0f} s")
     except KeyboardInterrupt:
         _stop(running)

@@ -59,7 +59,9 @@ def _failures(factor: str, level: Any, c: Cell) -> str:
     if not c.failed:
         return ""
     statuses = sorted({r.status for r in c.runs if not r.completed})
-    return f"{c.failed} of {len(c.runs)} runs with {factor}={level_text(level)} did not complete ({', '.join(statuses)})"
+    return (
+        f"{c.failed} of {len(c.runs)} runs with {factor}={level_text(level)} did not complete ({', '.join(statuses)})"
+    )
 
 
 def _verdict(cmp: Comparison) -> str:
@@ -93,14 +95,20 @@ def compare_levels(plan: Plan, results: list[RunResult]) -> list[Finding]:
     return findings
 
 
-def _finding(metric: str, factor: str, context: dict[str, Any], levels: list[Any], by_level: dict[Any, Cell]) -> Finding:
+def _finding(
+    metric: str, factor: str, context: dict[str, Any], levels: list[Any], by_level: dict[Any, Cell]
+) -> Finding:
     prefix = f"At {_context_text(context)}: " if context else ""
     notes = [n for n in (_failures(factor, lv, by_level[lv]) for lv in levels) if n]
     stats = {lv: by_level[lv].summary(metric) for lv in levels}
     measured = [lv for lv in levels if stats[lv].n > 0]
     if len(measured) < 2:
-        text = f"{prefix}{metric} was not measured for at least two levels of {factor}" + (f" ({'; '.join(notes)})" if notes else "")
-        return Finding("missing", metric, factor, context, [_group(lv, by_level[lv], metric) for lv in levels], text + ".")
+        text = f"{prefix}{metric} was not measured for at least two levels of {factor}" + (
+            f" ({'; '.join(notes)})" if notes else ""
+        )
+        return Finding(
+            "missing", metric, factor, context, [_group(lv, by_level[lv], metric) for lv in levels], text + "."
+        )
     if len(levels) == 2:
         a, b = measured
         verb = f"{factor}={level_text(a)}: {metric} {pm(stats[a])} vs {pm(stats[b])} with {factor}={level_text(b)}"
@@ -108,15 +116,19 @@ def _finding(metric: str, factor: str, context: dict[str, Any], levels: list[Any
         a = max(measured, key=lambda lv: stats[lv].mean)
         b = min(measured, key=lambda lv: stats[lv].mean)
         listing = ", ".join(f"{level_text(lv)}: {num(stats[lv].mean)}" for lv in levels if stats[lv].n)
-        verb = (f"{metric} is highest at {factor}={level_text(a)} ({pm(stats[a])}) and lowest at {factor}={level_text(b)} "
-                f"({pm(stats[b])}); by {factor}: {listing}")  # fmt: skip
+        verb = (
+            f"{metric} is highest at {factor}={level_text(a)} ({pm(stats[a])}) and lowest at {factor}={level_text(b)} "
+            f"({pm(stats[b])}); by {factor}: {listing}"
+        )
     cmp = welch(by_level[a].values(metric), by_level[b].values(metric))
     diff = f"difference {num(cmp.difference)}" + (f" ± {num(cmp.ci95, 2)}" if math.isfinite(cmp.ci95) else "")
     text = f"{prefix}{verb} ({diff}, {_verdict(cmp)})"
     if notes:
         text += f"; {'; '.join(notes)}"
     groups = [_group(lv, by_level[lv], metric) for lv in [a, b] + [lv for lv in levels if lv not in (a, b)]]
-    return Finding("comparison", metric, factor, context, groups, text + ".", cmp.p, cmp.significant, cmp.difference, cmp.ci95)
+    return Finding(
+        "comparison", metric, factor, context, groups, text + ".", cmp.p, cmp.significant, cmp.difference, cmp.ci95
+    )
 
 
 def lr_sensitivity(plan: Plan, results: list[RunResult]) -> list[Finding]:
@@ -138,7 +150,9 @@ def lr_sensitivity(plan: Plan, results: list[RunResult]) -> list[Finding]:
         per_seed = []
         for seed in plan.seeds:
             here = [r for r in results if r.seed == seed and all(r.levels[k] == v for k, v in context.items())]
-            if len(here) < 2 or any(r.status not in ("completed", "failed") or (r.completed and r.values.get(metric) is None) for r in here):
+            if len(here) < 2 or any(
+                r.status not in ("completed", "failed") or (r.completed and r.values.get(metric) is None) for r in here
+            ):
                 continue  # not finished yet, or the metric was not logged: no value rather than a wrong one
             capped = np.array([min(r.values[metric], cap) if r.completed else cap for r in here])
             per_seed.append(float(capped.mean() - capped.min()))
@@ -147,16 +161,44 @@ def lr_sensitivity(plan: Plan, results: list[RunResult]) -> list[Finding]:
     findings = []
     for context, values in rows:
         s = summarize(values)
-        text = f"Sensitivity to {factor} of {metric}" + (f" at {_context_text(context)}" if context else "") + f": {pm(s)} ({rule})."
-        findings.append(Finding("sensitivity", metric, factor, context, [{"level": None, **s.as_dict()}], text,
-                                extra={"per_seed": values, "cap": cap}))  # fmt: skip
+        text = (
+            f"Sensitivity to {factor} of {metric}"
+            + (f" at {_context_text(context)}" if context else "")
+            + f": {pm(s)} ({rule})."
+        )
+        findings.append(
+            Finding(
+                "sensitivity",
+                metric,
+                factor,
+                context,
+                [{"level": None, **s.as_dict()}],
+                text,
+                extra={"per_seed": values, "cap": cap},
+            )
+        )
     if len(rows) == 2:
         (ca, va), (cb, vb) = rows
         cmp = welch(va, vb)
-        text = (f"Sensitivity to {factor} of {metric}: {pm(summarize(va))} at {_context_text(ca)} vs {pm(summarize(vb))} at "
-                f"{_context_text(cb)} ({_verdict(cmp)}).")  # fmt: skip
-        findings.insert(0, Finding("sensitivity", metric, factor, {}, [{"level": _context_text(c), **summarize(v).as_dict()} for c, v in rows],
-                                   text, cmp.p, cmp.significant, cmp.difference, cmp.ci95))  # fmt: skip
+        text = (
+            f"Sensitivity to {factor} of {metric}: {pm(summarize(va))} at {_context_text(ca)} vs {pm(summarize(vb))} at "
+            f"{_context_text(cb)} ({_verdict(cmp)})."
+        )
+        findings.insert(
+            0,
+            Finding(
+                "sensitivity",
+                metric,
+                factor,
+                {},
+                [{"level": _context_text(c), **summarize(v).as_dict()} for c, v in rows],
+                text,
+                cmp.p,
+                cmp.significant,
+                cmp.difference,
+                cmp.ci95,
+            ),
+        )
     return findings
 
 

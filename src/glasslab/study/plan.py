@@ -101,14 +101,18 @@ def expand(spec: StudySpec, *, scale: float = 1.0, seeds: int | None = None) -> 
     if spec.shared_stages:
         base_seed = spec.base_seed if spec.base_seed is not None else seed_list[0]
         base = PlannedRun(BASE_NAME, base_seed, list(spec.shared_stages), list(common))
-    study_stages = spec.stages[len(spec.shared_stages):]
+    study_stages = spec.stages[len(spec.shared_stages) :]
     runs = []
     for combo in itertools.product(*levels):
         chosen = {f.name: v for f, v in zip(spec.factors, combo)}
-        sets = common + [f"{k}={toml_literal(x)}" for f, v in zip(spec.factors, combo) for k, x in flatten({f.key: v}).items()]
+        sets = common + [
+            f"{k}={toml_literal(x)}" for f, v in zip(spec.factors, combo) for k, x in flatten({f.key: v}).items()
+        ]
         resolve(spec.preset, None, sets)  # fail now on a bad key or value, naming it
         for seed in seed_list:
-            runs.append(PlannedRun(run_name(chosen, seed), seed, list(study_stages), sets, chosen, from_base=base is not None))
+            runs.append(
+                PlannedRun(run_name(chosen, seed), seed, list(study_stages), sets, chosen, from_base=base is not None)
+            )
     names = [r.name for r in runs]
     if len(set(names)) != len(names) or BASE_NAME in names:
         raise GlasslabError("two study runs would get the same name: give the factors distinct values")

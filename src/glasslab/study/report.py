@@ -76,8 +76,13 @@ def effect_figure(plan: Plan, all_cells: list[Cell], metric: str, factor: str, c
             top = cap if cap is not None else ax.get_ylim()[1]
             for x, colour in failed_x:
                 ax.plot([x], [top], marker="x", markersize=8, color=colour, linestyle="none")
-            ax.annotate("x: all runs failed" + (" (plotted at ln V)" if cap is not None else ""), xy=(0.01, 0.99),
-                        xycoords="axes fraction", va="top", fontsize=7)  # fmt: skip
+            ax.annotate(
+                "x: all runs failed" + (" (plotted at ln V)" if cap is not None else ""),
+                xy=(0.01, 0.99),
+                xycoords="axes fraction",
+                va="top",
+                fontsize=7,
+            )
         if scale == "log":
             ax.set_xscale("log")
         ax.set_xticks([xs[v] for v in levels], [level_text(v) for v in levels])
@@ -165,15 +170,47 @@ def build_study_report(
 
     head = Section("study", f"Study {spec.name}", intro=spec.description)
     done = sum(r.completed for r in results)
-    head.html(table(["preset", "stages", "shared stages (base run)", "seeds", "scale", "runs", "completed", "this invocation (s)"],
-                    [(spec.preset, ", ".join(spec.stages), ", ".join(spec.shared_stages) or "none", ", ".join(map(str, plan.seeds)),
-                      plan.scale, len(results), done, wall_time_s)]))  # fmt: skip
+    head.html(
+        table(
+            [
+                "preset",
+                "stages",
+                "shared stages (base run)",
+                "seeds",
+                "scale",
+                "runs",
+                "completed",
+                "this invocation (s)",
+            ],
+            [
+                (
+                    spec.preset,
+                    ", ".join(spec.stages),
+                    ", ".join(spec.shared_stages) or "none",
+                    ", ".join(map(str, plan.seeds)),
+                    plan.scale,
+                    len(results),
+                    done,
+                    wall_time_s,
+                )
+            ],
+        )
+    )
     if spec.factors:
-        head.html("<h3>Factors</h3>" + table(["factor", "config key", "levels"],
-                                             [(f.name, f.key, ", ".join(level_text(v) for v in plan.levels(f.name))) for f in spec.factors]))  # fmt: skip
+        head.html(
+            "<h3>Factors</h3>"
+            + table(
+                ["factor", "config key", "levels"],
+                [(f.name, f.key, ", ".join(level_text(v) for v in plan.levels(f.name))) for f in spec.factors],
+            )
+        )
     sections = [head, _findings_section(findings)]
-    effects = Section("effects", "Effects", intro="Mean over seeds with 95% t-intervals, at each level of a factor; "
-                                                  "one line per setting of the other factors.")  # fmt: skip
+    effects = Section(
+        "effects",
+        "Effects",
+        intro="Mean over seeds with 95% t-intervals, at each level of a factor; "
+        "one line per setting of the other factors.",
+    )
     sens = spec.sensitivity
     for m in spec.metrics:
         for f in spec.factors:
@@ -196,7 +233,9 @@ def build_study_report(
         sections.append(curves)
     sections.append(_values_section(spec, all_cells))
     sections.append(_runs_section(results, outcomes, study_dir))
-    write_text_atomic(study_dir / "report.html", render_page(f"glasslab study: {spec.name}", sections, subtitle=str(study_dir)))
+    write_text_atomic(
+        study_dir / "report.html", render_page(f"glasslab study: {spec.name}", sections, subtitle=str(study_dir))
+    )
     summary = _summary(plan, study_dir, results, all_cells, findings, outcomes, wall_time_s, figure_files)
     write_json_atomic(study_dir / "summary.json", summary)
     write_text_atomic(study_dir / "findings.md", findings_markdown(plan, results, all_cells, findings))
@@ -212,23 +251,40 @@ def _grouped(findings: list[Finding]) -> dict[str, list[Finding]]:
 
 
 def _findings_section(findings: list[Finding]) -> Section:
-    sec = Section("findings", "Findings", intro="Computed from the runs: mean ± 95% interval over seeds; differences "
-                                                "tested with Welch's t-test (significant: p < 0.05, in bold).")  # fmt: skip
+    sec = Section(
+        "findings",
+        "Findings",
+        intro="Computed from the runs: mean ± 95% interval over seeds; differences "
+        "tested with Welch's t-test (significant: p < 0.05, in bold).",
+    )
     if not findings:
         sec.html("<p>No factor has two levels to compare.</p>")
     for title, group in _grouped(findings).items():
-        items = "".join(f'<li class="{"sig" if f.significant else "muted" if f.kind == "missing" else ""}">{escape(f.text)}</li>' for f in group)
+        items = "".join(
+            f'<li class="{"sig" if f.significant else "muted" if f.kind == "missing" else ""}">{escape(f.text)}</li>'
+            for f in group
+        )
         sec.html(f"<h3>{escape(title)}</h3><ul>{items}</ul>")
     return sec
 
 
 def _values_section(spec: Any, all_cells: list[Cell]) -> Section:
-    sec = Section("values", "Values per setting", intro="Each metric per setting: mean ± 95% interval, and every seed's value.")
+    sec = Section(
+        "values", "Values per setting", intro="Each metric per setting: mean ± 95% interval, and every seed's value."
+    )
     for m in spec.metrics:
         rows = []
         for c in all_cells:
             s = c.summary(m.title)
-            rows.append((_cell_label(c.levels), pm(s), s.n, c.failed, ", ".join(num(v, 4) if v is not None else "—" for v in c.values(m.title))))
+            rows.append(
+                (
+                    _cell_label(c.levels),
+                    pm(s),
+                    s.n,
+                    c.failed,
+                    ", ".join(num(v, 4) if v is not None else "—" for v in c.values(m.title)),
+                )
+            )
         sec.html(f"<h3>{escape(m.title)}</h3>" + table(["setting", "mean ± 95% CI", "n", "failed", "per seed"], rows))
     return sec
 
@@ -239,12 +295,20 @@ def _runs_section(results: list[RunResult], outcomes: list[Outcome] | None, stud
     rows = []
     for r in results:
         report = r.path / "report.html"
-        link = f'<a href="{escape(str(report.relative_to(study_dir)))}">{escape(r.name)}</a>' if report.exists() else escape(r.name)
+        link = (
+            f'<a href="{escape(str(report.relative_to(study_dir)))}">{escape(r.name)}</a>'
+            if report.exists()
+            else escape(r.name)
+        )
         wall = "" if r.wall_time_s is None else f"{r.wall_time_s:.0f}"
-        rows.append(f"<tr><td>{link}</td><td>{escape(r.status)}</td><td>{r.seed}</td><td>{escape(action.get(r.name, ''))}</td>"
-                    f"<td>{wall}</td><td>{escape(r.message or '')}</td></tr>")  # fmt: skip
-    sec.html("<table><thead><tr><th>run</th><th>status</th><th>seed</th><th>this invocation</th><th>wall time (s)</th>"
-             f"<th>message</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")  # fmt: skip
+        rows.append(
+            f"<tr><td>{link}</td><td>{escape(r.status)}</td><td>{r.seed}</td><td>{escape(action.get(r.name, ''))}</td>"
+            f"<td>{wall}</td><td>{escape(r.message or '')}</td></tr>"
+        )
+    sec.html(
+        "<table><thead><tr><th>run</th><th>status</th><th>seed</th><th>this invocation</th><th>wall time (s)</th>"
+        f"<th>message</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
     return sec
 
 
@@ -258,25 +322,55 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _summary(plan: Plan, study_dir: Path, results: list[RunResult], all_cells: list[Cell], findings: list[Finding],
-             outcomes: list[Outcome] | None, wall_time_s: float | None, figure_files: list[str]) -> dict[str, Any]:  # fmt: skip
+def _summary(
+    plan: Plan,
+    study_dir: Path,
+    results: list[RunResult],
+    all_cells: list[Cell],
+    findings: list[Finding],
+    outcomes: list[Outcome] | None,
+    wall_time_s: float | None,
+    figure_files: list[str],
+) -> dict[str, Any]:
     titles = [m.title for m in plan.spec.metrics]
-    return _clean({
-        "study": plan.spec.name,
-        "dir": str(study_dir),
-        "report": str(study_dir / "report.html"),
-        "spec": plan.spec.model_dump(),
-        "scale": plan.scale,
-        "seeds": plan.seeds,
-        "wall_time_s": wall_time_s,
-        "runs": [{"name": r.name, "path": str(r.path), "seed": r.seed, "levels": r.levels, "status": r.status,
-                  "message": r.message, "wall_time_s": r.wall_time_s, "values": r.values} for r in results],
-        "cells": [{"levels": c.levels, "failed": c.failed,
-                   "metrics": {t: {**c.summary(t).as_dict(), "values": c.values(t)} for t in titles}} for c in all_cells],
-        "findings": [f.as_dict() for f in findings],
-        "executed": [{"name": o.name, "action": o.action, "returncode": o.returncode, "seconds": o.seconds} for o in outcomes or []],
-        "figures": figure_files,
-    })  # fmt: skip
+    return _clean(
+        {
+            "study": plan.spec.name,
+            "dir": str(study_dir),
+            "report": str(study_dir / "report.html"),
+            "spec": plan.spec.model_dump(),
+            "scale": plan.scale,
+            "seeds": plan.seeds,
+            "wall_time_s": wall_time_s,
+            "runs": [
+                {
+                    "name": r.name,
+                    "path": str(r.path),
+                    "seed": r.seed,
+                    "levels": r.levels,
+                    "status": r.status,
+                    "message": r.message,
+                    "wall_time_s": r.wall_time_s,
+                    "values": r.values,
+                }
+                for r in results
+            ],
+            "cells": [
+                {
+                    "levels": c.levels,
+                    "failed": c.failed,
+                    "metrics": {t: {**c.summary(t).as_dict(), "values": c.values(t)} for t in titles},
+                }
+                for c in all_cells
+            ],
+            "findings": [f.as_dict() for f in findings],
+            "executed": [
+                {"name": o.name, "action": o.action, "returncode": o.returncode, "seconds": o.seconds}
+                for o in outcomes or []
+            ],
+            "figures": figure_files,
+        }
+    )
 
 
 def findings_markdown(plan: Plan, results: list[RunResult], all_cells: list[Cell], findings: list[Finding]) -> str:
@@ -285,18 +379,30 @@ def findings_markdown(plan: Plan, results: list[RunResult], all_cells: list[Cell
     lines = [f"# Study: {spec.name}", ""]
     if spec.description:
         lines += [spec.description, ""]
-    lines += [f"Preset `{spec.preset}`, stages {', '.join(spec.stages)}"
-              + (f" (shared base: {', '.join(spec.shared_stages)})" if spec.shared_stages else "")
-              + f", seeds {', '.join(map(str, plan.seeds))}, scale {plan.scale:g}; {done} of {len(results)} runs completed.", "",
-              "Values are mean ± 95% t-interval over seeds; differences tested with Welch's t-test (significant: p < 0.05).", "",
-              "## Findings", ""]  # fmt: skip
+    lines += [
+        f"Preset `{spec.preset}`, stages {', '.join(spec.stages)}"
+        + (f" (shared base: {', '.join(spec.shared_stages)})" if spec.shared_stages else "")
+        + f", seeds {', '.join(map(str, plan.seeds))}, scale {plan.scale:g}; {done} of {len(results)} runs completed.",
+        "",
+        "Values are mean ± 95% t-interval over seeds; differences tested with Welch's t-test (significant: p < 0.05).",
+        "",
+        "## Findings",
+        "",
+    ]
     for title, group in _grouped(findings).items():
-        lines += [f"### {title}", ""] + [f"- {'**' if f.significant else ''}{f.text}{'**' if f.significant else ''}" for f in group] + [""]
+        lines += (
+            [f"### {title}", ""]
+            + [f"- {'**' if f.significant else ''}{f.text}{'**' if f.significant else ''}" for f in group]
+            + [""]
+        )
     if not findings:
         lines.append("- (no factor has two levels to compare)")
     lines += ["## Values per setting", ""]
     for m in spec.metrics:
         lines += [f"### {m.title}", "", "| setting | mean ± 95% CI | n | failed |", "|---|---|---|---|"]
-        lines += [f"| {_cell_label(c.levels)} | {pm(c.summary(m.title))} | {c.summary(m.title).n} | {c.failed} |" for c in all_cells]
+        lines += [
+            f"| {_cell_label(c.levels)} | {pm(c.summary(m.title))} | {c.summary(m.title).n} | {c.failed} |"
+            for c in all_cells
+        ]
         lines.append("")
     return "\n".join(lines)

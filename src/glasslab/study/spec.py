@@ -19,11 +19,11 @@ Written in TOML; the built-in ones live in glasslab/study/builtin/. Example:
 from __future__ import annotations
 
 import difflib
-import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from glasslab.errors import GlasslabError
@@ -31,7 +31,11 @@ from glasslab.errors import GlasslabError
 Stage = Literal["pretrain", "sft", "rl"]
 STAGE_ORDER: tuple[Stage, ...] = ("pretrain", "sft", "rl")
 # Config sections each stage reads: a factor may not vary one that a shared (computed-once) stage reads.
-STAGE_SECTIONS = {"pretrain": {"model", "tokenizer", "data", "train"}, "sft": {"model", "tokenizer", "sft", "envs"}, "rl": set()}
+STAGE_SECTIONS = {
+    "pretrain": {"model", "tokenizer", "data", "train"},
+    "sft": {"model", "tokenizer", "sft", "envs"},
+    "rl": set(),
+}
 DEFAULT = "default"  # a factor value meaning: whatever the base recipe says
 
 
@@ -48,7 +52,9 @@ class Factor(_Strict):
     @model_validator(mode="after")
     def _baseline_is_a_level(self) -> Factor:
         if self.baseline is not None and self.baseline not in self.values:
-            raise ValueError(f"baseline {self.baseline!r} of factor '{self.name}' is not one of its values {self.values}")
+            raise ValueError(
+                f"baseline {self.baseline!r} of factor '{self.name}' is not one of its values {self.values}"
+            )
         return self
 
 
@@ -102,7 +108,9 @@ class StudySpec(_Strict):
     def _consistent(self) -> StudySpec:
         if [s for s in STAGE_ORDER if s in self.stages] != self.stages or not self.stages:
             raise ValueError(f"stages {self.stages} must be some of {list(STAGE_ORDER)}, in that order")
-        if self.shared_stages and (self.shared_stages != self.stages[: len(self.shared_stages)] or self.shared_stages == self.stages):
+        if self.shared_stages and (
+            self.shared_stages != self.stages[: len(self.shared_stages)] or self.shared_stages == self.stages
+        ):
             raise ValueError(f"shared_stages {self.shared_stages} must be a proper prefix of stages {self.stages}")
         names = [f.name for f in self.factors]
         if len(set(names)) != len(names):
@@ -110,8 +118,10 @@ class StudySpec(_Strict):
         read_by_shared = set().union(*(STAGE_SECTIONS[s] for s in self.shared_stages))
         for f in self.factors:
             if f.key.split(".")[0] in read_by_shared:
-                raise ValueError(f"factor '{f.name}' varies {f.key}, which the shared stages {self.shared_stages} read: "
-                                 "vary it in every run instead (drop shared_stages)")  # fmt: skip
+                raise ValueError(
+                    f"factor '{f.name}' varies {f.key}, which the shared stages {self.shared_stages} read: "
+                    "vary it in every run instead (drop shared_stages)"
+                )
         titles = [m.title for m in self.metrics]
         if len(set(titles)) != len(titles):
             raise ValueError(f"metric titles must be unique (give each a label), got {titles}")
@@ -119,7 +129,9 @@ class StudySpec(_Strict):
             if self.sensitivity.factor not in names:
                 raise ValueError(f"sensitivity factor '{self.sensitivity.factor}' is not one of the factors {names}")
             if self.sensitivity.metric not in titles:
-                raise ValueError(f"sensitivity metric '{self.sensitivity.metric}' is not one of the metric titles {titles}")
+                raise ValueError(
+                    f"sensitivity metric '{self.sensitivity.metric}' is not one of the metric titles {titles}"
+                )
         return self
 
     def metric_stage(self, m: MetricSpec) -> str:
@@ -136,10 +148,15 @@ def load_spec(spec: str) -> StudySpec:
     path = Path(spec)
     if path.suffix == ".toml" or path.is_file():
         if not path.is_file():
-            raise GlasslabError(f"study spec '{spec}' not found: pass an existing .toml file or one of {', '.join(builtin_names())}")
+            raise GlasslabError(
+                f"study spec '{spec}' not found: pass an existing .toml file or one of {', '.join(builtin_names())}"
+            )
         text, origin = path.read_text(), str(path)
     elif spec in builtin_names():
-        text, origin = resources.files("glasslab.study").joinpath("builtin", f"{spec}.toml").read_text(), f"built-in {spec}"
+        text, origin = (
+            resources.files("glasslab.study").joinpath("builtin", f"{spec}.toml").read_text(),
+            f"built-in {spec}",
+        )
     else:
         near = difflib.get_close_matches(spec, builtin_names(), n=1)
         hint = f"did you mean '{near[0]}'? " if near else ""

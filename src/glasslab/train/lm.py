@@ -13,7 +13,9 @@ from glasslab.data.tokens import BatchSampler, TokenSplits, eval_batches
 from glasslab.model.generate import generate
 
 
-def lm_loss(logits: Tensor, targets: Tensor, z_loss: float = 0.0, ignore_index: int = -100) -> tuple[Tensor, dict[str, float]]:
+def lm_loss(
+    logits: Tensor, targets: Tensor, z_loss: float = 0.0, ignore_index: int = -100
+) -> tuple[Tensor, dict[str, float]]:
     """Cross-entropy, plus z-loss (mean squared log-partition) when asked: it keeps output logits from drifting."""
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
     if not z_loss:
@@ -80,7 +82,10 @@ class LanguageModeling:
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         model.eval()
-        total = sum(F.cross_entropy(model(x.to(self.device)).flatten(0, 1), y.to(self.device).flatten()).item() for x, y in self.val)
+        total = sum(
+            F.cross_entropy(model(x.to(self.device)).flatten(0, 1), y.to(self.device).flatten()).item()
+            for x, y in self.val
+        )
         loss = total / len(self.val)
         return {
             "val/loss": loss,

@@ -147,7 +147,11 @@ def _set_rng_state(state: dict[str, Tensor]) -> None:
 
 
 def check_architecture(saved: dict, current: dict, path: Path) -> None:
-    diff = [f"{k}: {saved.get(k)!r} vs {current.get(k)!r}" for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    diff = [
+        f"{k}: {saved.get(k)!r} vs {current.get(k)!r}"
+        for k in sorted(set(saved) | set(current))
+        if saved.get(k) != current.get(k)
+    ]
     if diff:
         raise GlasslabError(
             f"checkpoint {path} is from another architecture ({'; '.join(diff)}): "
@@ -165,11 +169,12 @@ def train(
     arch: dict,
     hooks: list[Hook] = (),  # type: ignore[assignment]
     progress: Any = None,
-    system: SystemConfig = SystemConfig(),
+    system: SystemConfig | None = None,
 ) -> int:
     """Run (or resume) one stage to cfg.steps. Returns the final step. With `system.compile`, the objective's
     training forward runs through torch.compile, and under `system.precision` in bfloat16 autocast; evaluation,
     sampling and probes use the plain float32 module."""
+    system = system or SystemConfig()
     stage = objective.stage
     main = is_main()  # under torchrun, only rank 0 writes the run directory
     if not main:
@@ -197,15 +202,21 @@ def train(
             return
         store.flush()  # metrics up to a checkpoint are as durable as the checkpoint
         save_checkpoint(
-            ckpt_root, stage, ctx.step,
-            model=model.state_dict(), optimizer=optimizer.state_dict(),
+            ckpt_root,
+            stage,
+            ctx.step,
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
             extra={"arch": arch, "objective": objective.state_dict()},
-            rng=_rng_state(), keep_last=cfg.keep_last,
-        )  # fmt: skip
+            rng=_rng_state(),
+            keep_last=cfg.keep_last,
+        )
 
     if main:
         run.update_manifest(status="running", stage=stage, last_step=ctx.step)
-    task = progress.add_task(stage, total=cfg.steps, completed=ctx.step, loss=float("nan"), tps=0.0) if progress else None
+    task = (
+        progress.add_task(stage, total=cfg.steps, completed=ctx.step, loss=float("nan"), tps=0.0) if progress else None
+    )
     for h in hooks:
         h.on_train_start(ctx)
     model.train()
@@ -243,12 +254,14 @@ def train(
                 h.on_optimizer_step(ctx)
             dt = time.perf_counter() - t0
             ctx.metrics.update(parts)
-            ctx.metrics.update({
-                "optim/grad_norm": grad_norm,
-                "optim/clipped": float(grad_norm > clip),
-                "throughput/tokens_per_s": tokens * world_size() / dt,
-                "time/step_s": dt,
-            })  # fmt: skip
+            ctx.metrics.update(
+                {
+                    "optim/grad_norm": grad_norm,
+                    "optim/clipped": float(grad_norm > clip),
+                    "throughput/tokens_per_s": tokens * world_size() / dt,
+                    "time/step_s": dt,
+                }
+            )
             if main:
                 store.log(ctx.step, stage, ctx.metrics)
             last = ctx.step == cfg.steps

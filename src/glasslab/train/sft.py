@@ -185,8 +185,17 @@ class SupervisedFineTuning:
                 count += int((y != -100).sum())
             metrics["val/loss"] = total / count  # per trained (assistant) token
         for task, env in self.envs.items() if self.eval_n else ():
-            r = evaluate_env(model, self.tok, env, n=self.eval_n, seed=self.seed, samples=0, pass_k=(),
-                             max_new_tokens=self.max_new_tokens, task=task)  # fmt: skip
+            r = evaluate_env(
+                model,
+                self.tok,
+                env,
+                n=self.eval_n,
+                seed=self.seed,
+                samples=0,
+                pass_k=(),
+                max_new_tokens=self.max_new_tokens,
+                task=task,
+            )
             metrics.update(r.metrics())
         return metrics
 
@@ -196,17 +205,33 @@ class SupervisedFineTuning:
         records = []
         for task, env in self.envs.items():
             problems = env.problems("eval", 3, self.seed)
-            texts = complete(model, self.tok, [prompt_tokens(env, p, self.tok) for p in problems], temperature=0.0,
-                             max_new_tokens=self.max_new_tokens, seed=self.seed, batch_size=len(problems))  # fmt: skip
+            texts = complete(
+                model,
+                self.tok,
+                [prompt_tokens(env, p, self.tok) for p in problems],
+                temperature=0.0,
+                max_new_tokens=self.max_new_tokens,
+                seed=self.seed,
+                batch_size=len(problems),
+            )
             records += [
                 {"task": task, "prompt": p.prompt, "answer": p.answer, "completion": t, "rewards": env.score(p, t)}
                 for p, t in zip(problems, texts)
             ]
         if self.sample_prompts:
             prompts = [render_prompt(m, self.tok) for m in self.sample_prompts]
-            texts = complete(model, self.tok, prompts, temperature=0.0, max_new_tokens=self.max_new_tokens,
-                             seed=self.seed, batch_size=len(prompts))  # fmt: skip
-            records += [{"task": "data", "prompt": m[-1].content, "completion": t} for m, t in zip(self.sample_prompts, texts)]
+            texts = complete(
+                model,
+                self.tok,
+                prompts,
+                temperature=0.0,
+                max_new_tokens=self.max_new_tokens,
+                seed=self.seed,
+                batch_size=len(prompts),
+            )
+            records += [
+                {"task": "data", "prompt": m[-1].content, "completion": t} for m, t in zip(self.sample_prompts, texts)
+            ]
         return records
 
     def state_dict(self) -> dict:
