@@ -35,10 +35,10 @@ from glasslab.data.corpus import load_documents  # noqa: E402
 from glasslab.data.tokenizer import Tokenizer  # noqa: E402
 from glasslab.data.tokens import TokenSplits, build_token_splits  # noqa: E402
 from glasslab.model.gpt import GPT  # noqa: E402
+from glasslab.objectives.lm import LanguageModeling  # noqa: E402
 from glasslab.probes import build_probes  # noqa: E402
 from glasslab.track.metrics import MetricStore  # noqa: E402
 from glasslab.track.rundir import RunDir  # noqa: E402
-from glasslab.train.lm import LanguageModeling  # noqa: E402
 from glasslab.train.loop import Hook, StepContext, train  # noqa: E402
 
 MODES = ("off", "default", "full")

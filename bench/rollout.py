@@ -34,8 +34,9 @@ from glasslab.data.tokenizer import Tokenizer  # noqa: E402
 from glasslab.envs import get_env  # noqa: E402
 from glasslab.model.generate import generate  # noqa: E402
 from glasslab.model.gpt import GPT  # noqa: E402
-from glasslab.rl.grpo import GRPO  # noqa: E402
-from glasslab.rl.rollout import pack, sequence_logprobs  # noqa: E402
+from glasslab.objectives.grpo import GRPO  # noqa: E402
+from glasslab.rl.batch import pack  # noqa: E402
+from glasslab.rl.logprobs import sequence_logprobs  # noqa: E402
 from glasslab.stages.common import load_model  # noqa: E402
 from glasslab.track.rundir import RunDir  # noqa: E402
 from glasslab.train.optim import build_optimizer  # noqa: E402

@@ -78,8 +78,8 @@ from glasslab.config import Config, RLConfig, resolve  # noqa: E402
 from glasslab.data.tokenizer import Tokenizer  # noqa: E402
 from glasslab.envs import get_env  # noqa: E402
 from glasslab.envs.base import Environment, Problem  # noqa: E402
-from glasslab.evaluate import completion_text, prompt_tokens  # noqa: E402
-from glasslab.rl.grpo import GRPO  # noqa: E402
+from glasslab.objectives.grpo import GRPO  # noqa: E402
+from glasslab.train.evaluate import completion_text, prompt_tokens  # noqa: E402
 from glasslab.train.optim import build_optimizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -9,12 +9,12 @@ from fractions import Fraction
 
 import pytest
 
-from glasslab.chat import Message, parse_completion
+from glasslab.chat.format import Message, parse_completion
+from glasslab.chat.tools import CalcError, ToolInterceptor, calculate, numbers_in, run_calculator
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.envs import ENVIRONMENTS, get_env
 from glasslab.envs.base import Problem, final_answer, split_of
 from glasslab.errors import GlasslabError
-from glasslab.tools import CalcError, ToolInterceptor, calculate, numbers_in, run_calculator
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_get_env_validates_options_and_names():
     with pytest.raises(GlasslabError, match="min_digits"):
         get_env("arithmetic", {"min_digits": 3, "max_digits": 2})
     with pytest.raises(GlasslabError, match="not a subclass"):
-        get_env("glasslab.tools:CalcError")
+        get_env("glasslab.chat.tools:CalcError")
     with pytest.raises(GlasslabError, match="cannot import"):
         get_env("no_such_module_xyz:Env")
 

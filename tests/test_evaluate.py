@@ -6,14 +6,14 @@ import math
 import pytest
 import torch
 
-import glasslab.evaluate as evaluate
+import glasslab.train.evaluate as evaluate
 from glasslab.config import ModelConfig
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.envs import get_env
 from glasslab.errors import GlasslabError
-from glasslab.evaluate import completion_text, evaluate_env, pass_at_k, prompt_tokens
 from glasslab.model.generate import Generation
 from glasslab.model.gpt import GPT
+from glasslab.train.evaluate import completion_text, evaluate_env, pass_at_k, prompt_tokens
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from glasslab.config import Config, ModelConfig, ProbesConfig, TrainConfig
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.data.tokens import TokenSplits
 from glasslab.model.gpt import GPT
+from glasslab.objectives.lm import LanguageModeling
 from glasslab.probes import build_probes
 from glasslab.probes.activations import activation_stats
 from glasslab.probes.attention import attention_probs, attention_stats
@@ -22,7 +23,6 @@ from glasslab.probes.positions import LossByPosition
 from glasslab.probes.spikes import SpikeProbe, departures, robust_band
 from glasslab.track.metrics import MetricStore, last_values
 from glasslab.track.rundir import RunDir
-from glasslab.train.lm import LanguageModeling
 from glasslab.train.loop import Diverged, Hook, StepContext, train
 
 TEXT = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 60

@@ -22,13 +22,14 @@ from glasslab.data.tokenizer import Tokenizer
 from glasslab.envs.base import Environment, Problem, final_answer
 from glasslab.envs.mixture import Mixture
 from glasslab.errors import GlasslabError
-from glasslab.evaluate import prompt_tokens
 from glasslab.model.generate import generate
 from glasslab.model.gpt import GPT
+from glasslab.objectives.dpo import DPO, preference_pairs
+from glasslab.objectives.grpo import GRPO
 from glasslab.rl.ahead import Ahead
-from glasslab.rl.dpo import DPO, preference_pairs
-from glasslab.rl.grpo import GRPO
+from glasslab.rl.batch import pack
 from glasslab.rl.hacking import HackingDetectors, repeat_rate
+from glasslab.rl.logprobs import completion_logits, sequence_logprobs
 from glasslab.rl.losses import (
     dpo_loss,
     group_advantages,
@@ -39,11 +40,11 @@ from glasslab.rl.losses import (
     token_logprobs_and_entropy,
     zero_std_groups,
 )
-from glasslab.rl.rollout import completion_logits, pack, sequence_logprobs
 from glasslab.stages.common import save_config
 from glasslab.track.checkpoint import save_checkpoint
 from glasslab.track.metrics import read_metrics
 from glasslab.track.rundir import RunDir
+from glasslab.train.evaluate import prompt_tokens
 
 CPU = torch.device("cpu")
 

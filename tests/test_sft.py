@@ -9,16 +9,17 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-from glasslab.chat import Message
-from glasslab.chatrepl import TokenPrinter, fit_history
+from glasslab.chat.conversations import load_conversations
+from glasslab.chat.format import Message
+from glasslab.chat.repl import TokenPrinter, fit_history
 from glasslab.cli import app
 from glasslab.config import ModelConfig, build_config
-from glasslab.conversations import load_conversations
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.data.tokens import build_token_splits
 from glasslab.envs import get_env
 from glasslab.errors import GlasslabError
 from glasslab.model.gpt import GPT
+from glasslab.objectives.sft import Example, pad_batch, to_example
 from glasslab.stages.common import documents
 from glasslab.stages.sft import build_objective, sft, shares
 from glasslab.track.atomic import write_text_atomic
@@ -29,7 +30,6 @@ from glasslab.track.checkpoint import (
 )
 from glasslab.track.metrics import read_metrics
 from glasslab.track.rundir import RunDir
-from glasslab.train.sft import Example, pad_batch, to_example
 
 TEXT = "0123456789+-*/=() Reach with Use the calculator. error: not arithmetic Capital of France? Paris. Be brief."
 MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64}

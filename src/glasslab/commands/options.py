@@ -15,3 +15,5 @@ Json = Annotated[bool, typer.Option("--json", help="print the result as JSON on 
 Overwrite = Annotated[bool, typer.Option(help="replace an existing run of that name")]
 Resume = Annotated[bool, typer.Option(help="continue an existing run of that name")]
 RunArg = Annotated[Path, typer.Argument(help="a run directory, e.g. runs/my-run")]
+Runs = Annotated[list[Path], typer.Argument(help="run directories, e.g. runs/a runs/b")]
+Align = Annotated[str, typer.Option(help="x axis: step, or tokens seen (from the logged throughput)")]

@@ -31,7 +31,7 @@ def rl(
     json_: Json = False,
 ) -> None:
     """Improve a chat model with rewards from a task environment: GRPO with a KL-anchored reference, or DPO."""
-    from glasslab.rl.rollout import check_reward_weights
+    from glasslab.objectives.rollouts import check_reward_weights
     from glasslab.stages.common import load_run_config, save_config
     from glasslab.stages.rl import rl as run_rl
     from glasslab.stages.rl import rl_env

@@ -18,7 +18,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from glasslab.chat import END, TOOL_CALL, Message, parse_completion
+from glasslab.chat.format import END, TOOL_CALL, Message, parse_completion
 from glasslab.errors import GlasslabError
 
 Split = Literal["train", "eval"]

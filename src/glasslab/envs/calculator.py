@@ -4,7 +4,7 @@ The ideal answer is a tool call, the tool's result and the final answer:
 
     <|assistant|><|tool_call|>123*456<|end|><|tool|>56088<|end|><|assistant|>56088<|end|>
 
-so the model only has to learn *when* to call the tool and to copy its result; `glasslab.tools.ToolInterceptor`
+so the model only has to learn *when* to call the tool and to copy its result; `glasslab.chat.tools.ToolInterceptor`
 runs the call during generation. The system prompt tells these problems apart from plain arithmetic ones.
 """
 
@@ -14,10 +14,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from glasslab.chat import TOOL_CALL, parse_completion
+from glasslab.chat.format import TOOL_CALL, parse_completion
+from glasslab.chat.tools import run_calculator
 from glasslab.envs.arithmetic import Arithmetic, ArithmeticOptions
 from glasslab.envs.base import Problem
-from glasslab.tools import run_calculator
 
 
 class CalculatorOptions(ArithmeticOptions):

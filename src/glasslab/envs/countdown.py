@@ -12,9 +12,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from glasslab.chat.tools import CalcError, calculate, format_number, numbers_in
 from glasslab.envs.base import Environment, EnvOptions, Problem, final_answer
 from glasslab.errors import GlasslabError
-from glasslab.tools import CalcError, calculate, format_number, numbers_in
 
 
 class CountdownOptions(EnvOptions):

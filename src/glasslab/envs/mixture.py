@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from glasslab.chat import Message
+from glasslab.chat.format import Message
 from glasslab.envs.base import Environment, Problem
 
 

@@ -38,8 +38,8 @@ def final_evaluation(cfg: Config, run: RunDir) -> dict[str, dict]:
     environment, so the numbers before and after RL are directly comparable, and of each environment RL changed
     at SFT's options (`<env>@sft`: what RL cost there). Logged as `eval/<task>/after_<stage>/...`;
     eval/final.json holds stage -> task -> summary."""
-    from glasslab.evaluate import evaluate_env
     from glasslab.stages.rl import retention_envs, rl_env
+    from glasslab.train.evaluate import evaluate_env
 
     device = setup_runtime(cfg.system, cfg.seed)
     # the RL tasks at the RL difficulty, so "after SFT" and "after RL" measure the same

@@ -8,11 +8,11 @@ from typing import Any
 from glasslab.config import Config
 from glasslab.data.tokens import build_token_splits
 from glasslab.model.gpt import GPT
+from glasslab.objectives.lm import LanguageModeling
 from glasslab.probes import build_probes
 from glasslab.stages.common import cache_dir, documents, save_config, setup_runtime, stage_run, tokenizer_for
 from glasslab.track.rundir import RunDir
 from glasslab.train.distributed import rank, world_size
-from glasslab.train.lm import LanguageModeling
 from glasslab.train.loop import Hook, train
 
 

@@ -15,11 +15,11 @@ from glasslab.envs.base import Environment
 from glasslab.envs.mixture import Mixture
 from glasslab.errors import GlasslabError
 from glasslab.model.gpt import GPT
+from glasslab.objectives.dpo import DPO
+from glasslab.objectives.grpo import GRPO
 from glasslab.probes import build_probes
-from glasslab.rl.dpo import DPO
-from glasslab.rl.grpo import GRPO
 from glasslab.rl.hacking import HackingDetectors, HackingHook
-from glasslab.rl.rollout import ReferenceReset, RolloutTable, TrainingTime
+from glasslab.rl.hooks import ReferenceReset, RolloutTable, TrainingTime
 from glasslab.stages.common import load_weights, setup_runtime, stage_run, stage_tokenizer
 from glasslab.track.checkpoint import latest_checkpoint
 from glasslab.track.rundir import RunDir

@@ -9,22 +9,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from glasslab.chat import Message
+from glasslab.chat.conversations import load_conversations
+from glasslab.chat.format import Message
 from glasslab.config import Config
-from glasslab.conversations import load_conversations
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.data.tokens import build_token_splits
 from glasslab.envs import get_env
 from glasslab.envs.base import Environment, split_of
 from glasslab.errors import GlasslabError
 from glasslab.model.gpt import GPT
+from glasslab.objectives.sft import Example, SupervisedFineTuning, check_fits, env_conversations, to_example
 from glasslab.probes import build_probes
 from glasslab.stages.common import cache_dir, documents, load_weights, setup_runtime, stage_run, stage_tokenizer
 from glasslab.track.checkpoint import latest_checkpoint
 from glasslab.track.rundir import RunDir
 from glasslab.train.distributed import rank
 from glasslab.train.loop import Hook, train
-from glasslab.train.sft import Example, SupervisedFineTuning, check_fits, env_conversations, to_example
 
 
 def shares(total: int, weights: dict[str, float]) -> dict[str, int]:

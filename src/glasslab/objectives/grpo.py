@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from glasslab.objectives.rollouts import RolloutObjective
+from glasslab.rl.batch import Packed, Rollout, pack, sampled_logprobs
+from glasslab.rl.logprobs import completion_logits
 from glasslab.rl.losses import aggregate, group_advantages, grpo_token_loss, token_logprobs_and_entropy, zero_std_groups
-from glasslab.rl.rollout import Packed, Rollout, RolloutObjective, completion_logits, pack, sampled_logprobs
 
 
 @dataclass

@@ -4,7 +4,7 @@
                   {"role": "user", "content": "Capital of France?"},
                   {"role": "assistant", "content": "Paris."}]}
 
-Roles are system, user, assistant and tool (see `glasslab.chat`); every conversation needs an assistant turn,
+Roles are system, user, assistant and tool (see `glasslab.chat.format`); every conversation needs an assistant turn,
 since only assistant tokens are trained. Other keys on a line (ids, sources) are ignored. Every mistake is
 reported with its line number.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from glasslab.chat import ROLES, TOOL_CALL, Message, render
+from glasslab.chat.format import ROLES, TOOL_CALL, Message, render
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.errors import GlasslabError
 

@@ -1,181 +1,29 @@
-"""Rollouts: an environment's prompts, G sampled completions each from ONE batched KV-cache generation, scored
-by the environment's reward functions; then packed into training tensors.
-
-Also what every RL objective shares (`RolloutObjective`: prompts, rollouts, reference log-probs, evaluation,
-samples, resumable state) and the hooks of the RL stage (reference reset, rollout tables, training time).
-"""
+"""What every RL objective shares, whatever the algorithm (`RolloutObjective`): the problems of each rollout
+batch, sampling them (in one batched KV-cache generation, or ahead in a second process: rl/ahead.py), scoring
+them with the environment's rewards, the reference policy's log-probs, evaluation, samples, the probe rows and
+the resumable state. GRPO and DPO (objectives/grpo.py, objectives/dpo.py) add next_batch and loss."""
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from glasslab.chat import render
+from glasslab.chat.format import render
+from glasslab.chat.tools import ToolInterceptor
 from glasslab.config import EvalConfig, RLConfig
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.envs import ENVIRONMENTS
 from glasslab.envs.base import Environment, Problem
 from glasslab.errors import GlasslabError
-from glasslab.evaluate import completion_text, evaluate_env, prompt_tokens
-from glasslab.model.generate import PromptBatch, generate
-from glasslab.model.gpt import GPT, PrefixCache
+from glasslab.model.generate import generate
+from glasslab.model.gpt import GPT
 from glasslab.rl.ahead import Ahead
-from glasslab.rl.hacking import repeat_rate
-from glasslab.rl.losses import token_logprobs, zero_std_groups
-from glasslab.tools import ToolInterceptor
-from glasslab.track.atomic import append_jsonl, write_bytes_atomic
-from glasslab.train.distributed import is_main
-from glasslab.train.loop import Hook, StepContext
-
-
-@dataclass
-class Rollout:
-    """One batch of sampled completions. Rows are grouped: rows g*G .. g*G+G-1 answer problems[g*G]."""
-
-    problems: list[Problem]  # one per row
-    prompts: list[list[int]]
-    completions: list[list[int]]  # generated tokens, stop token included, forced tool results included
-    sampled: list[list[bool]]  # False for forced tokens: they are not the policy's and are never trained on
-    logprobs: list[list[float]]  # log p(token) at temperature 1, recorded while sampling
-    truncated: list[bool]  # hit max_new_tokens before <|end|>
-    texts: list[str]
-    scores: dict[str, list[float]]  # reward function -> value per row
-    rewards: Tensor  # (B,) the weighted sum of the scores
-    group_size: int
-    generation_s: float
-    index: int  # which rollout batch of the run (its seed: RolloutObjective.batch_seed)
-    # log π_old of the sampled tokens per row, from the policy that sampled them, when the loss needs π_old
-    # (GRPO with num_iterations > 1 or rl.generate_ahead); None otherwise
-    old: list[list[float]] | None = None
-    # with rl.generate_ahead: log π_ref of the sampled tokens of the rows the loss trains on (trained_rows), the
-    # time it took, and whether the sampling process scored them (else the trainer did); None until scored
-    ref: list[list[float]] | None = None
-    reference_s: float = 0.0
-    ref_ahead: bool = False
-    wait_s: float | None = None  # with rl.generate_ahead: how long the trainer waited for this batch
-
-    def __len__(self) -> int:
-        return len(self.completions)
-
-    def metrics(self) -> dict[str, float]:
-        """Statistics of what was sampled: rewards, lengths, truncation, generation time."""
-        lengths = [len(c) for c in self.completions]
-        out = {
-            "rl/reward_mean": self.rewards.mean().item(),
-            "rl/reward_std": self.rewards.std().item() if len(self) > 1 else 0.0,
-            "rl/frac_reward_zero_std": zero_std_groups(self.rewards, self.group_size).float().mean().item(),
-            "rl/completion_len_mean": sum(lengths) / len(lengths),
-            "rl/completion_len_min": float(min(lengths)),
-            "rl/completion_len_max": float(max(lengths)),
-            "rl/truncated_ratio": sum(self.truncated) / len(self),
-            "rl/repeat_rate": sum(map(repeat_rate, self.completions)) / len(self),
-            "time/generation_s": self.generation_s,
-        }
-        if self.wait_s is not None:  # sampled ahead: how long the trainer waited, and who scored the reference
-            out["time/rollout_wait_s"] = self.wait_s
-            out["rl/reference_scored_ahead"] = float(self.ref_ahead)
-        out |= {f"rl/reward/{name}": sum(v) / len(v) for name, v in self.scores.items()}
-        return out
-
-    def records(self, **columns: list) -> list[dict]:
-        """One JSON-able row per completion (for the rollout tables), with extra per-row columns."""
-        return [
-            {
-                "group": r // self.group_size,
-                "prompt": self.problems[r].prompt,
-                "answer": self.problems[r].answer,
-                "completion": self.texts[r],
-                "reward": self.rewards[r].item(),
-                "scores": {name: v[r] for name, v in self.scores.items()},
-                "length": len(self.completions[r]),
-                "truncated": self.truncated[r],
-                **{k: v[r] for k, v in columns.items()},
-            }
-            for r in range(len(self))
-        ]
-
-
-@dataclass
-class Packed:
-    """Prompt + completion per row, right-padded, as next-token inputs/targets. Padding only ever follows a
-    row's real tokens, so plain causal attention computes each row exactly as it would alone.
-    `mask` marks targets that are sampled completion tokens: the only ones a policy loss sees."""
-
-    inputs: Tensor  # (B, L)
-    targets: Tensor  # (B, L)
-    mask: Tensor  # (B, L) bool
-    prompts: list[list[int]]  # per row: inputs[r, :len(prompts[r])]
-
-    def select(self, keep: Tensor) -> Packed:
-        """The rows where `keep` (B,) is True."""
-        rows = keep.nonzero().squeeze(1)
-        return Packed(self.inputs[rows], self.targets[rows], self.mask[rows], [self.prompts[r] for r in rows.tolist()])
-
-    def spread(self, per_row: list[list[float]]) -> Tensor:
-        """Per-row values of the masked tokens (in order) laid out at their positions, 0 elsewhere."""
-        return self.scatter(torch.tensor([v for row in per_row for v in row], device=self.mask.device))
-
-    def scatter(self, values: Tensor) -> Tensor:
-        """(N,) values of the N masked positions in row-major order, laid out (B, L) with 0 elsewhere; gradients
-        flow back to `values`."""
-        return values.new_zeros(self.mask.shape).masked_scatter(self.mask, values)
-
-
-def pack(
-    prompts: list[list[int]], completions: list[list[int]], sampled: list[list[bool]], pad_id: int, device: torch.device
-) -> Packed:
-    width = max(len(p) + len(c) for p, c in zip(prompts, completions)) - 1
-    inputs = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    targets = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
-    for r, (p, c, s) in enumerate(zip(prompts, completions, sampled)):
-        seq = torch.tensor(p + c, dtype=torch.long)
-        inputs[r, : len(seq) - 1], targets[r, : len(seq) - 1] = seq[:-1], seq[1:]
-        mask[r, len(p) - 1 : len(p) - 1 + len(c)] = torch.tensor(s, dtype=torch.bool)
-    return Packed(inputs.to(device), targets.to(device), mask.to(device), prompts)
-
-
-def sampled_logprobs(rollout: Rollout) -> list[list[float]]:
-    """The recorded log-probs of the sampled tokens only, per row, in the order `Packed.spread` expects."""
-    return [[lp for lp, s in zip(lps, ss) if s] for lps, ss in zip(rollout.logprobs, rollout.sampled)]
-
-
-def completion_logits(model: nn.Module, packed: Packed, temperature: float) -> Tensor:
-    """Logits (N, V) of the N trained positions (`packed.mask`, row-major) at the sampling temperature (the policy
-    that RL optimises is π(·/T)). The policy's loss and the reference and old log-probs all start here, so at
-    step 0 the policy and its reference agree to the bit.
-
-    Two forwards, both through `model(...)` (so a DDP wrapper sees them): the distinct prompts but their last
-    token, once, then every row's last prompt token and completion, attending to its prompt's keys and values
-    (`PrefixCache`, gradients included). A group's G rows share one prompt, so its tokens are computed once
-    instead of G times. The head, log-softmax and entropy run on the trained positions alone."""
-    device = packed.mask.device
-    pb = PromptBatch.of([p[:-1] for p in packed.prompts], 0, device)
-    cache = PrefixCache(pb.rows)
-    if pb.idx.size(1):  # (with one-token prompts there is nothing to share: the cache stays empty)
-        model(pb.idx, positions=pb.positions, mask=pb.mask, cache=cache, select=pb.rows[:0])
-    start = torch.tensor([len(p) - 1 for p in packed.prompts], device=device)  # each row's last prompt token
-    r, t = packed.mask.nonzero().unbind(1)
-    W = int((t - start[r]).max()) + 1 if len(t) else 1
-    positions = start[:, None] + torch.arange(W, device=device)
-    inputs = packed.inputs.gather(1, positions.clamp(max=packed.inputs.size(1) - 1))  # clamped: padding anyway
-    causal = torch.ones(W, W, dtype=torch.bool, device=device).tril().expand(len(start), -1, -1)
-    mask = torch.cat([pb.valid[pb.rows][:, None, :].expand(-1, W, -1), causal], dim=2)[:, None]
-    logits = model(inputs, positions=positions, mask=mask, cache=cache, select=r * W + t - start[r])
-    return logits if temperature == 1.0 else logits / temperature
-
-
-def sequence_logprobs(model: nn.Module, packed: Packed, temperature: float) -> Tensor:
-    """log π(token) at the sampling temperature of every trained target (`packed.mask`), 0 elsewhere: (B, L)."""
-    return packed.scatter(token_logprobs(completion_logits(model, packed, temperature), packed.targets[packed.mask]))
+from glasslab.rl.batch import Packed, Rollout, pack
+from glasslab.rl.logprobs import sequence_logprobs
+from glasslab.train.evaluate import completion_text, evaluate_env, prompt_tokens
 
 
 def check_reward_weights(env: Environment, weights: dict[str, float]) -> None:
@@ -464,78 +312,3 @@ class RolloutObjective:
         )
         rollout.old, rollout.ref, rollout.ref_ahead = s["old"], s.get("ref"), s.get("ref_ahead", False)
         return rollout
-
-
-# ---- hooks of the RL stage -------------------------------------------------------------------------
-
-_REFERENCE = re.compile(r"reference-step-(\d+)\.safetensors")
-_STEP_DIR = re.compile(r"step-(\d+)")
-
-
-class ReferenceReset(Hook):
-    """Every `every` steps the reference policy becomes a copy of the current policy, so the KL penalty anchors
-    to a recent policy instead of the SFT model (as in TRL's sync_ref_model). Each new reference is saved
-    beside the checkpoints (checkpoints/rl/reference-step-N.safetensors); a resumed run loads the newest one
-    not after its checkpoint, and before the first reset the reference is the SFT model it started from."""
-
-    every_rank = True  # every rank's reference must change together, or their KL terms differ
-
-    def __init__(self, objective: RolloutObjective, every: int, directory: Path) -> None:
-        self.objective, self.every, self.directory = objective, every, Path(directory)
-
-    def _saved(self) -> dict[int, Path]:
-        files = self.directory.glob("reference-step-*.safetensors") if self.directory.is_dir() else ()
-        return {int(m[1]): f for f in files if (m := _REFERENCE.fullmatch(f.name))}
-
-    def on_train_start(self, ctx: StepContext) -> None:
-        saved = {s: f for s, f in self._saved().items() if s <= ctx.step}
-        if saved:  # before any batch is drawn: the restored batch in flight was scored under this one
-            self.objective.ref.load_state_dict(load_file(saved[max(saved)]))
-
-    def on_optimizer_step(self, ctx: StepContext) -> None:
-        if ctx.step % self.every:
-            return
-        weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in ctx.model.state_dict().items()}
-        self.objective.reset_reference(weights)
-        if not is_main():
-            return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(self.directory / f"reference-step-{ctx.step:07d}.safetensors", safetensors_bytes(weights))
-        ctx.run.log_event(
-            "notice", f"reference policy reset to the policy at step {ctx.step}", step=ctx.step, stage=ctx.stage
-        )
-        self._prune()
-
-    def _prune(self) -> None:
-        """Keep the references any remaining checkpoint can resume with: from the one in force at the oldest."""
-        ckpts = [int(m[1]) for d in self.directory.iterdir() if (m := _STEP_DIR.fullmatch(d.name))]
-        saved = self._saved()
-        floor = max((s for s in saved if s <= min(ckpts, default=0)), default=None)
-        for s, f in saved.items():
-            if floor is not None and s < floor:
-                f.unlink()
-
-
-class RolloutTable(Hook):
-    """Every `every` steps, the step's completions with their scores (and advantages, for GRPO) go to
-    rollouts/step-N.jsonl: the raw material behind every reward curve."""
-
-    def __init__(self, directory: Path, every: int) -> None:
-        self.directory, self.every = Path(directory), every
-
-    def on_optimizer_step(self, ctx: StepContext) -> None:
-        if not self.every or ctx.step % self.every:
-            return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"step-{ctx.step}.jsonl"
-        path.unlink(missing_ok=True)  # a resumed run writes the step again
-        for record in ctx.batch.records():
-            append_jsonl(path, {"step": ctx.step, **record})
-
-
-class TrainingTime(Hook):
-    """time/training_s: from a ready batch to the optimizer step done (policy forward, loss, backward, gradient
-    probes, clipping, update), the part of an RL step that is not generation or reference scoring."""
-
-    def on_optimizer_step(self, ctx: StepContext) -> None:
-        ctx.metrics["time/training_s"] = time.perf_counter() - ctx.batch.ready_at

@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from glasslab.chat import Message, render, render_prompt
+from glasslab.chat.format import Message, render, render_prompt
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.envs.base import Environment, Split, split_of
 from glasslab.errors import GlasslabError
-from glasslab.evaluate import complete, evaluate_env, prompt_tokens
-from glasslab.train.lm import lm_loss
+from glasslab.objectives.lm import lm_loss
+from glasslab.train.evaluate import complete, evaluate_env, prompt_tokens
 
 BUCKET_BATCHES = 32  # batches per length-bucketing window
 

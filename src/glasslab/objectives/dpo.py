@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from glasslab.objectives.rollouts import RolloutObjective
+from glasslab.rl.batch import Packed, Rollout
+from glasslab.rl.logprobs import completion_logits
 from glasslab.rl.losses import dpo_loss, kl_estimate, masked_mean, token_logprobs_and_entropy
-from glasslab.rl.rollout import Packed, Rollout, RolloutObjective, completion_logits
 
 
 @dataclass

@@ -10,12 +10,12 @@ from __future__ import annotations
 from rich.console import Console
 from torch import nn
 
-from glasslab.chat import Message, parse_completion, render_prompt
+from glasslab.chat.format import Message, parse_completion, render_prompt
+from glasslab.chat.tools import ToolInterceptor
 from glasslab.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 from glasslab.errors import GlasslabError
-from glasslab.evaluate import completion_text
 from glasslab.model.generate import generate
-from glasslab.tools import ToolInterceptor
+from glasslab.train.evaluate import completion_text
 
 TOOL_STYLE = "cyan"
 

@@ -13,12 +13,12 @@ from math import comb
 
 from torch import nn
 
-from glasslab.chat import render_prompt
+from glasslab.chat.format import render_prompt
+from glasslab.chat.tools import ToolInterceptor
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.envs.base import Environment, Problem, Split
 from glasslab.errors import GlasslabError
 from glasslab.model.generate import generate
-from glasslab.tools import ToolInterceptor
 
 
 @dataclass
