@@ -40,7 +40,7 @@ def tok() -> Tokenizer:
 def objective_for(tok: Tokenizer, batch_size: int = 8) -> LanguageModeling:
     ids = np.array(tok.encode(TEXT), dtype=np.uint16)
     cut = int(len(ids) * 0.9)
-    splits = TokenSplits(train=ids[:cut], val=ids[cut:], bytes_per_token=1.0)
+    splits = TokenSplits(train=ids[:cut], val=ids[cut:])
     return LanguageModeling(
         splits,
         tok,

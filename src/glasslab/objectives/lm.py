@@ -49,6 +49,7 @@ class LanguageModeling:
         self.sampler = BatchSampler(splits.train, batch_size, block_size, seed)
         self.val = eval_batches(splits.val, batch_size, block_size, eval_batches_n)
         self.sample_prompt, self.sample_tokens, self.seed = sample_prompt, sample_tokens, seed
+        self.token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64)  # for val/bpb
 
     def next_batch(self, model: nn.Module) -> tuple[Tensor, Tensor]:
         x, y = self.sampler.next_batch()
@@ -81,15 +82,25 @@ class LanguageModeling:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """val/loss: mean nats over every target of the fixed windows. val/bpb: the nats of the targets that are
+        text, / ln 2, / the UTF-8 bytes of exactly those targets (Tokenizer.token_bytes). Targets that are
+        special tokens (a window's <|bos|> where a document starts) count 0 bytes and are left out of both sums:
+        bpb is the cost of the text alone, comparable across tokenizers and with byte- or char-level models."""
         model.eval()
-        total = sum(
-            F.cross_entropy(model(x.to(self.device)).flatten(0, 1), y.to(self.device).flatten()).item()
-            for x, y in self.val
-        )
-        loss = total / len(self.val)
+        nats = text_nats = n_bytes = 0.0
+        for x, y in self.val:
+            losses = F.cross_entropy(
+                model(x.to(self.device)).flatten(0, 1), y.to(self.device).flatten(), reduction="none"
+            )
+            losses = losses.double().cpu()
+            counts = self.token_bytes[y.flatten()]
+            nats += losses.sum().item()
+            text_nats += losses[counts > 0].sum().item()
+            n_bytes += counts.sum().item()
+        loss = nats / sum(y.numel() for _, y in self.val)
         return {
             "val/loss": loss,
-            "val/bpb": loss / math.log(2) / self.splits.bytes_per_token,
+            "val/bpb": text_nats / math.log(2) / n_bytes,
             "val/ppl": math.exp(min(loss, 50.0)),
         }
 
