@@ -25,6 +25,7 @@ from glasslab.track.metrics import MetricStore, last_values
 from glasslab.track.rundir import RunDir
 from glasslab.train.loop import Diverged, Hook, StepContext, train
 
+PAD, BOS = 0, 1  # glasslab's fixed special-token ids
 TEXT = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 60
 BLOCK = 32
 
@@ -125,11 +126,17 @@ def test_grad_norms_combine_and_update_ratio_is_the_measured_change(tmp_path, to
 # ---- attention and activations -----------------------------------------------------------------
 
 
-def direct_attention(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, b: int, h: int, group: int) -> dict:
-    """Entropy, max logit and sink share of one (row, head), one query at a time, with no shared code."""
-    ents, norms, sinks, best = [], [], [], -math.inf
+def direct_attention(
+    q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, tokens: torch.Tensor, b: int, h: int
+) -> dict:
+    """Entropy, max logit and <|bos|> mass of one (row, head), one query at a time, with no shared code:
+    padding queries and keys left out, queries with fewer than 2 keys only in the max logit."""
+    ents, norms, bos, best = [], [], [], -math.inf
+    group = q.size(1) // k.size(1)
     for t in range(q.size(2)):
-        keys = allowed[b, 0, t].nonzero().flatten() if allowed.dim() == 4 else torch.arange(t + 1)
+        if tokens[b, t] == PAD:
+            continue
+        keys = [s for s in range(k.size(2)) if allowed[b, 0, t, s] and tokens[b, s] != PAD]
         logits = torch.stack([q[b, h, t] @ k[b, h // group, s] / math.sqrt(q.size(-1)) for s in keys])
         best = max(best, logits.max().item())
         if len(keys) < 2:
@@ -138,13 +145,20 @@ def direct_attention(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, b:
         ent = -(p * p.log()).sum().item()
         ents.append(ent)
         norms.append(ent / math.log(len(keys)))
-        sinks.append(p[0].item() if keys[0] == 0 else 0.0)
-    return {"entropy": np.mean(ents), "entropy_norm": np.mean(norms), "sink": np.mean(sinks), "max_logit": best}
+        if any(tokens[b, s] == BOS for s in keys):
+            bos.append(sum(p[i].item() for i, s in enumerate(keys) if tokens[b, s] == BOS))
+    return {"entropy": ents, "entropy_norm": norms, "bos": bos, "max_logit": best}
+
+
+def pooled(rows: list[dict], kind: str) -> float:
+    """The mean over every pooled (row, query) pair, as the probe defines it."""
+    return float(np.mean([v for r in rows for v in r[kind]]))
 
 
 def test_attention_probe_equals_sdpa_and_a_direct_softmax(tok):
     model = model_for(tok, n_kv_head=1)  # grouped-query attention: 2 query heads share 1 key head
-    x = objective_for(tok).probe_inputs()
+    x = objective_for(tok).probe_inputs().clone()
+    x[0, 0] = x[1, 5] = x[1, 20] = BOS  # a row that starts a document, one with two in view from query 5 on
     captured = {}
     handle = model.blocks[1].attn.core.register_forward_hook(lambda mod, args, out: captured.update(args=args, out=out))
     metrics = probe_forward(model, x, attention=True, activations=False)
@@ -153,31 +167,60 @@ def test_attention_probe_equals_sdpa_and_a_direct_softmax(tok):
     logits, probs, allowed = attention_probs(q, k, mask)
     assert torch.allclose(probs @ v.repeat_interleave(2, dim=1), captured["out"], atol=1e-5)  # what SDPA computed
     for h in range(2):
-        rows = [direct_attention(q, k, allowed, b, h, group=2) for b in range(x.size(0))]
-        for kind in ("entropy", "entropy_norm", "sink"):
-            assert metrics[f"attn_{kind}/blocks.1.h{h}"] == pytest.approx(np.mean([r[kind] for r in rows]), rel=1e-4)
+        rows = [direct_attention(q, k, allowed, x, b, h) for b in range(x.size(0))]
+        assert sum(len(r["bos"]) for r in rows) == BLOCK - 1 + BLOCK - 5  # only the queries with a <|bos|> in view
+        for kind in ("entropy", "entropy_norm", "bos"):
+            assert metrics[f"attn_{kind}/blocks.1.h{h}"] == pytest.approx(pooled(rows, kind), rel=1e-4)
         assert metrics[f"attn_max_logit/blocks.1.h{h}"] == pytest.approx(max(r["max_logit"] for r in rows), rel=1e-5)
     assert metrics["attn_entropy/blocks.1"] == pytest.approx(
         (metrics["attn_entropy/blocks.1.h0"] + metrics["attn_entropy/blocks.1.h1"]) / 2
     )
     assert not any(m._forward_hooks for m in model.modules())  # hooks live only for the probe forward
+    without = probe_forward(model, objective_for(tok).probe_inputs(), attention=True, activations=False)
+    assert not any(n.startswith("attn_bos/") for n in without)  # no <|bos|> in view: absent, not zero
 
 
-def test_attention_with_a_padding_mask_matches_sdpa():
+def test_attention_on_padded_rows():
+    """Right padding without a mask (the RL probe rows) and left padding with a mask (generation): the padding
+    queries are left out and each query's entropy is normalised by the real keys it can attend."""
     torch.manual_seed(1)
     q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    tokens = torch.tensor([[BOS, 9, 10, 11, PAD, PAD], [PAD, PAD, BOS, 9, 10, 11]])
     mask = torch.ones(6, 6, dtype=torch.bool).tril().repeat(2, 1, 1, 1)
-    mask[1, :, :, :2] = False  # row 1 is left-padded by two tokens
+    mask[1, :, :, :2] = False  # row 1's real queries never see its two padding keys
     mask[1, :, :2, :2] = torch.eye(2, dtype=torch.bool)  # padded queries attend to themselves only
+    mask[0] = torch.ones(6, 6, dtype=torch.bool).tril()  # row 0: plain causal, its padding queries see everything
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     logits, probs, allowed = attention_probs(q, k, mask)
     assert torch.allclose(probs @ v.repeat_interleave(2, dim=1), out, atol=1e-5)
-    stats = attention_stats(logits, probs, allowed)
-    direct = [direct_attention(q, k, mask, b, 0, group=2) for b in range(2)]
-    # per-head means pool every (row, query) with >= 2 keys: row 0 has 5 such queries, row 1 has 3
-    assert stats["entropy"][0].item() == pytest.approx(
-        (5 * direct[0]["entropy"] + 3 * direct[1]["entropy"]) / 8, rel=1e-4
+    stats = attention_stats(logits, probs, allowed, tokens != PAD, tokens == BOS)
+    for h in range(4):
+        rows = [direct_attention(q, k, mask, tokens, b, h) for b in range(2)]
+        assert [len(r["entropy"]) for r in rows] == [3, 3]  # queries 1-3 of row 0, 3-5 of row 1
+        for kind in ("entropy", "entropy_norm", "bos"):
+            assert stats[kind][h].item() == pytest.approx(pooled(rows, kind), rel=1e-5)
+        assert stats["max_logit"][h].item() == pytest.approx(max(r["max_logit"] for r in rows), rel=1e-5)
+
+
+def test_lm_probe_rows_start_at_documents(tok):
+    """As many rows as the validation split has documents start at their <|bos|>; the first validation
+    windows fill the rest."""
+    doc = tok.encode(TEXT[:200])
+    ids = np.array(([BOS, *doc]) * 3 + doc * 3, dtype=np.uint16)
+    lm = LanguageModeling(
+        TokenSplits(train=ids, val=ids),
+        tok,
+        batch_size=8,
+        block_size=BLOCK,
+        eval_batches_n=1,
+        z_loss=0.0,
+        seed=0,
+        device=torch.device("cpu"),
     )
+    rows = lm.probe_inputs()
+    assert rows.shape == (8, BLOCK) and rows[:3, 0].tolist() == [BOS] * 3
+    assert torch.equal(rows[0], torch.tensor(ids[:BLOCK], dtype=torch.int64))
+    assert torch.equal(rows[3:], lm.val[0][0][:5])
 
 
 def test_activation_and_logit_stats(tok):

@@ -96,7 +96,7 @@ def make_run(path: Path, *, seed: int = 0, lr: float = 3e-3, qk_norm: bool = Tru
                     probe[f"attn_entropy_norm/blocks.{b}.h{h}"] = 0.05 if collapsed else 0.7
                     probe[f"attn_entropy/blocks.{b}.h{h}"] = 0.2 if collapsed else 2.5
                     probe[f"attn_max_logit/blocks.{b}.h{h}"] = 4 + step / (20 if not qk_norm else 100)
-                    probe[f"attn_sink/blocks.{b}.h{h}"] = 0.3
+                    probe[f"attn_bos/blocks.{b}.h{h}"] = 0.3
                 probe[f"attn_entropy/blocks.{b}"] = 2.0
                 probe[f"act_rms/blocks.{b}"] = 1 + b
                 probe[f"act_max/blocks.{b}"] = 10 + b

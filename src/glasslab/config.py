@@ -104,7 +104,7 @@ class ProbesConfig(Section):
 
     mode: Literal["off", "default", "full"] = "default"
     grads_every: int = Field(10, ge=0)  # per-tensor/per-block grad, weight and update norms, update ratio, Adam moments
-    attention_every: int = Field(50, ge=0)  # entropy, max logit and sink share per head, on the fixed probe rows
+    attention_every: int = Field(50, ge=0)  # entropy, max logit and <|bos|> mass per head, on the fixed probe rows
     activations_every: int = Field(50, ge=0)  # per-block output RMS / max / kurtosis and output-logit stats, same rows
     loss_by_position: bool = True  # at every evaluation
     position_buckets: int = Field(8, ge=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -11,6 +12,8 @@ from torch import Tensor, nn
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.data.tokens import BatchSampler, TokenSplits, eval_batches
 from glasslab.model.generate import generate
+
+PROBE_ROWS = 8  # fixed rows the attention and activation probes read
 
 
 def lm_loss(
@@ -49,6 +52,7 @@ class LanguageModeling:
         self.sampler = BatchSampler(splits.train, batch_size, block_size, seed)
         self.val = eval_batches(splits.val, batch_size, block_size, eval_batches_n)
         self.sample_prompt, self.sample_tokens, self.seed = sample_prompt, sample_tokens, seed
+        self._probe_rows: Tensor | None = None
         self.token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64)  # for val/bpb
 
     def next_batch(self, model: nn.Module) -> tuple[Tensor, Tensor]:
@@ -65,8 +69,20 @@ class LanguageModeling:
     # Optional methods for the probes (see the Objective protocol).
 
     def probe_inputs(self) -> Tensor:
-        """The first rows of the first validation batch: fixed, so probe values compare across steps and runs."""
-        return self.val[0][0][:8].to(self.device)
+        """8 fixed validation windows, so probe values compare across steps and runs. As many as the split allows
+        start at a document's <|bos|> (spread evenly over the documents), so the attention mass on <|bos|> is
+        measured where a model sees one in training; the first rows of the first validation batch fill the rest."""
+        if self._probe_rows is None:
+            block = self.val[0][0].size(1)
+            starts = np.flatnonzero(np.asarray(self.splits.val) == self.tokenizer.bos_id)
+            starts = starts[starts + block <= len(self.splits.val)]
+            picked = np.unique(
+                starts[np.linspace(0, len(starts) - 1, min(PROBE_ROWS, len(starts))).round().astype(int)]
+            )
+            rows = [torch.from_numpy(self.splits.val[s : s + block].astype(np.int64)) for s in picked]
+            rows += list(self.val[0][0][: PROBE_ROWS - len(rows)])
+            self._probe_rows = torch.stack(rows).to(self.device)
+        return self._probe_rows
 
     def token_losses(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
         """Per-token cross-entropy (B, T) in nats; NaN where the target is ignore_index (-100)."""

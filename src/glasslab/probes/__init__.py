@@ -2,7 +2,7 @@
 
     grads.py        grad / weight / update norms, update ratio, Adam moments, per tensor and per block
     forward.py      one no-grad forward of the objective's fixed probe rows, with temporary hooks for:
-    attention.py      entropy, max logit and sink share per layer and head
+    attention.py      entropy, max logit and mass on <|bos|> per layer and head
     activations.py    per-block output RMS / max / kurtosis, output-logit max and log Z
     positions.py    validation loss by token position, at every evaluation
     spikes.py       loss / grad-norm spike detector, spike dossiers, first non-finite module

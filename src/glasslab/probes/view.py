@@ -24,7 +24,7 @@ BLOCK_COLUMNS = [
     "attn_entropy",
     "attn_entropy_norm",
     "attn_max_logit",
-    "attn_sink",
+    "attn_bos",
     "act_rms",
     "act_max",
     "act_kurtosis",

@@ -34,11 +34,18 @@ GRADIENT_FAMILIES = {
 ATTENTION_FAMILIES = {
     "attn_entropy_norm": (
         "Normalised attention entropy",
-        "entropy / log(number of attended keys): 1 = uniform, 0 = one key",
+        "entropy / ln(number of keys the query can attend): 1 = uniform, 0 = one key; mean over the real queries "
+        "that can attend 2 or more keys (query 0 and padding left out)",
     ),
-    "attn_entropy": ("Attention entropy (nats)", "mean over queries of the entropy of each attention row"),
+    "attn_entropy": (
+        "Attention entropy (nats)",
+        "entropy of each query's attention row, mean over the real queries that can attend 2 or more keys",
+    ),
     "attn_max_logit": ("Maximum attention logit", "largest pre-softmax q·k/√d: its growth precedes instability"),
-    "attn_sink": ("Attention on the first token", "share of attention mass on position 0 (attention sink)"),
+    "attn_bos": (
+        "Attention on <|bos|> (sink)",
+        "attention mass on the <|bos|> keys in view, mean over the queries that have one in view",
+    ),
 }
 ACTIVATION_FAMILIES = {
     "act_rms": ("Residual stream RMS", False),
@@ -358,8 +365,8 @@ def attention_section(run: RunData, claims: Claims) -> Section | None:
                         _rows(m, heads, prefix),
                         log=False,
                         threshold=COLLAPSE_THRESHOLD if normalised else None,
-                        vmin=0.0 if normalised or fam == "attn_sink" else None,
-                        vmax=1.0 if normalised or fam == "attn_sink" else None,
+                        vmin=0.0 if normalised or fam == "attn_bos" else None,
+                        vmax=1.0 if normalised or fam == "attn_bos" else None,
                         note=meaning,
                     )
                 )
