@@ -19,7 +19,7 @@ from glasslab.probes.activations import activation_stats
 from glasslab.probes.attention import attention_probs, attention_stats
 from glasslab.probes.forward import ForwardProbe, probe_forward
 from glasslab.probes.grads import GradProbe
-from glasslab.probes.positions import LossByPosition
+from glasslab.probes.positions import LossByPosition, bucket_stats, position_buckets
 from glasslab.probes.spikes import SpikeProbe, departures, robust_band
 from glasslab.track.metrics import MetricStore, last_values
 from glasslab.track.rundir import RunDir
@@ -246,23 +246,52 @@ def test_activation_and_logit_stats(tok):
 # ---- loss by position --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("buckets", [8, 5])
-def test_loss_by_position_averages_back_to_the_val_loss(tok, buckets):
-    model, objective = model_for(tok), objective_for(tok)
-    ctx = StepContext("pretrain", model, None, objective, None, TrainConfig())
-    ctx.metrics = objective.evaluate(model)
-    LossByPosition(buckets).on_eval(ctx)
-    spans = {
-        n: [int(p) for p in n.removeprefix("loss_by_pos/").split("-")]
-        for n in ctx.metrics
-        if n.startswith("loss_by_pos/")
-    }
-    assert len(spans) == buckets
-    assert sorted(a for a, _ in spans.values())[0] == 0 and max(b for _, b in spans.values()) == BLOCK - 1
-    sizes = {n: b - a + 1 for n, (a, b) in spans.items()}
-    assert sum(sizes.values()) == BLOCK
-    weighted = sum(ctx.metrics[n] * sizes[n] for n in spans) / BLOCK
-    assert weighted == pytest.approx(ctx.metrics["val/loss"], rel=1e-5)
+def test_log_spaced_buckets():
+    assert position_buckets(128) == [(0, 0), (1, 1), (2, 3), (4, 7), (8, 15), (16, 31), (32, 63), (64, 127)]
+    assert position_buckets(100)[-1] == (64, 99) and position_buckets(1) == [(0, 0)]
+
+
+def test_loss_by_position_against_a_direct_computation(tok):
+    """Bucket means average back to the loss over the same windows; each interval is the t-interval over windows
+    of the per-window means, computed here with plain numpy."""
+    model, objective = model_for(tok), objective_for(tok, batch_size=4)
+    ctx = StepContext("pretrain", model, None, objective, None, TrainConfig(steps=3))
+    ctx.step = 2
+    LossByPosition(every=0, windows=24).on_optimizer_step(ctx)
+    assert ctx.metrics == {}  # neither a multiple of `every` nor the last step
+    ctx.step = 3
+    LossByPosition(every=0, windows=24).on_optimizer_step(ctx)
+    batches = objective.position_batches(24)
+    assert sum(len(x) for x, _ in batches) == 24
+    with torch.no_grad():
+        direct = torch.cat([F.cross_entropy(model(x).transpose(1, 2), y, reduction="none") for x, y in batches])
+    direct = direct.double().numpy()
+    assert sorted(n for n in ctx.metrics if n.startswith("loss_by_pos/")) == [
+        "loss_by_pos/000-000",
+        "loss_by_pos/001-001",
+        "loss_by_pos/002-003",
+        "loss_by_pos/004-007",
+        "loss_by_pos/008-015",
+        "loss_by_pos/016-031",
+    ]
+    sizes = {"000-000": 1, "001-001": 1, "002-003": 2, "004-007": 4, "008-015": 8, "016-031": 16}
+    weighted = sum(ctx.metrics[f"loss_by_pos/{b}"] * n for b, n in sizes.items()) / BLOCK
+    assert weighted == pytest.approx(direct.mean(), rel=1e-5)
+    per_window = direct[:, 4:8].mean(axis=1)
+    assert ctx.metrics["loss_by_pos/004-007"] == pytest.approx(per_window.mean(), rel=1e-6)
+    half = 2.0687 * per_window.std(ddof=1) / math.sqrt(24)  # t(0.975, 23 degrees of freedom) = 2.0687
+    assert ctx.metrics["loss_by_pos_ci95/004-007"] == pytest.approx(half, rel=1e-4)
+
+
+def test_bucket_stats_leave_out_untrained_positions():
+    """Padded chat rows: NaN positions are not trained; a window with none trained in a bucket is not in it."""
+    nan = math.nan
+    losses = np.array([[1.0, 2.0, 4.0, nan], [3.0, nan, nan, nan], [5.0, 6.0, 8.0, 10.0]])
+    got = bucket_stats(losses)
+    assert got[(0, 0)][0] == pytest.approx(3.0) and got[(0, 0)][2] == 3
+    assert got[(1, 1)][0] == pytest.approx(4.0) and got[(1, 1)][2] == 2
+    assert got[(2, 3)][0] == pytest.approx((4.0 + 9.0) / 2)  # window means 4 and (8 + 10) / 2
+    assert got[(2, 3)][1] == pytest.approx(12.7062 * np.std([4.0, 9.0], ddof=1) / math.sqrt(2), rel=1e-4)
 
 
 # ---- spikes and divergence ---------------------------------------------------------------------

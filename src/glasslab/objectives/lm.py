@@ -53,6 +53,7 @@ class LanguageModeling:
         self.val = eval_batches(splits.val, batch_size, block_size, eval_batches_n)
         self.sample_prompt, self.sample_tokens, self.seed = sample_prompt, sample_tokens, seed
         self._probe_rows: Tensor | None = None
+        self._position: list[tuple[Tensor, Tensor]] | None = None
         self.token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64)  # for val/bpb
 
     def next_batch(self, model: nn.Module) -> tuple[Tensor, Tensor]:
@@ -92,6 +93,14 @@ class LanguageModeling:
 
     def val_batches(self) -> list[tuple[Tensor, Tensor]]:
         return self.val
+
+    def position_batches(self, windows: int) -> list[tuple[Tensor, Tensor]]:
+        """At least `windows` fixed validation windows, evenly spaced (whole batches): loss by position reads more
+        windows than val/loss, so its per-bucket intervals are narrow."""
+        if self._position is None or len(self._position) * self.sampler.batch_size < windows:
+            n_batches = math.ceil(windows / self.sampler.batch_size)
+            self._position = eval_batches(self.splits.val, self.sampler.batch_size, self.sampler.block_size, n_batches)
+        return self._position
 
     def batch_ids(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         return batch

@@ -425,12 +425,14 @@ def positions_section(run: RunData, claims: Claims) -> Section | None:
     sec = Section(
         "positions",
         "Loss by token position",
-        intro="Validation loss per position bucket at several evaluations: later positions see more context, "
-        "so their loss should fall lower; a flat curve means the model does not use its context.",
+        intro="Validation loss per log-spaced position bucket (0, 1, 2-3, 4-7, ...), with its 95% interval over "
+        "validation windows as a band: later positions see more context, so their loss should fall lower; "
+        "a flat curve means the model does not use its context.",
     )
     for stage in run.stages:
         m = run.metrics[stage]
         names = claims.take(stage, _with_prefix(m, "loss_by_pos/"))
+        halves = set(claims.take(stage, _with_prefix(m, "loss_by_pos_ci95/")))
         if not names:
             continue
         buckets = [(F.position_bucket(n[len("loss_by_pos/") :]), n) for n in names]
@@ -445,14 +447,24 @@ def positions_section(run: RunData, claims: Claims) -> Section | None:
         series = []
         for step in chosen:
             ys = np.array([_value_at(m[n], step) for _, n in buckets])
-            series.append((f"step {step}", xs[order], ys[order]))
+            half = np.array([_value_at(m[_ci_name(n)], step) if _ci_name(n) in halves else np.nan for _, n in buckets])
+            series.append((f"step {step}", xs[order], ys[order], half[order]))
         labels = ", ".join(n[len("loss_by_pos/") :] for _, n in buckets)
         sec.figure(
-            F.lines(
-                f"Loss by position ({stage})", series, xlabel=xlabel, ylabel="nats / token", note=f"buckets: {labels}"
+            F.interval_lines(
+                f"Loss by position ({stage})",
+                series,
+                xlabel=xlabel,
+                ylabel="nats / token",
+                note=f"buckets: {labels}; bands: 95% interval",
             )
         )
     return sec if sec.items else None
+
+
+def _ci_name(name: str) -> str:
+    """`loss_by_pos/004-007` -> `loss_by_pos_ci95/004-007`, the half-width of its 95% interval."""
+    return "loss_by_pos_ci95/" + name.removeprefix("loss_by_pos/")
 
 
 def _value_at(s: Series, step: int) -> float:
