@@ -220,7 +220,8 @@ def test_lm_probe_rows_start_at_documents(tok):
     rows = lm.probe_inputs()
     assert rows.shape == (8, BLOCK) and rows[:3, 0].tolist() == [BOS] * 3
     assert torch.equal(rows[0], torch.tensor(ids[:BLOCK], dtype=torch.int64))
-    assert torch.equal(rows[3:], lm.val[0][0][:5])
+    assert torch.equal(lm.val[0][0][0], rows[0])  # the first validation window starts at offset 0: not twice
+    assert torch.equal(rows[3:], lm.val[0][0][1:6])
 
 
 def test_activation_and_logit_stats(tok):

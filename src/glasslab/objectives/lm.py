@@ -72,7 +72,7 @@ class LanguageModeling:
     def probe_inputs(self) -> Tensor:
         """8 fixed validation windows, so probe values compare across steps and runs. As many as the split allows
         start at a document's <|bos|> (spread evenly over the documents), so the attention mass on <|bos|> is
-        measured where a model sees one in training; the first rows of the first validation batch fill the rest."""
+        measured where a model sees one in training; the other rows of the first validation batch fill the rest."""
         if self._probe_rows is None:
             block = self.val[0][0].size(1)
             starts = np.flatnonzero(np.asarray(self.splits.val) == self.tokenizer.bos_id)
@@ -81,7 +81,7 @@ class LanguageModeling:
                 starts[np.linspace(0, len(starts) - 1, min(PROBE_ROWS, len(starts))).round().astype(int)]
             )
             rows = [torch.from_numpy(self.splits.val[s : s + block].astype(np.int64)) for s in picked]
-            rows += list(self.val[0][0][: PROBE_ROWS - len(rows)])
+            rows += [r for r in self.val[0][0] if not any(torch.equal(r, p) for p in rows)][: PROBE_ROWS - len(rows)]
             self._probe_rows = torch.stack(rows).to(self.device)
         return self._probe_rows
 
