@@ -20,10 +20,8 @@ from glasslab.probes.activations import activation_stats, logit_stats
 from glasslab.probes.attention import attention_probs, attention_stats
 from glasslab.train.loop import Hook, StepContext
 
-PAD_ID, BOS_ID = (
-    SPECIAL_TOKENS.index("<|pad|>"),
-    SPECIAL_TOKENS.index("<|bos|>"),
-)  # the same in every glasslab tokenizer
+PAD_ID = SPECIAL_TOKENS.index("<|pad|>")  # special-token ids are the same in every glasslab tokenizer
+BOS_ID = SPECIAL_TOKENS.index("<|bos|>")
 
 
 @contextlib.contextmanager
@@ -82,7 +80,6 @@ def probe_forward(model: nn.Module, inputs: Tensor, attention: bool, activations
     """Run `inputs` through the model in eval mode and return the requested probe metrics. <|pad|> tokens in
     `inputs` are padding (probe rows are right-padded, so real queries never see them)."""
     stats: dict[str, Tensor] = {}
-
     real, bos = inputs != PAD_ID, inputs == BOS_ID
 
     def on_attention(layer: str, module: nn.Module, args: tuple, output: Any) -> None:
