@@ -1,6 +1,7 @@
 """Tests for glasslab.data: corpus loading, tokenizers, token shards and samplers."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -8,13 +9,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.nn.functional as F
 
+from glasslab.config import ModelConfig
 from glasslab.data import tokenizer as tokenizer_module
 from glasslab.data import tokens as tokens_module
 from glasslab.data.corpus import corpus_fingerprint, load_documents
-from glasslab.data.tokenizer import SPECIAL_TOKENS, Tokenizer
-from glasslab.data.tokens import BatchSampler, build_token_splits, eval_batches, split_documents
+from glasslab.data.tokenizer import MIN_BPE_VOCAB, SPECIAL_TOKENS, Tokenizer
+from glasslab.data.tokens import BatchSampler, TokenSplits, build_token_splits, eval_batches, split_documents
 from glasslab.errors import GlasslabError
+from glasslab.model.gpt import GPT
+from glasslab.objectives.lm import LanguageModeling
 
 UNICODE = "Ünïcödé: 日本語, emoji 🎭🗡️, maths 12+345=357\n\ttabs\r\nand\n\n\nnewlines  "
 
@@ -245,6 +250,24 @@ def test_char_tokenizer(char: Tokenizer, small_docs: list[str]) -> None:
 # ---------------------------------------------------------------- token splits
 
 
+def test_token_bytes_hand_count() -> None:
+    """Counted by hand: 'a' 1 byte, 'é' 2, '€' 3, '🎭' 4; special tokens and <|unk|> 0."""
+    char = Tokenizer.train(["aé€🎭"], "char", 0)
+    counts = char.token_bytes()
+    assert [counts[i] for i in char.encode("aé€🎭")] == [1, 2, 3, 4]
+    assert [counts[char.id_of(t)] for t in [*SPECIAL_TOKENS, "<|unk|>"]] == [0] * 10
+    bpe = Tokenizer.train(["aé€🎭 " * 50], "bpe", MIN_BPE_VOCAB)  # no merges: one id per byte
+    assert [bpe.token_bytes()[i] for i in bpe.encode("é€")] == [1] * 5
+
+
+def test_token_bytes_sum_to_utf8_length(bpe: Tokenizer, char: Tokenizer, small_docs: list[str]) -> None:
+    """Byte-level BPE splits multi-byte characters across ids; their counts still add up to the text's bytes."""
+    for tok, text in ((bpe, UNICODE + small_docs[0][:500]), (char, small_docs[1][:500] + "<|bos|>x")):
+        counts = tok.token_bytes()
+        assert sum(counts[i] for i in tok.encode(text)) == len(text.replace("<|bos|>", "").encode("utf-8"))
+    assert any(len(bpe.decode([i]).encode()) != bpe.token_bytes()[i] for i in bpe.encode(UNICODE))
+
+
 def test_split_documents() -> None:
     docs = [f"document number {i}\n" for i in range(40)]
     train, val = split_documents(docs, 0.25, seed=1)
@@ -266,8 +289,8 @@ def test_build_token_splits(small_docs: list[str], bpe: Tokenizer, tmp_path: Pat
     assert len(splits.val) == sum(len(bpe.encode(d)) + 1 for d in val_docs)
     assert int((np.asarray(splits.train) == bpe.bos_id).sum()) == len(train_docs)
     assert bpe.decode(splits.val, skip_special=True) == "".join(val_docs)
-    val_bytes = sum(len(d.encode()) for d in val_docs)
-    assert splits.bytes_per_token == pytest.approx(val_bytes / len(splits.val))
+    meta = json.loads(next(tmp_path.glob("*/meta.json")).read_text())
+    assert meta["val_bytes"] == sum(len(d.encode()) for d in val_docs)
     (key_dir,) = [p for p in tmp_path.iterdir()]  # no temp dirs left behind
     assert json.loads((key_dir / "meta.json").read_text())["val_tokens"] == len(splits.val)
 
@@ -343,6 +366,31 @@ def test_eval_batches() -> None:
     again = eval_batches(TOKENS, 4, 16, 3)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
     assert int(batches[0][0][0, 0]) == TOKENS[0] and int(batches[-1][1][-1, -1]) == TOKENS[-1]
+
+
+def test_bits_per_byte_hand_count() -> None:
+    """One eval window holding two documents: bpb = nats of the text targets / ln 2 / their bytes counted by
+    hand; the <|bos|> target between the documents is in val/loss but in neither sum of bpb."""
+    docs = [
+        "héllo wörld\n",
+        "€ to pay\n",
+    ]  # 14 and 11 bytes: 12 and 9 characters, of which 'é', 'ö' take 2 bytes and '€' 3
+    tok = Tokenizer.train(docs, "char", 0)
+    ids = [tok.bos_id, *tok.encode(docs[0]), tok.bos_id, *tok.encode(docs[1])]
+    splits = TokenSplits(train=np.array(ids * 4, dtype=np.uint16), val=np.array(ids, dtype=np.uint16))
+    block = len(ids) - 1
+    lm = LanguageModeling(
+        splits, tok, batch_size=1, block_size=block, eval_batches_n=1, z_loss=0.0, seed=0, device=torch.device("cpu")
+    )
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_embd=16, block_size=block))
+    x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+    with torch.no_grad():
+        nats = F.cross_entropy(model(x)[0].double(), y[0], reduction="none")
+    text = y[0] != tok.bos_id
+    metrics = lm.evaluate(model)
+    assert metrics["val/loss"] == pytest.approx(nats.mean().item(), rel=1e-5)
+    assert metrics["val/bpb"] == pytest.approx(nats[text].sum().item() / math.log(2) / (14 + 11), rel=1e-5)
 
 
 def test_sampler_too_little_data() -> None:

@@ -19,12 +19,13 @@ from glasslab.probes.activations import activation_stats
 from glasslab.probes.attention import attention_probs, attention_stats
 from glasslab.probes.forward import ForwardProbe, probe_forward
 from glasslab.probes.grads import GradProbe
-from glasslab.probes.positions import LossByPosition
+from glasslab.probes.positions import LossByPosition, bucket_stats, position_buckets
 from glasslab.probes.spikes import SpikeProbe, departures, robust_band
 from glasslab.track.metrics import MetricStore, last_values
 from glasslab.track.rundir import RunDir
 from glasslab.train.loop import Diverged, Hook, StepContext, train
 
+PAD, BOS = 0, 1  # glasslab's fixed special-token ids
 TEXT = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 60
 BLOCK = 32
 
@@ -40,7 +41,7 @@ def tok() -> Tokenizer:
 def objective_for(tok: Tokenizer, batch_size: int = 8) -> LanguageModeling:
     ids = np.array(tok.encode(TEXT), dtype=np.uint16)
     cut = int(len(ids) * 0.9)
-    splits = TokenSplits(train=ids[:cut], val=ids[cut:], bytes_per_token=1.0)
+    splits = TokenSplits(train=ids[:cut], val=ids[cut:])
     return LanguageModeling(
         splits,
         tok,
@@ -125,11 +126,17 @@ def test_grad_norms_combine_and_update_ratio_is_the_measured_change(tmp_path, to
 # ---- attention and activations -----------------------------------------------------------------
 
 
-def direct_attention(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, b: int, h: int, group: int) -> dict:
-    """Entropy, max logit and sink share of one (row, head), one query at a time, with no shared code."""
-    ents, norms, sinks, best = [], [], [], -math.inf
+def direct_attention(
+    q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, tokens: torch.Tensor, b: int, h: int
+) -> dict:
+    """Entropy, max logit and <|bos|> mass of one (row, head), one query at a time, with no shared code:
+    padding queries and keys left out, queries with fewer than 2 keys only in the max logit."""
+    ents, norms, bos, best = [], [], [], -math.inf
+    group = q.size(1) // k.size(1)
     for t in range(q.size(2)):
-        keys = allowed[b, 0, t].nonzero().flatten() if allowed.dim() == 4 else torch.arange(t + 1)
+        if tokens[b, t] == PAD:
+            continue
+        keys = [s for s in range(k.size(2)) if allowed[b, 0, t, s] and tokens[b, s] != PAD]
         logits = torch.stack([q[b, h, t] @ k[b, h // group, s] / math.sqrt(q.size(-1)) for s in keys])
         best = max(best, logits.max().item())
         if len(keys) < 2:
@@ -138,13 +145,20 @@ def direct_attention(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, b:
         ent = -(p * p.log()).sum().item()
         ents.append(ent)
         norms.append(ent / math.log(len(keys)))
-        sinks.append(p[0].item() if keys[0] == 0 else 0.0)
-    return {"entropy": np.mean(ents), "entropy_norm": np.mean(norms), "sink": np.mean(sinks), "max_logit": best}
+        if any(tokens[b, s] == BOS for s in keys):
+            bos.append(sum(p[i].item() for i, s in enumerate(keys) if tokens[b, s] == BOS))
+    return {"entropy": ents, "entropy_norm": norms, "bos": bos, "max_logit": best}
+
+
+def pooled(rows: list[dict], kind: str) -> float:
+    """The mean over every pooled (row, query) pair, as the probe defines it."""
+    return float(np.mean([v for r in rows for v in r[kind]]))
 
 
 def test_attention_probe_equals_sdpa_and_a_direct_softmax(tok):
     model = model_for(tok, n_kv_head=1)  # grouped-query attention: 2 query heads share 1 key head
-    x = objective_for(tok).probe_inputs()
+    x = objective_for(tok).probe_inputs().clone()
+    x[0, 0] = x[1, 5] = x[1, 20] = BOS  # a row that starts a document, one with two in view from query 5 on
     captured = {}
     handle = model.blocks[1].attn.core.register_forward_hook(lambda mod, args, out: captured.update(args=args, out=out))
     metrics = probe_forward(model, x, attention=True, activations=False)
@@ -153,31 +167,61 @@ def test_attention_probe_equals_sdpa_and_a_direct_softmax(tok):
     logits, probs, allowed = attention_probs(q, k, mask)
     assert torch.allclose(probs @ v.repeat_interleave(2, dim=1), captured["out"], atol=1e-5)  # what SDPA computed
     for h in range(2):
-        rows = [direct_attention(q, k, allowed, b, h, group=2) for b in range(x.size(0))]
-        for kind in ("entropy", "entropy_norm", "sink"):
-            assert metrics[f"attn_{kind}/blocks.1.h{h}"] == pytest.approx(np.mean([r[kind] for r in rows]), rel=1e-4)
+        rows = [direct_attention(q, k, allowed, x, b, h) for b in range(x.size(0))]
+        assert sum(len(r["bos"]) for r in rows) == BLOCK - 1 + BLOCK - 5  # only the queries with a <|bos|> in view
+        for kind in ("entropy", "entropy_norm", "bos"):
+            assert metrics[f"attn_{kind}/blocks.1.h{h}"] == pytest.approx(pooled(rows, kind), rel=1e-4)
         assert metrics[f"attn_max_logit/blocks.1.h{h}"] == pytest.approx(max(r["max_logit"] for r in rows), rel=1e-5)
     assert metrics["attn_entropy/blocks.1"] == pytest.approx(
         (metrics["attn_entropy/blocks.1.h0"] + metrics["attn_entropy/blocks.1.h1"]) / 2
     )
     assert not any(m._forward_hooks for m in model.modules())  # hooks live only for the probe forward
+    without = probe_forward(model, objective_for(tok).probe_inputs(), attention=True, activations=False)
+    assert not any(n.startswith("attn_bos/") for n in without)  # no <|bos|> in view: absent, not zero
 
 
-def test_attention_with_a_padding_mask_matches_sdpa():
+def test_attention_on_padded_rows():
+    """Right padding without a mask (the RL probe rows) and left padding with a mask (generation): the padding
+    queries are left out and each query's entropy is normalised by the real keys it can attend."""
     torch.manual_seed(1)
     q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    tokens = torch.tensor([[BOS, 9, 10, 11, PAD, PAD], [PAD, PAD, BOS, 9, 10, 11]])
     mask = torch.ones(6, 6, dtype=torch.bool).tril().repeat(2, 1, 1, 1)
-    mask[1, :, :, :2] = False  # row 1 is left-padded by two tokens
+    mask[1, :, :, :2] = False  # row 1's real queries never see its two padding keys
     mask[1, :, :2, :2] = torch.eye(2, dtype=torch.bool)  # padded queries attend to themselves only
+    mask[0] = torch.ones(6, 6, dtype=torch.bool).tril()  # row 0: plain causal, its padding queries see everything
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     logits, probs, allowed = attention_probs(q, k, mask)
     assert torch.allclose(probs @ v.repeat_interleave(2, dim=1), out, atol=1e-5)
-    stats = attention_stats(logits, probs, allowed)
-    direct = [direct_attention(q, k, mask, b, 0, group=2) for b in range(2)]
-    # per-head means pool every (row, query) with >= 2 keys: row 0 has 5 such queries, row 1 has 3
-    assert stats["entropy"][0].item() == pytest.approx(
-        (5 * direct[0]["entropy"] + 3 * direct[1]["entropy"]) / 8, rel=1e-4
+    stats = attention_stats(logits, probs, allowed, tokens != PAD, tokens == BOS)
+    for h in range(4):
+        rows = [direct_attention(q, k, mask, tokens, b, h) for b in range(2)]
+        assert [len(r["entropy"]) for r in rows] == [3, 3]  # queries 1-3 of row 0, 3-5 of row 1
+        for kind in ("entropy", "entropy_norm", "bos"):
+            assert stats[kind][h].item() == pytest.approx(pooled(rows, kind), rel=1e-5)
+        assert stats["max_logit"][h].item() == pytest.approx(max(r["max_logit"] for r in rows), rel=1e-5)
+
+
+def test_lm_probe_rows_start_at_documents(tok):
+    """As many rows as the validation split has documents start at their <|bos|>; the first validation
+    windows fill the rest."""
+    doc = tok.encode(TEXT[:200])
+    ids = np.array(([BOS, *doc]) * 3 + doc * 3, dtype=np.uint16)
+    lm = LanguageModeling(
+        TokenSplits(train=ids, val=ids),
+        tok,
+        batch_size=8,
+        block_size=BLOCK,
+        eval_batches_n=1,
+        z_loss=0.0,
+        seed=0,
+        device=torch.device("cpu"),
     )
+    rows = lm.probe_inputs()
+    assert rows.shape == (8, BLOCK) and rows[:3, 0].tolist() == [BOS] * 3
+    assert torch.equal(rows[0], torch.tensor(ids[:BLOCK], dtype=torch.int64))
+    assert torch.equal(lm.val[0][0][0], rows[0])  # the first validation window starts at offset 0: not twice
+    assert torch.equal(rows[3:], lm.val[0][0][1:6])
 
 
 def test_activation_and_logit_stats(tok):
@@ -203,23 +247,52 @@ def test_activation_and_logit_stats(tok):
 # ---- loss by position --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("buckets", [8, 5])
-def test_loss_by_position_averages_back_to_the_val_loss(tok, buckets):
-    model, objective = model_for(tok), objective_for(tok)
-    ctx = StepContext("pretrain", model, None, objective, None, TrainConfig())
-    ctx.metrics = objective.evaluate(model)
-    LossByPosition(buckets).on_eval(ctx)
-    spans = {
-        n: [int(p) for p in n.removeprefix("loss_by_pos/").split("-")]
-        for n in ctx.metrics
-        if n.startswith("loss_by_pos/")
-    }
-    assert len(spans) == buckets
-    assert sorted(a for a, _ in spans.values())[0] == 0 and max(b for _, b in spans.values()) == BLOCK - 1
-    sizes = {n: b - a + 1 for n, (a, b) in spans.items()}
-    assert sum(sizes.values()) == BLOCK
-    weighted = sum(ctx.metrics[n] * sizes[n] for n in spans) / BLOCK
-    assert weighted == pytest.approx(ctx.metrics["val/loss"], rel=1e-5)
+def test_log_spaced_buckets():
+    assert position_buckets(128) == [(0, 0), (1, 1), (2, 3), (4, 7), (8, 15), (16, 31), (32, 63), (64, 127)]
+    assert position_buckets(100)[-1] == (64, 99) and position_buckets(1) == [(0, 0)]
+
+
+def test_loss_by_position_against_a_direct_computation(tok):
+    """Bucket means average back to the loss over the same windows; each interval is the t-interval over windows
+    of the per-window means, computed here with plain numpy."""
+    model, objective = model_for(tok), objective_for(tok, batch_size=4)
+    ctx = StepContext("pretrain", model, None, objective, None, TrainConfig(steps=3))
+    ctx.step = 2
+    LossByPosition(every=0, windows=24).on_optimizer_step(ctx)
+    assert ctx.metrics == {}  # neither a multiple of `every` nor the last step
+    ctx.step = 3
+    LossByPosition(every=0, windows=24).on_optimizer_step(ctx)
+    batches = objective.position_batches(24)
+    assert sum(len(x) for x, _ in batches) == 24
+    with torch.no_grad():
+        direct = torch.cat([F.cross_entropy(model(x).transpose(1, 2), y, reduction="none") for x, y in batches])
+    direct = direct.double().numpy()
+    assert sorted(n for n in ctx.metrics if n.startswith("loss_by_pos/")) == [
+        "loss_by_pos/000-000",
+        "loss_by_pos/001-001",
+        "loss_by_pos/002-003",
+        "loss_by_pos/004-007",
+        "loss_by_pos/008-015",
+        "loss_by_pos/016-031",
+    ]
+    sizes = {"000-000": 1, "001-001": 1, "002-003": 2, "004-007": 4, "008-015": 8, "016-031": 16}
+    weighted = sum(ctx.metrics[f"loss_by_pos/{b}"] * n for b, n in sizes.items()) / BLOCK
+    assert weighted == pytest.approx(direct.mean(), rel=1e-5)
+    per_window = direct[:, 4:8].mean(axis=1)
+    assert ctx.metrics["loss_by_pos/004-007"] == pytest.approx(per_window.mean(), rel=1e-6)
+    half = 2.0687 * per_window.std(ddof=1) / math.sqrt(24)  # t(0.975, 23 degrees of freedom) = 2.0687
+    assert ctx.metrics["loss_by_pos_ci95/004-007"] == pytest.approx(half, rel=1e-4)
+
+
+def test_bucket_stats_leave_out_untrained_positions():
+    """Padded chat rows: NaN positions are not trained; a window with none trained in a bucket is not in it."""
+    nan = math.nan
+    losses = np.array([[1.0, 2.0, 4.0, nan], [3.0, nan, nan, nan], [5.0, 6.0, 8.0, 10.0]])
+    got = bucket_stats(losses)
+    assert got[(0, 0)][0] == pytest.approx(3.0) and got[(0, 0)][2] == 3
+    assert got[(1, 1)][0] == pytest.approx(4.0) and got[(1, 1)][2] == 2
+    assert got[(2, 3)][0] == pytest.approx((4.0 + 9.0) / 2)  # window means 4 and (8 + 10) / 2
+    assert got[(2, 3)][1] == pytest.approx(12.7062 * np.std([4.0, 9.0], ddof=1) / math.sqrt(2), rel=1e-4)
 
 
 # ---- spikes and divergence ---------------------------------------------------------------------

@@ -96,13 +96,14 @@ def make_run(path: Path, *, seed: int = 0, lr: float = 3e-3, qk_norm: bool = Tru
                     probe[f"attn_entropy_norm/blocks.{b}.h{h}"] = 0.05 if collapsed else 0.7
                     probe[f"attn_entropy/blocks.{b}.h{h}"] = 0.2 if collapsed else 2.5
                     probe[f"attn_max_logit/blocks.{b}.h{h}"] = 4 + step / (20 if not qk_norm else 100)
-                    probe[f"attn_sink/blocks.{b}.h{h}"] = 0.3
+                    probe[f"attn_bos/blocks.{b}.h{h}"] = 0.3
                 probe[f"attn_entropy/blocks.{b}"] = 2.0
                 probe[f"act_rms/blocks.{b}"] = 1 + b
                 probe[f"act_max/blocks.{b}"] = 10 + b
                 probe[f"act_kurtosis/blocks.{b}"] = 3 + b
-            for lo in range(0, 128, 16):
-                probe[f"loss_by_pos/{lo:03d}-{lo + 15:03d}"] = loss + 1.0 / (1 + lo / 16)
+            for lo, hi in ((0, 0), (1, 1), (2, 3), (4, 7), (8, 15), (16, 31), (32, 63), (64, 127)):
+                probe[f"loss_by_pos/{lo:03d}-{hi:03d}"] = loss + 1.0 / (1 + lo / 16)
+                probe[f"loss_by_pos_ci95/{lo:03d}-{hi:03d}"] = 0.1
             rows += _rows("pretrain", step, probe, t0)
     for step in range(1, 61):
         rows += _rows(
@@ -268,6 +269,11 @@ def test_report_has_every_section_and_embeds_figure_data(run: Path) -> None:
     heat = next(f for f in figs.values() if f["title"] == "Normalised attention entropy per head (pretrain)")
     assert heat["rows"][:2] == ["blocks.0.h0", "blocks.0.h1"] and heat["threshold"] == 0.15
     assert heat["z"][heat["rows"].index("blocks.1.h0")][-1] == 0.05
+    by_pos = next(f for f in figs.values() if f["title"] == "Loss by position (pretrain)")
+    assert by_pos["x"] == [0.0, 1.0, 2.5, 5.5, 11.5, 23.5, 47.5, 95.5]  # bucket middles
+    last = by_pos["series"][-1]
+    assert [h - lo for h, lo in zip(last["hi"], last["lo"])] == pytest.approx([0.2] * 8)
+    assert [(h + lo) / 2 for h, lo in zip(last["hi"], last["lo"])] == pytest.approx(last["y"])
     grads = next(f for f in figs.values() if f["title"] == "Gradient norm per block (pretrain)")
     assert grads["rows"] == ["blocks.0", "blocks.1", "blocks.2", "blocks.3", "wte"] and grads["log"]
     assert "1 of 8 heads collapsed" in html

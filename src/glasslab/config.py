@@ -104,10 +104,12 @@ class ProbesConfig(Section):
 
     mode: Literal["off", "default", "full"] = "default"
     grads_every: int = Field(10, ge=0)  # per-tensor/per-block grad, weight and update norms, update ratio, Adam moments
-    attention_every: int = Field(50, ge=0)  # entropy, max logit and sink share per head, on the fixed probe rows
+    attention_every: int = Field(50, ge=0)  # entropy, max logit and <|bos|> mass per head, on the fixed probe rows
     activations_every: int = Field(50, ge=0)  # per-block output RMS / max / kurtosis and output-logit stats, same rows
-    loss_by_position: bool = True  # at every evaluation
-    position_buckets: int = Field(8, ge=1)
+    loss_by_position: bool = True  # validation loss per log-spaced position bucket with 95% intervals, at the last step
+    position_every: int = Field(0, ge=0)  # steps between loss-by-position evaluations before the last step (0: none)
+    position_windows: int = Field(512, ge=1)  # pretraining windows it reads (SFT: its validation set), so the
+    # intervals are narrower than the differences between buckets
     spikes: bool = True  # spike detector + dossiers, and naming the first non-finite module on divergence
     spike_window: int = Field(50, ge=8)  # steps in the rolling median/MAD band
     spike_threshold: float = Field(6.0, gt=0)  # robust z-score (MAD scaled to a σ) that counts as a spike

@@ -115,6 +115,17 @@ class Tokenizer:
             raise GlasslabError(f"'{path}' is not a glasslab tokenizer: pass the tokenizer.json of a glasslab run")
         return cls(hf, kind)
 
+    def token_bytes(self) -> list[int]:
+        """UTF-8 bytes each id stands for in the text, indexed by id: what bits per byte divides by.
+        Special tokens and <|unk|> count 0: they are markup, not text. A byte-level BPE token is a string of
+        byte-level symbols, one per raw byte (a token may hold part of a multi-byte character), so the counts
+        of a text's ids sum to exactly its UTF-8 length with either kind."""
+        out = [0] * self.vocab_size
+        for token, i in self.hf.get_vocab(with_added_tokens=True).items():
+            if token not in SPECIAL_TOKENS and token != UNK:
+                out[i] = len(token) if self.kind == "bpe" else len(token.encode("utf-8"))
+        return out
+
     def fingerprint(self) -> str:
         """sha256 of the full tokenizer JSON: equal fingerprints mean identical token ids."""
         return hashlib.sha256(self.hf.to_str().encode("utf-8")).hexdigest()

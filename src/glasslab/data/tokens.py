@@ -27,12 +27,11 @@ ENCODE_BATCH_CHARS = 1 << 20  # tokenize ~1M characters at a time: bounds memory
 
 @dataclass
 class TokenSplits:
-    """Memory-mapped train/val tokens. bits-per-byte = val loss (nats) / ln 2 / bytes_per_token,
-    which compares models across tokenizers."""
+    """Memory-mapped train/val tokens (bits per byte counts the bytes of the evaluated targets themselves:
+    LanguageModeling.evaluate)."""
 
     train: np.ndarray
     val: np.ndarray
-    bytes_per_token: float
 
 
 def build_token_splits(
@@ -51,7 +50,6 @@ def build_token_splits(
     return TokenSplits(
         train=np.memmap(out / "train.bin", dtype=dtype, mode="r"),
         val=np.memmap(out / "val.bin", dtype=dtype, mode="r"),
-        bytes_per_token=meta["bytes_per_token"],
     )
 
 
@@ -94,7 +92,7 @@ def _write_splits(docs: list[str], tokenizer: Tokenizer, out: Path, val_fraction
             "val_tokens": n_val,
             "train_docs": len(train_docs),
             "val_docs": len(val_docs),
-            "bytes_per_token": sum(len(d.encode("utf-8")) for d in val_docs) / n_val,
+            "val_bytes": sum(len(d.encode("utf-8")) for d in val_docs),
             "val_fraction": val_fraction,
             "seed": seed,
             "tokenizer_fingerprint": tokenizer.fingerprint(),

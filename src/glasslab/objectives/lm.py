@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -11,6 +12,8 @@ from torch import Tensor, nn
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.data.tokens import BatchSampler, TokenSplits, eval_batches
 from glasslab.model.generate import generate
+
+PROBE_ROWS = 8  # fixed rows the attention and activation probes read
 
 
 def lm_loss(
@@ -49,6 +52,9 @@ class LanguageModeling:
         self.sampler = BatchSampler(splits.train, batch_size, block_size, seed)
         self.val = eval_batches(splits.val, batch_size, block_size, eval_batches_n)
         self.sample_prompt, self.sample_tokens, self.seed = sample_prompt, sample_tokens, seed
+        self._probe_rows: Tensor | None = None
+        self._position: list[tuple[Tensor, Tensor]] | None = None
+        self.token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64)  # for val/bpb
 
     def next_batch(self, model: nn.Module) -> tuple[Tensor, Tensor]:
         x, y = self.sampler.next_batch()
@@ -64,8 +70,20 @@ class LanguageModeling:
     # Optional methods for the probes (see the Objective protocol).
 
     def probe_inputs(self) -> Tensor:
-        """The first rows of the first validation batch: fixed, so probe values compare across steps and runs."""
-        return self.val[0][0][:8].to(self.device)
+        """8 fixed validation windows, so probe values compare across steps and runs. As many as the split allows
+        start at a document's <|bos|> (spread evenly over the documents), so the attention mass on <|bos|> is
+        measured where a model sees one in training; the other rows of the first validation batch fill the rest."""
+        if self._probe_rows is None:
+            block = self.val[0][0].size(1)
+            starts = np.flatnonzero(np.asarray(self.splits.val) == self.tokenizer.bos_id)
+            starts = starts[starts + block <= len(self.splits.val)]
+            picked = np.unique(
+                starts[np.linspace(0, len(starts) - 1, min(PROBE_ROWS, len(starts))).round().astype(int)]
+            )
+            rows = [torch.from_numpy(self.splits.val[s : s + block].astype(np.int64)) for s in picked]
+            rows += [r for r in self.val[0][0] if not any(torch.equal(r, p) for p in rows)][: PROBE_ROWS - len(rows)]
+            self._probe_rows = torch.stack(rows).to(self.device)
+        return self._probe_rows
 
     def token_losses(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
         """Per-token cross-entropy (B, T) in nats; NaN where the target is ignore_index (-100)."""
@@ -76,20 +94,38 @@ class LanguageModeling:
     def val_batches(self) -> list[tuple[Tensor, Tensor]]:
         return self.val
 
+    def position_batches(self, windows: int) -> list[tuple[Tensor, Tensor]]:
+        """At least `windows` fixed validation windows, evenly spaced (whole batches): loss by position reads more
+        windows than val/loss, so its per-bucket intervals are narrow."""
+        if self._position is None or len(self._position) * self.sampler.batch_size < windows:
+            n_batches = math.ceil(windows / self.sampler.batch_size)
+            self._position = eval_batches(self.splits.val, self.sampler.batch_size, self.sampler.block_size, n_batches)
+        return self._position
+
     def batch_ids(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         return batch
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """val/loss: mean nats over every target of the fixed windows. val/bpb: the nats of the targets that are
+        text, / ln 2, / the UTF-8 bytes of exactly those targets (Tokenizer.token_bytes). Targets that are
+        special tokens (a window's <|bos|> where a document starts) count 0 bytes and are left out of both sums:
+        bpb is the cost of the text alone, comparable across tokenizers and with byte- or char-level models."""
         model.eval()
-        total = sum(
-            F.cross_entropy(model(x.to(self.device)).flatten(0, 1), y.to(self.device).flatten()).item()
-            for x, y in self.val
-        )
-        loss = total / len(self.val)
+        nats = text_nats = n_bytes = 0.0
+        for x, y in self.val:
+            losses = F.cross_entropy(
+                model(x.to(self.device)).flatten(0, 1), y.to(self.device).flatten(), reduction="none"
+            )
+            losses = losses.double().cpu()
+            counts = self.token_bytes[y.flatten()]
+            nats += losses.sum().item()
+            text_nats += losses[counts > 0].sum().item()
+            n_bytes += counts.sum().item()
+        loss = nats / sum(y.numel() for _, y in self.val)
         return {
             "val/loss": loss,
-            "val/bpb": loss / math.log(2) / self.splits.bytes_per_token,
+            "val/bpb": text_nats / math.log(2) / n_bytes,
             "val/ppl": math.exp(min(loss, 50.0)),
         }
 

@@ -2,9 +2,9 @@
 
     grads.py        grad / weight / update norms, update ratio, Adam moments, per tensor and per block
     forward.py      one no-grad forward of the objective's fixed probe rows, with temporary hooks for:
-    attention.py      entropy, max logit and sink share per layer and head
+    attention.py      entropy, max logit and mass on <|bos|> per layer and head
     activations.py    per-block output RMS / max / kurtosis, output-logit max and log Z
-    positions.py    validation loss by token position, at every evaluation
+    positions.py    validation loss by log-spaced token position bucket with 95% intervals
     spikes.py       loss / grad-norm spike detector, spike dossiers, first non-finite module
     view.py         the `glasslab probes RUN` terminal view
 
@@ -53,5 +53,5 @@ def build_probes(cfg: Config, run: RunDir, tokenizer: Tokenizer | None = None) -
     if p.attention_every or p.activations_every:
         hooks.append(ForwardProbe(p.attention_every, p.activations_every))
     if p.loss_by_position:
-        hooks.append(LossByPosition(p.position_buckets))
+        hooks.append(LossByPosition(p.position_every, p.position_windows))
     return hooks

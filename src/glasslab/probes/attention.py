@@ -31,21 +31,36 @@ def attention_probs(q: Tensor, k: Tensor, mask: Tensor | None) -> tuple[Tensor, 
     return logits, probs, allowed
 
 
-def attention_stats(logits: Tensor, probs: Tensor, allowed: Tensor) -> dict[str, Tensor]:
-    """Per-head (H,) statistics, averaged over the batch rows and over every query that attends to at least
-    two keys (a query with one key has entropy 0 by construction and would only dilute the means):
-      entropy       -Σ p log p in nats
-      entropy_norm  entropy / log(number of keys the query may attend): 1 = uniform, 0 = one key
-      max_logit     the largest pre-softmax logit q·k/√d over all allowed pairs (every query)
-      sink          attention mass on the first key position"""
-    n_keys = allowed.sum(-1)  # (B, H, T)
-    valid = (n_keys >= 2).float()
-    count = valid.sum((0, 2)).clamp_min(1.0)
+def attention_stats(logits: Tensor, probs: Tensor, allowed: Tensor, real: Tensor, bos: Tensor) -> dict[str, Tensor]:
+    """Per-head (H,) statistics of the attention rows from `attention_probs`. `real` (B, S) marks the key and
+    query positions holding real tokens (False = padding), `bos` (B, S) those holding <|bos|>.
+
+    The keys a query can attend are those its mask allows (causal when the model gets none) that are not
+    padding; n is their number. The means pool every (batch row, query) with a real token and n >= 2, over all
+    rows alike: query 0 (n = 1, entropy 0 by construction) and padding queries are left out.
+      entropy       -Σ p log p over the query's keys, nats
+      entropy_norm  entropy / ln n: 1 = uniform over the keys it can attend, 0 = all mass on one key
+      max_logit     the largest pre-softmax logit q·k/√d over every real query (query 0 included) and key it can
+                    attend
+      bos           Σ p over the <|bos|> keys the query can attend (the attention-sink mass), mean over the
+                    pooled queries that have such a key in view; absent when none has one"""
+    attendable = allowed & real[:, None, None, :]
+    n_keys = attendable.sum(-1)  # (B, H, T)
+    pooled = (n_keys >= 2) & real[:, None, :]
     entropy = torch.special.entr(probs).sum(-1)
     norm = entropy / n_keys.clamp_min(2).float().log()
-    return {
-        "entropy": (entropy * valid).sum((0, 2)) / count,
-        "entropy_norm": (norm * valid).sum((0, 2)) / count,
-        "max_logit": logits.amax(dim=(0, 2, 3)),
-        "sink": (probs[..., 0] * valid).sum((0, 2)) / count,
+    out = {
+        "entropy": _mean(entropy, pooled),
+        "entropy_norm": _mean(norm, pooled),
+        "max_logit": logits.masked_fill(~(attendable & real[:, None, :, None]), -math.inf).amax(dim=(0, 2, 3)),
     }
+    bos_keys = attendable & bos[:, None, None, :]
+    sees_bos = pooled & bos_keys.any(-1)
+    if sees_bos.any():
+        out["bos"] = _mean((probs * bos_keys).sum(-1), sees_bos)
+    return out
+
+
+def _mean(values: Tensor, where: Tensor) -> Tensor:
+    """Per-head mean of (B, H, T) `values` over the (row, query) pairs where `where` holds."""
+    return (values * where).sum((0, 2)) / where.sum((0, 2)).clamp_min(1)

@@ -14,10 +14,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from glasslab.data.tokenizer import SPECIAL_TOKENS
 from glasslab.model.gpt import AttentionCore, Block
 from glasslab.probes.activations import activation_stats, logit_stats
 from glasslab.probes.attention import attention_probs, attention_stats
 from glasslab.train.loop import Hook, StepContext
+
+PAD_ID = SPECIAL_TOKENS.index("<|pad|>")  # special-token ids are the same in every glasslab tokenizer
+BOS_ID = SPECIAL_TOKENS.index("<|bos|>")
 
 
 @contextlib.contextmanager
@@ -73,12 +77,14 @@ class ForwardProbe(Hook):
 
 @torch.no_grad()
 def probe_forward(model: nn.Module, inputs: Tensor, attention: bool, activations: bool) -> dict[str, float]:
-    """Run `inputs` through the model in eval mode and return the requested probe metrics."""
+    """Run `inputs` through the model in eval mode and return the requested probe metrics. <|pad|> tokens in
+    `inputs` are padding (probe rows are right-padded, so real queries never see them)."""
     stats: dict[str, Tensor] = {}
+    real, bos = inputs != PAD_ID, inputs == BOS_ID
 
     def on_attention(layer: str, module: nn.Module, args: tuple, output: Any) -> None:
         q, k, _, mask = args
-        for kind, per_head in attention_stats(*attention_probs(q, k, mask)).items():
+        for kind, per_head in attention_stats(*attention_probs(q, k, mask), real, bos).items():
             stats.update({f"attn_{kind}/{layer}.h{h}": v for h, v in enumerate(per_head)})
             stats[f"attn_{kind}/{layer}"] = per_head.max() if kind == "max_logit" else per_head.mean()
 

@@ -24,7 +24,7 @@ BLOCK_COLUMNS = [
     "attn_entropy",
     "attn_entropy_norm",
     "attn_max_logit",
-    "attn_sink",
+    "attn_bos",
     "act_rms",
     "act_max",
     "act_kurtosis",
@@ -60,12 +60,14 @@ def probe_summary(run_path: Path) -> dict:
         elif kind.startswith("attn_") and HEAD.fullmatch(target):
             heads.setdefault(target, {})[kind] = entry
     by_pos = {n.partition("/")[2]: e for n, e in latest.items() if n.startswith("loss_by_pos/")}
+    ci95 = {n.partition("/")[2]: e for n, e in latest.items() if n.startswith("loss_by_pos_ci95/")}
     spikes = [json.loads(p.read_text()) for p in sorted((run_path / "spikes").glob("step-*.json"))]
     return {
         "run": str(run_path),
         "blocks": {b: blocks[b] for b in sorted(blocks, key=natural_key)},
         "heads": {h: heads[h] for h in sorted(heads, key=natural_key)},
         "loss_by_pos": {k: by_pos[k] for k in sorted(by_pos)},
+        "loss_by_pos_ci95": {k: ci95[k] for k in sorted(ci95)},  # half-widths of the 95% intervals
         "global": {n: latest[n] for n in GLOBAL_METRICS if n in latest},
         "spikes": spikes,
     }
@@ -83,6 +85,8 @@ def render(summary: dict, spike_step: int | None = None) -> None:
         step = next(iter(summary["loss_by_pos"].values()))["step"]
         table = Table("positions", *summary["loss_by_pos"], title=f"validation loss by position, step {step}")
         table.add_row("val loss", *(f"{e['value']:.4f}" for e in summary["loss_by_pos"].values()))
+        half = summary.get("loss_by_pos_ci95", {})
+        table.add_row("± 95%", *(f"{half[k]['value']:.4f}" if k in half else "" for k in summary["loss_by_pos"]))
         console.print(table)
     if summary["global"]:
         console.print(

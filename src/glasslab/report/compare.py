@@ -56,7 +56,7 @@ def headline_names(runs: list[RunData], pattern: str | None) -> list[str]:
         if not picked:
             raise GlasslabError(f"no metric matches '{pattern}': try one of {', '.join(sorted(names)[:8])}, ...")
     else:
-        picked = [n for n in names if "blocks." not in n and not n.startswith("loss_by_pos/")]
+        picked = [n for n in names if "blocks." not in n and not n.startswith(("loss_by_pos/", "loss_by_pos_ci95/"))]
     return sorted(picked, key=F.natural_key)
 
 

@@ -80,6 +80,26 @@ def lines(
     }
 
 
+def interval_lines(
+    title: str,
+    series: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
+    *,
+    xlabel: str = "step",
+    ylabel: str = "",
+    note: str = "",
+) -> Figure:
+    """Like `lines`, for short (label, x, y, half-width) series: each line gets a band y ± half-width (NaN: no
+    band at that x). Nothing is thinned, so only for a few points per series (e.g. loss per position bucket)."""
+    fig = lines(title, [(label, x, y) for label, x, y, _ in series], xlabel=xlabel, ylabel=ylabel, note=note)
+    xs = np.asarray(fig["x"])
+    for out, (_, x, y, half) in zip(fig["series"], series):
+        for key, sign in (("lo", -1.0), ("hi", 1.0)):
+            aligned = np.full(len(xs), np.nan)
+            aligned[np.searchsorted(xs, np.asarray(x))] = np.asarray(y, dtype=np.float64) + sign * np.asarray(half)
+            out[key] = _json_values(aligned)
+    return fig
+
+
 def heatmap(
     title: str,
     rows: Sequence[tuple[str, np.ndarray, np.ndarray]],

@@ -55,17 +55,26 @@
         { label: fig.xlabel, font: FONT, labelFont: FONT, values: ticks },
         { label: fig.ylabel || "", font: FONT, labelFont: FONT, size: 64, values: ticks },
       ],
-      series: [{ label: fig.xlabel, value: (u, v) => fmt(v) }].concat(fig.series.map((s, i) => ({
-        label: s.label,
-        stroke: PALETTE[i % PALETTE.length],
-        width: 1.5,
-        spanGaps: true,
-        points: { show: s.points, size: 5 },
-        value: (u, v) => fmt(v),
-      }))),
+      series: [{ label: fig.xlabel, value: (u, v) => fmt(v) }],
+      bands: [],
       cursor: { drag: { x: true, y: false } },
     };
-    charts.set(el.id, new uPlot(opts, [fig.x].concat(fig.series.map((s) => s.y)), body));
+    const data = [fig.x];
+    fig.series.forEach((s, i) => {
+      const stroke = PALETTE[i % PALETTE.length];
+      opts.series.push({ label: s.label, stroke, width: 1.5, spanGaps: true, points: { show: s.points, size: 5 },
+        value: (u, v) => fmt(v) });
+      data.push(s.y);
+      if (s.lo && s.hi) { // a 95% interval: its bounds as faint lines, the band between them filled
+        for (const [bound, values] of [["95% hi", s.hi], ["95% lo", s.lo]]) {
+          opts.series.push({ label: s.label + " " + bound, stroke: stroke + "66", width: 1, spanGaps: true,
+            points: { show: false }, value: (u, v) => fmt(v) });
+          data.push(values);
+        }
+        opts.bands.push({ series: [data.length - 2, data.length - 1], fill: stroke + "22" });
+      }
+    });
+    charts.set(el.id, new uPlot(opts, data, body));
   }
 
   function drawHeatmap(el, fig) {

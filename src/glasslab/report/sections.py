@@ -34,11 +34,18 @@ GRADIENT_FAMILIES = {
 ATTENTION_FAMILIES = {
     "attn_entropy_norm": (
         "Normalised attention entropy",
-        "entropy / log(number of attended keys): 1 = uniform, 0 = one key",
+        "entropy / ln(number of keys the query can attend): 1 = uniform, 0 = one key; mean over the real queries "
+        "that can attend 2 or more keys (query 0 and padding left out)",
     ),
-    "attn_entropy": ("Attention entropy (nats)", "mean over queries of the entropy of each attention row"),
+    "attn_entropy": (
+        "Attention entropy (nats)",
+        "entropy of each query's attention row, mean over the real queries that can attend 2 or more keys",
+    ),
     "attn_max_logit": ("Maximum attention logit", "largest pre-softmax q·k/√d: its growth precedes instability"),
-    "attn_sink": ("Attention on the first token", "share of attention mass on position 0 (attention sink)"),
+    "attn_bos": (
+        "Attention on <|bos|> (sink)",
+        "attention mass on the <|bos|> keys in view, mean over the queries that have one in view",
+    ),
 }
 ACTIVATION_FAMILIES = {
     "act_rms": ("Residual stream RMS", False),
@@ -358,8 +365,8 @@ def attention_section(run: RunData, claims: Claims) -> Section | None:
                         _rows(m, heads, prefix),
                         log=False,
                         threshold=COLLAPSE_THRESHOLD if normalised else None,
-                        vmin=0.0 if normalised or fam == "attn_sink" else None,
-                        vmax=1.0 if normalised or fam == "attn_sink" else None,
+                        vmin=0.0 if normalised or fam == "attn_bos" else None,
+                        vmax=1.0 if normalised or fam == "attn_bos" else None,
                         note=meaning,
                     )
                 )
@@ -418,12 +425,14 @@ def positions_section(run: RunData, claims: Claims) -> Section | None:
     sec = Section(
         "positions",
         "Loss by token position",
-        intro="Validation loss per position bucket at several evaluations: later positions see more context, "
-        "so their loss should fall lower; a flat curve means the model does not use its context.",
+        intro="Validation loss per log-spaced position bucket (0, 1, 2-3, 4-7, ...), with its 95% interval over "
+        "validation windows as a band: later positions see more context, so their loss should fall lower; "
+        "a flat curve means the model does not use its context.",
     )
     for stage in run.stages:
         m = run.metrics[stage]
         names = claims.take(stage, _with_prefix(m, "loss_by_pos/"))
+        halves = set(claims.take(stage, _with_prefix(m, "loss_by_pos_ci95/")))
         if not names:
             continue
         buckets = [(F.position_bucket(n[len("loss_by_pos/") :]), n) for n in names]
@@ -438,14 +447,24 @@ def positions_section(run: RunData, claims: Claims) -> Section | None:
         series = []
         for step in chosen:
             ys = np.array([_value_at(m[n], step) for _, n in buckets])
-            series.append((f"step {step}", xs[order], ys[order]))
+            half = np.array([_value_at(m[_ci_name(n)], step) if _ci_name(n) in halves else np.nan for _, n in buckets])
+            series.append((f"step {step}", xs[order], ys[order], half[order]))
         labels = ", ".join(n[len("loss_by_pos/") :] for _, n in buckets)
         sec.figure(
-            F.lines(
-                f"Loss by position ({stage})", series, xlabel=xlabel, ylabel="nats / token", note=f"buckets: {labels}"
+            F.interval_lines(
+                f"Loss by position ({stage})",
+                series,
+                xlabel=xlabel,
+                ylabel="nats / token",
+                note=f"buckets: {labels}; bands: 95% interval",
             )
         )
     return sec if sec.items else None
+
+
+def _ci_name(name: str) -> str:
+    """`loss_by_pos/004-007` -> `loss_by_pos_ci95/004-007`, the half-width of its 95% interval."""
+    return "loss_by_pos_ci95/" + name.removeprefix("loss_by_pos/")
 
 
 def _value_at(s: Series, step: int) -> float:

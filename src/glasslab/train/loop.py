@@ -37,6 +37,7 @@ class Objective(Protocol):
                                              activation probes are comparable across steps and runs
       token_losses(model, batch) -> Tensor   per-token loss (B, T) of a batch, NaN where a target is not trained on
       val_batches() -> list                  the fixed evaluation batches (for loss by position)
+      position_batches(windows) -> list      more fixed evaluation windows for loss by position, when cheap
       batch_ids(batch) -> (inputs, targets)  the (B, T) token ids of a batch, to decode a spike's worst tokens
       batch_kind(batch) -> str               the class of a batch, when batches differ systematically (SFT's length
                                              buckets): the spike detector compares like with like
