@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from glasslab.probes.forward import eval_mode
+from glasslab.track.layout import LOSS_BY_POS, metric
 from glasslab.train.loop import Hook, StepContext
 
 
@@ -19,7 +20,7 @@ def position_buckets(length: int, buckets: int) -> list[tuple[int, int]]:
 def bucket_name(first: int, last: int, length: int) -> str:
     """`loss_by_pos/000-015`: zero-padded inclusive positions, so names sort and parse as numbers."""
     width = max(3, len(str(length - 1)))
-    return f"loss_by_pos/{first:0{width}d}-{last:0{width}d}"
+    return metric(LOSS_BY_POS, f"{first:0{width}d}-{last:0{width}d}")
 
 
 class LossByPosition(Hook):
