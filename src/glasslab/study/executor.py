@@ -20,6 +20,7 @@ from typing import Literal
 
 from glasslab.errors import GlasslabError
 from glasslab.study.plan import BASE_NAME, Plan, PlannedRun
+from glasslab.track import layout
 from glasslab.track.atomic import write_json_atomic
 from glasslab.track.rundir import RunDir
 
@@ -79,7 +80,7 @@ def command_for(run: PlannedRun, plan: Plan, runs_dir: Path, action: Action, thr
 def claim_study_dir(plan: Plan, study_dir: Path) -> None:
     """Record the plan in plan.json; a run already there under the same name must have been made the same way
     (adding seeds or levels to a study is fine, changing what a name means is not)."""
-    path = study_dir / "plan.json"
+    path = study_dir / layout.STUDY_PLAN
     old = json.loads(path.read_text()) if path.is_file() else {}
     new = {
         r.name: {k: v for k, v in r.as_dict().items() if k != "levels"}
@@ -124,7 +125,7 @@ def execute(
     if workers < 1:
         raise GlasslabError(f"--workers {workers} must be at least 1")
     claim_study_dir(plan, study_dir)
-    runs_dir, logs = study_dir / "runs", study_dir / "logs"
+    runs_dir, logs = study_dir / layout.STUDY_RUNS, study_dir / layout.STUDY_LOGS
     runs_dir.mkdir(parents=True, exist_ok=True)
     logs.mkdir(exist_ok=True)
     cores = cpu_cores()

@@ -18,7 +18,9 @@ in a process without torch. The layout of a run directory `runs/<name>/`:
     eval/final.json                     the main job's held-out evaluation: stage -> task -> summary
     report.html                         the run report
 
-Token shards live beside the runs, in `<runs dir>/.cache/`, shared by every run on the same data and tokenizer.
+Token shards live beside the runs, in `<runs dir>/.cache/`, shared by every run on the same data and tokenizer;
+`glasslab compare` writes compare.html there by default. A study directory holds plan.json, runs/ (run
+directories), logs/<run>.log, report.html, summary.json, findings.md and figures/<name>.png.
 """
 
 from __future__ import annotations
@@ -42,6 +44,16 @@ ROLLOUTS = "rollouts"
 EVAL_DIR = "eval"
 FINAL_EVAL = "final.json"  # inside eval/
 TOKEN_CACHE = ".cache"  # beside the run directories, not inside one
+COMPARE = "compare.html"  # `glasslab compare`'s default page, beside the first run compared
+
+# A study directory (glasslab.study): its plan, its runs and what is computed from them.
+STUDY_PLAN = "plan.json"
+STUDY_RUNS = "runs"
+STUDY_LOGS = "logs"  # <run name>.log: each run's output
+STUDY_REPORT = REPORT
+STUDY_SUMMARY = "summary.json"
+STUDY_FINDINGS = "findings.md"
+STUDY_FIGURES = "figures"  # <figure name>.png
 
 # Inside one checkpoint directory, checkpoints/<stage>/step-NNNNNNN/.
 CHECKPOINT_MODEL = "model.safetensors"
