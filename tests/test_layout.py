@@ -1,5 +1,6 @@
 """The run directory's contract (glasslab.track.layout): names build and parse back, RunDir reaches every path,
-the manifest keys the code writes are declared, and the readers work in a process without torch."""
+the manifest keys the code writes are declared, and the readers (report, compare, plot, runs, probes view, study
+aggregation) work in a process without torch."""
 
 from __future__ import annotations
 
@@ -154,10 +155,12 @@ class NoTorch(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, NoTorch())
 from pathlib import Path
 
-import glasslab.commands.compare, glasslab.commands.plot, glasslab.commands.report, glasslab.commands.runs
+import glasslab.commands.compare, glasslab.commands.plot, glasslab.commands.probes, glasslab.commands.report
+import glasslab.commands.runs
 import glasslab.study.aggregate, glasslab.study.report, glasslab.track.layout, glasslab.track.metrics
 from glasslab.report import build_report
 from glasslab.report.compare import build_compare
+from glasslab.probes.view import probe_summary
 from glasslab.report.plot import plot_metric
 from glasslab.track.rundir import list_runs
 
@@ -166,6 +169,7 @@ assert build_report(a).stat().st_size > 0
 assert build_compare([a, b], a.parent / "compare.html").stat().st_size > 0
 assert plot_metric([a, b], "val/loss", a.parent / "figure.png").stat().st_size > 0
 assert [r["name"] for r in list_runs(a.parent)] == ["a", "b"]
+assert probe_summary(a)["spikes"][0]["step"] == 120
 assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
 print("ok")
 """
