@@ -269,9 +269,9 @@ def _rl_figures(run: RunData, stage: str, sec: Section, claims: Claims, add: Cal
         add(name, [name])
     if stage == layout.RL and run.rollouts:
         step = max(run.rollouts)
+        source = f"{layout.ROLLOUTS}/{layout.rollout_name(step)}"
         sec.html(
-            f"<h3>Rollouts at step {step}</h3><p class='muted'>{layout.ROLLOUTS}/{layout.rollout_name(step)}; saved at "
-            "steps "
+            f"<h3>Rollouts at step {step}</h3><p class='muted'>{source}; saved at steps "
             f"{', '.join(map(str, sorted(run.rollouts)))}</p>"
             + records_table(
                 run.rollouts[step], limit=16, first=("prompt", "completion", "reward", "rewards", "advantage")

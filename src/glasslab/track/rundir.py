@@ -22,7 +22,7 @@ import glasslab
 from glasslab.errors import GlasslabError
 from glasslab.track import layout
 from glasslab.track.atomic import append_jsonl, read_jsonl, write_json_atomic
-from glasslab.track.layout import STATUSES, Manifest
+from glasslab.track.layout import STATUSES, Manifest, Status
 from glasslab.track.metrics import last_values, read_metrics
 
 KEY_METRICS = ["train/loss", "val/loss", "val/bpb"]
@@ -185,7 +185,7 @@ class RunDir:
         write_json_atomic(self.manifest_path, manifest)
         return manifest
 
-    def set_status(self, status: str, message: str | None = None) -> None:
+    def set_status(self, status: Status, message: str | None = None) -> None:
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
         self.update_manifest(status=status, message=message)
