@@ -25,7 +25,7 @@ def new_run(runs_dir: Path, name: str | None, default: str, overwrite: bool, res
     from glasslab.train.distributed import barrier, is_main
 
     path = runs_dir / (name or f"{default}-{datetime.now():%Y%m%d-%H%M%S}")
-    if resume and (path / "manifest.json").exists():
+    if resume and RunDir(path).exists():
         return RunDir.open(path), True
     if is_main():
         run = RunDir.create(path, overwrite=overwrite)

@@ -21,9 +21,10 @@ def compare(
 ) -> None:
     """Overlay two or more runs: curves, config differences and final values, on one page."""
     from glasslab.report.compare import build_compare, compare_summary
+    from glasslab.track.layout import COMPARE
     from glasslab.ui import console, emit_json
 
-    out = out or runs[0].parent / "compare.html"
+    out = out or runs[0].parent / COMPARE
     page = build_compare(runs, out, align=align, pattern=metric)  # type: ignore[arg-type]
     summary = compare_summary(runs, pattern=metric) | {"out": str(page), "align": align}
     if json_:

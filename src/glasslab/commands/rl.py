@@ -36,6 +36,7 @@ def rl(
     from glasslab.stages.rl import rl as run_rl
     from glasslab.stages.rl import rl_env
     from glasslab.track.checkpoint import latest_checkpoint
+    from glasslab.track.layout import PRETRAIN, stage_of_checkpoint
     from glasslab.track.rundir import RunDir
     from glasslab.ui import console, progress
 
@@ -55,7 +56,7 @@ def rl(
     shutil.copyfile(base.tokenizer_path, run.tokenizer_path)
     run.update_manifest(command="rl", pipeline=["rl"], preset=preset, init=str(init), parent=str(base.path))
     save_config(run, cfg)
-    if init.parent.name == "pretrain":
+    if stage_of_checkpoint(init) == PRETRAIN:
         note = (
             f"{parent} has no SFT checkpoint: RL starts from the pretrained model, which has never seen the chat "
             "format, so expect rewards near 0 and groups without signal (run `glasslab sft` on it first)"

@@ -32,8 +32,9 @@ def run(
 ) -> None:
     """Run the whole pipeline (or the listed stages) in one run directory, evaluate, and write the report."""
     from glasslab.stages.common import load_run_config, save_config
-    from glasslab.stages.pipeline import PIPELINE, finalize, run_pipeline
+    from glasslab.stages.pipeline import finalize, run_pipeline
     from glasslab.track.checkpoint import latest_checkpoint
+    from glasslab.track.layout import PIPELINE
     from glasslab.track.rundir import RunDir
     from glasslab.ui import console, emit_json, progress
 

@@ -18,10 +18,26 @@ from glasslab.data.tokenizer import SPECIAL_TOKENS
 from glasslab.model.gpt import AttentionCore, Block
 from glasslab.probes.activations import activation_stats, logit_stats
 from glasslab.probes.attention import attention_probs, attention_stats
+from glasslab.track.layout import (
+    ACTIVATION_FAMILIES,
+    ATTN_BOS,
+    ATTN_ENTROPY,
+    ATTN_ENTROPY_NORM,
+    ATTN_MAX_LOGIT,
+    metric,
+)
 from glasslab.train.loop import Hook, StepContext
 
 PAD_ID = SPECIAL_TOKENS.index("<|pad|>")  # special-token ids are the same in every glasslab tokenizer
 BOS_ID = SPECIAL_TOKENS.index("<|bos|>")
+
+# attention_stats' statistics and the metric families they are logged as
+ATTENTION_METRICS = {
+    "entropy": ATTN_ENTROPY,
+    "entropy_norm": ATTN_ENTROPY_NORM,
+    "max_logit": ATTN_MAX_LOGIT,
+    "bos": ATTN_BOS,
+}
 
 
 @contextlib.contextmanager
@@ -85,12 +101,13 @@ def probe_forward(model: nn.Module, inputs: Tensor, attention: bool, activations
     def on_attention(layer: str, module: nn.Module, args: tuple, output: Any) -> None:
         q, k, _, mask = args
         for kind, per_head in attention_stats(*attention_probs(q, k, mask), real, bos).items():
-            stats.update({f"attn_{kind}/{layer}.h{h}": v for h, v in enumerate(per_head)})
-            stats[f"attn_{kind}/{layer}"] = per_head.max() if kind == "max_logit" else per_head.mean()
+            family = ATTENTION_METRICS[kind]
+            stats.update({metric(family, f"{layer}.h{h}"): v for h, v in enumerate(per_head)})
+            stats[metric(family, layer)] = per_head.max() if family == ATTN_MAX_LOGIT else per_head.mean()
 
     def on_block(layer: str, module: nn.Module, args: tuple, output: Tensor) -> None:
-        for kind, value in zip(("act_rms", "act_max", "act_kurtosis"), activation_stats(output)):
-            stats[f"{kind}/{layer}"] = value
+        for family, value in zip(ACTIVATION_FAMILIES, activation_stats(output)):
+            stats[metric(family, layer)] = value
 
     hooks = []
     if attention:

@@ -13,6 +13,15 @@ import torch
 from torch import Tensor, nn
 
 from glasslab.probes.names import groups_of, param_key
+from glasslab.track.layout import (
+    ADAM_M_NORM,
+    ADAM_V_NORM,
+    GRAD_NORM,
+    UPDATE_NORM,
+    UPDATE_RATIO,
+    WEIGHT_NORM,
+    metric,
+)
 from glasslab.train.loop import Hook, StepContext
 
 
@@ -78,10 +87,10 @@ class GradProbe(Hook):
         self._before = None
         state = ctx.optimizer.state
         moments = {
-            "adam_m_norm": tensor_norms([state.get(p, {}).get("exp_avg") for p in self.params]),
-            "adam_v_norm": tensor_norms([state.get(p, {}).get("exp_avg_sq") for p in self.params]),
+            ADAM_M_NORM: tensor_norms([state.get(p, {}).get("exp_avg") for p in self.params]),
+            ADAM_V_NORM: tensor_norms([state.get(p, {}).get("exp_avg_sq") for p in self.params]),
         }
-        kinds = {"grad_norm": self._grad, "weight_norm": self._weight, "update_norm": update, **moments}
+        kinds = {GRAD_NORM: self._grad, WEIGHT_NORM: self._weight, UPDATE_NORM: update, **moments}
         for kind, (norms, present) in kinds.items():
             ctx.metrics.update(_named(kind, self.keys, norms, present))
             ctx.metrics.update(_named(kind, self.groups.names, *self.groups(norms, present)))
@@ -90,8 +99,8 @@ class GradProbe(Hook):
             (self.groups.names, self.groups(*update), self.groups(*self._weight)),
         ):
             ok = up & wp & (w > 0)
-            ctx.metrics.update(_named("update_ratio", names, u / w.clamp_min(1e-30), ok))
+            ctx.metrics.update(_named(UPDATE_RATIO, names, u / w.clamp_min(1e-30), ok))
 
 
 def _named(kind: str, names: list[str], values: Tensor, present: Tensor) -> dict[str, float]:
-    return {f"{kind}/{n}": v for n, v, keep in zip(names, values.tolist(), present.tolist()) if keep}
+    return {metric(kind, n): v for n, v, keep in zip(names, values.tolist(), present.tolist()) if keep}

@@ -16,6 +16,7 @@ from scipy import stats
 from torch import nn
 
 from glasslab.probes.forward import eval_mode
+from glasslab.track.layout import LOSS_BY_POS, LOSS_BY_POS_CI95, metric
 from glasslab.train.loop import Hook, Objective, StepContext
 
 
@@ -28,10 +29,10 @@ def position_buckets(length: int) -> list[tuple[int, int]]:
     return out
 
 
-def bucket_name(first: int, last: int, length: int, family: str = "loss_by_pos") -> str:
+def bucket_name(first: int, last: int, length: int, family: str = LOSS_BY_POS) -> str:
     """`loss_by_pos/004-007`: zero-padded inclusive positions, so names sort and parse as numbers."""
     width = max(3, len(str(length - 1)))
-    return f"{family}/{first:0{width}d}-{last:0{width}d}"
+    return metric(family, f"{first:0{width}d}-{last:0{width}d}")
 
 
 def bucket_stats(losses: np.ndarray) -> dict[tuple[int, int], tuple[float, float, int]]:
@@ -85,4 +86,4 @@ class LossByPosition(Hook):
         for (first, last), (mean, half, _) in bucket_stats(losses).items():
             ctx.metrics[bucket_name(first, last, length)] = mean
             if math.isfinite(half):
-                ctx.metrics[bucket_name(first, last, length, "loss_by_pos_ci95")] = half
+                ctx.metrics[bucket_name(first, last, length, LOSS_BY_POS_CI95)] = half

@@ -27,6 +27,7 @@ from glasslab.probes.forward import eval_mode, forward_hooks
 from glasslab.probes.grads import Aggregator, tensor_norms, trained_parameters
 from glasslab.probes.names import unit_of
 from glasslab.track.atomic import write_json_atomic
+from glasslab.track.layout import SPIKE_FAMILY, metric
 from glasslab.track.rundir import RunDir
 from glasslab.train.loop import Hook, StepContext
 
@@ -125,7 +126,7 @@ class SpikeProbe(Hook):
             if len(past) >= self.window // 2:
                 median, scale = robust_band(past, self.floors[name])
                 score = (value - median) / scale
-                ctx.metrics[f"spike/{name}_score"] = score
+                ctx.metrics[metric(SPIKE_FAMILY, f"{name}_score")] = score
                 if score > self.threshold:
                     fired[name] = {"value": value, "score": score, "median": median, "scale": scale} | (
                         {"batch_kind": kind} if kind else {}
@@ -213,7 +214,7 @@ class SpikeProbe(Hook):
     def write_dossier(self, ctx: StepContext, step: int, kind: str, body: dict) -> Path:
         """Atomically write spikes/step-NNNNNNN.json with the last `spike_history + 1` step records."""
         self.run.spikes_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run.spikes_dir / f"step-{step:07d}.json"
+        path = self.run.spike_path(step)
         records = [*self.records, self.record] if kind == "nonfinite" and self.record["step"] == step else self.records
         history = list(records)[-(self.history + 1) :]
         write_json_atomic(

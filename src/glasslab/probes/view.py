@@ -14,20 +14,33 @@ from rich.table import Table
 
 from glasslab.errors import GlasslabError
 from glasslab.probes.names import natural_key, unit_of
+from glasslab.track.layout import (
+    ACTIVATION_FAMILIES,
+    ATTENTION_FAMILIES,
+    ATTN_BOS,
+    ATTN_ENTROPY,
+    ATTN_ENTROPY_NORM,
+    ATTN_MAX_LOGIT,
+    GRAD_NORM,
+    LOSS_BY_POS,
+    LOSS_BY_POS_CI95,
+    UPDATE_RATIO,
+    WEIGHT_NORM,
+    family_of,
+)
 from glasslab.track.metrics import read_metrics
+from glasslab.track.rundir import RunDir
 from glasslab.ui import console
 
 BLOCK_COLUMNS = [
-    "grad_norm",
-    "update_ratio",
-    "weight_norm",
-    "attn_entropy",
-    "attn_entropy_norm",
-    "attn_max_logit",
-    "attn_bos",
-    "act_rms",
-    "act_max",
-    "act_kurtosis",
+    GRAD_NORM,
+    UPDATE_RATIO,
+    WEIGHT_NORM,
+    ATTN_ENTROPY,
+    ATTN_ENTROPY_NORM,
+    ATTN_MAX_LOGIT,
+    ATTN_BOS,
+    *ACTIVATION_FAMILIES,
 ]
 HEAD = re.compile(r".+\.h\d+")  # attention metrics per head: attn_entropy/blocks.2.h1
 GLOBAL_METRICS = [
@@ -44,9 +57,8 @@ def probe_summary(run_path: Path) -> dict:
     """Everything the view shows, as plain data (what `--json` prints): per block, the latest value and step of
     each per-block metric (and per attention head); the latest loss by position; a few global values; every
     dossier in spikes/."""
-    run_path = Path(run_path)
-    if not (run_path / "manifest.json").is_file():
-        raise GlasslabError(f"no run at {run_path} (no manifest.json): check the path or --name")
+    run = RunDir.open(Path(run_path))
+    run_path = run.path
     table = read_metrics(run_path)
     latest: dict[str, dict] = {}
     for name, step, stage, value in zip(*(table[c].to_pylist() for c in ("name", "step", "stage", "value"))):
@@ -57,11 +69,11 @@ def probe_summary(run_path: Path) -> dict:
         kind, _, target = name.partition("/")
         if kind in BLOCK_COLUMNS and target and unit_of(target) == target:
             blocks.setdefault(target, {})[kind] = entry
-        elif kind.startswith("attn_") and HEAD.fullmatch(target):
+        elif kind in ATTENTION_FAMILIES and HEAD.fullmatch(target):
             heads.setdefault(target, {})[kind] = entry
-    by_pos = {n.partition("/")[2]: e for n, e in latest.items() if n.startswith("loss_by_pos/")}
-    ci95 = {n.partition("/")[2]: e for n, e in latest.items() if n.startswith("loss_by_pos_ci95/")}
-    spikes = [json.loads(p.read_text()) for p in sorted((run_path / "spikes").glob("step-*.json"))]
+    by_pos = {n.partition("/")[2]: e for n, e in latest.items() if family_of(n) == LOSS_BY_POS}
+    ci95 = {n.partition("/")[2]: e for n, e in latest.items() if family_of(n) == LOSS_BY_POS_CI95}
+    spikes = [json.loads(p.read_text()) for _, p in run.spike_files()]
     return {
         "run": str(run_path),
         "blocks": {b: blocks[b] for b in sorted(blocks, key=natural_key)},

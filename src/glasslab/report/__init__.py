@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from glasslab.track.atomic import write_text_atomic
+from glasslab.track.rundir import RunDir
 
 
 def build_report(run_path: Path) -> Path:
@@ -16,6 +17,6 @@ def build_report(run_path: Path) -> Path:
     run = load_run(Path(run_path))
     status = run.manifest.get("status", "?")
     subtitle = f"{run.path} · {status} · stages {', '.join(run.stages) or 'none yet'}"
-    out = run.path / "report.html"
+    out = RunDir(run.path).report_path
     write_text_atomic(out, render_page(f"glasslab run: {run.name}", build_sections(run), subtitle=subtitle))
     return out

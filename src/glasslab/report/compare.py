@@ -16,6 +16,7 @@ from glasslab.report.html import table
 from glasslab.report.rundata import RunData, load_run
 from glasslab.report.sections import Section
 from glasslab.track.atomic import write_text_atomic
+from glasslab.track.layout import LOSS_BY_POS, LOSS_BY_POS_CI95, family_of
 
 Align = Literal["step", "tokens"]
 
@@ -56,7 +57,7 @@ def headline_names(runs: list[RunData], pattern: str | None) -> list[str]:
         if not picked:
             raise GlasslabError(f"no metric matches '{pattern}': try one of {', '.join(sorted(names)[:8])}, ...")
     else:
-        picked = [n for n in names if "blocks." not in n and not n.startswith(("loss_by_pos/", "loss_by_pos_ci95/"))]
+        picked = [n for n in names if "blocks." not in n and family_of(n) not in (LOSS_BY_POS, LOSS_BY_POS_CI95)]
     return sorted(picked, key=F.natural_key)
 
 

@@ -7,19 +7,15 @@ gives a RunData with only those parts, and the report shows only the sections th
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomllib
 
-from glasslab.errors import GlasslabError
 from glasslab.track.atomic import read_jsonl
 from glasslab.track.metrics import read_metrics
-
-_STEP_FILE = re.compile(r"step-(\d+)\.(json|jsonl)")
+from glasslab.track.rundir import RunDir
 
 
 @dataclass
@@ -69,34 +65,21 @@ class RunData:
 
 
 def load_run(path: Path) -> RunData:
-    """Read a run directory; a missing manifest is the only fatal problem."""
-    path = Path(path)
-    manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        raise GlasslabError(f"no run at {path} (no manifest.json): pass a run directory like runs/my-run")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except ValueError as e:
-        raise GlasslabError(
-            f"manifest {manifest_path} is not valid JSON ({e}): fix or delete that run directory"
-        ) from e
-    config_text = (path / "config.toml").read_text() if (path / "config.toml").is_file() else ""
-    try:
-        config = tomllib.loads(config_text)
-    except tomllib.TOMLDecodeError as e:
-        raise GlasslabError(f"{path / 'config.toml'} is not valid TOML ({e}): fix or delete that run directory") from e
+    """Read a run directory through RunDir; a missing manifest is the only fatal problem."""
+    run = RunDir.open(Path(path))
+    config_text = run.config_text()
     return RunData(
-        path=path,
-        manifest=manifest,
-        config=config,
+        path=run.path,
+        manifest=dict(run.read_manifest()),
+        config=run.read_config(),
         config_text=config_text,
-        metrics=_metric_series(path),
-        events=read_jsonl(path / "events.jsonl"),
-        samples=read_jsonl(path / "samples.jsonl"),
-        spikes=_spike_dossiers(path / "spikes"),
-        rollouts={step: read_jsonl(p) for step, p in _step_files(path / "rollouts", "jsonl")},
-        evals={p.stem: read_jsonl(p) for p in sorted((path / "eval").glob("*.jsonl"))},
-        final_eval=_json_or_empty(path / "eval" / "final.json"),
+        metrics=_metric_series(run.path),
+        events=run.events(),
+        samples=run.samples(),
+        spikes=_spike_dossiers(run),
+        rollouts={step: read_jsonl(p) for step, p in run.rollout_files()},
+        evals={p.stem: read_jsonl(p) for p in run.eval_tables()},
+        final_eval=run.read_final_eval(),
     )
 
 
@@ -123,26 +106,9 @@ def _metric_series(path: Path) -> dict[str, dict[str, Series]]:
     return out
 
 
-def _json_or_empty(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _step_files(directory: Path, ext: str) -> list[tuple[int, Path]]:
-    if not directory.is_dir():
-        return []
-    found = [
-        (int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_FILE.fullmatch(p.name)) and m.group(2) == ext
-    ]
-    return sorted(found)
-
-
-def _spike_dossiers(directory: Path) -> list[dict]:
+def _spike_dossiers(run: RunDir) -> list[dict]:
     dossiers = []
-    for step, p in _step_files(directory, "json"):
+    for step, p in run.spike_files():
         try:
             dossier = json.loads(p.read_text())
         except ValueError:  # being written right now, or torn: the next report picks it up

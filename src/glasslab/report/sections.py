@@ -20,37 +20,39 @@ import numpy as np
 from glasslab.report import figures as F
 from glasslab.report.html import kv_table, paragraph, records_table, table
 from glasslab.report.rundata import RunData, Series
+from glasslab.track import layout
 
 COLLAPSE_THRESHOLD = 0.15  # normalised attention entropy below this = a collapsed head
 
-GRADIENT_FAMILIES = {
-    "grad_norm": "Gradient norm",
-    "update_ratio": "Update / weight ratio",
-    "update_norm": "Update norm",
-    "weight_norm": "Weight norm",
-    "adam_m_norm": "Adam first-moment norm",
-    "adam_v_norm": "Adam second-moment norm",
+# How the probe families of glasslab.track.layout are shown: one entry per family, in the order shown.
+GRADIENT_TITLES = {
+    layout.GRAD_NORM: "Gradient norm",
+    layout.UPDATE_RATIO: "Update / weight ratio",
+    layout.UPDATE_NORM: "Update norm",
+    layout.WEIGHT_NORM: "Weight norm",
+    layout.ADAM_M_NORM: "Adam first-moment norm",
+    layout.ADAM_V_NORM: "Adam second-moment norm",
 }
-ATTENTION_FAMILIES = {
-    "attn_entropy_norm": (
+ATTENTION_TITLES = {
+    layout.ATTN_ENTROPY_NORM: (
         "Normalised attention entropy",
         "entropy / ln(number of keys the query can attend): 1 = uniform, 0 = one key; mean over the real queries "
         "that can attend 2 or more keys (query 0 and padding left out)",
     ),
-    "attn_entropy": (
+    layout.ATTN_ENTROPY: (
         "Attention entropy (nats)",
         "entropy of each query's attention row, mean over the real queries that can attend 2 or more keys",
     ),
-    "attn_max_logit": ("Maximum attention logit", "largest pre-softmax q·k/√d: its growth precedes instability"),
-    "attn_bos": (
+    layout.ATTN_MAX_LOGIT: ("Maximum attention logit", "largest pre-softmax q·k/√d: its growth precedes instability"),
+    layout.ATTN_BOS: (
         "Attention on <|bos|> (sink)",
         "attention mass on the <|bos|> keys in view, mean over the queries that have one in view",
     ),
 }
-ACTIVATION_FAMILIES = {
-    "act_rms": ("Residual stream RMS", False),
-    "act_max": ("Residual stream max |x|", True),
-    "act_kurtosis": ("Residual stream kurtosis", True),
+ACTIVATION_TITLES = {  # family -> (title, log scale)
+    layout.ACT_RMS: ("Residual stream RMS", False),
+    layout.ACT_MAX: ("Residual stream max |x|", True),
+    layout.ACT_KURTOSIS: ("Residual stream kurtosis", True),
 }
 _LAYER = re.compile(r"blocks\.\d+")
 _HEAD = re.compile(r"blocks\.\d+\.h\d+")
@@ -89,6 +91,11 @@ def _with_prefix(metrics: dict[str, Series], prefix: str) -> list[str]:
     return sorted((n for n in metrics if n.startswith(prefix)), key=F.natural_key)
 
 
+def _family(metrics: dict[str, Series], family: str) -> list[str]:
+    """The metrics of one family (glasslab.track.layout), in natural order."""
+    return _with_prefix(metrics, layout.metric(family, ""))
+
+
 def _rows(metrics: dict[str, Series], names: list[str], prefix: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
     return [(n[len(prefix) :], metrics[n].steps, metrics[n].values) for n in names]
 
@@ -99,10 +106,10 @@ def _lines_of(metrics: dict[str, Series], names: list[str], title: str, **kw: An
 
 def _stage_label(stage: str) -> str:
     return {
-        "pretrain": "pretraining",
-        "sft": "supervised fine-tuning",
-        "rl": "reinforcement learning",
-        "eval": "final evaluation",
+        layout.PRETRAIN: "pretraining",
+        layout.SFT: "supervised fine-tuning",
+        layout.RL: "reinforcement learning",
+        layout.EVAL: "final evaluation",
     }.get(stage, stage)
 
 
@@ -137,7 +144,7 @@ def overview(run: RunData) -> Section:
         names = [
             n for n in ("train/loss", "val/loss", "val/bpb", "rl/reward_mean", "rl/kl_ref") if n in run.metrics[stage]
         ]
-        names += sorted(n for n in run.metrics[stage] if n.startswith("eval/") and n.endswith("/accuracy"))
+        names += sorted(n for n in _family(run.metrics[stage], layout.EVAL_FAMILY) if n.endswith("/accuracy"))
         headline += [(stage, n, run.metrics[stage][n].steps[-1], run.metrics[stage][n].last) for n in names]
     if headline:
         sec.html("<h3>Final values</h3>" + table(["stage", "metric", "step", "value"], headline))
@@ -162,7 +169,7 @@ def config_section(run: RunData) -> Section | None:
         sec.html(paragraph(f"Model: {arch}."))
     rows = []
     for stage in run.manifest.get("pipeline") or run.stages:  # [train] is pretraining's; [sft.train], [rl.train]
-        t = run.config.get("train", {}) if stage == "pretrain" else run.config.get(stage, {}).get("train", {})
+        t = run.config.get("train", {}) if stage == layout.PRETRAIN else run.config.get(stage, {}).get("train", {})
         if t:
             rows.append(
                 (
@@ -217,7 +224,7 @@ def stage_section(run: RunData, stage: str, claims: Claims) -> Section | None:
     add("Validation bits per byte", ["val/bpb"])
     add("Validation perplexity", ["val/ppl"], ylog=True)
     add("z-loss term (mean squared log Z)", ["train/z_loss"])
-    for name in claims.free(stage, _with_prefix(m, "train/") + _with_prefix(m, "val/")):
+    for name in claims.free(stage, _family(m, layout.TRAIN_FAMILY) + _family(m, layout.VAL_FAMILY)):
         add(name, [name])
     add("Learning rate", ["optim/lr"])
     if "optim/grad_norm" in m:
@@ -227,7 +234,7 @@ def stage_section(run: RunData, stage: str, claims: Claims) -> Section | None:
             note = f"clipping fired on {int(np.nansum(clipped > 0.5))} of {len(clipped)} steps"
             claims.take(stage, ["optim/clipped"])
         add("Gradient norm (before clipping)", ["optim/grad_norm"], ylog=True, note=note)
-    for name in claims.free(stage, _with_prefix(m, "optim/")):
+    for name in claims.free(stage, _family(m, layout.OPTIM_FAMILY)):
         add(name, [name])
     _eval_items(stage, m, sec, claims)
     samples = [s for s in run.samples if s.get("stage") == stage]
@@ -243,7 +250,7 @@ def stage_section(run: RunData, stage: str, claims: Claims) -> Section | None:
 
 def _rl_figures(run: RunData, stage: str, sec: Section, claims: Claims, add: Callable[..., None]) -> None:
     m = run.metrics[stage]
-    if not any(n.startswith("rl/") for n in m):
+    if not any(layout.family_of(n) == layout.RL_FAMILY for n in m):
         return
     hacking = [e for e in run.events if e.get("kind") == "hacking" and e.get("stage") in (stage, None)]
     if hacking:
@@ -265,12 +272,13 @@ def _rl_figures(run: RunData, stage: str, sec: Section, claims: Claims, add: Cal
     add("Groups whose rewards do not vary (share)", ["rl/frac_reward_zero_std"])
     add("Advantages", _with_prefix(m, "rl/advantage_"))
     add("Repetition (n-gram repeat rate)", ["rl/repeat_rate"])
-    for name in claims.free(stage, _with_prefix(m, "rl/")):
+    for name in claims.free(stage, _family(m, layout.RL_FAMILY)):
         add(name, [name])
-    if stage == "rl" and run.rollouts:
+    if stage == layout.RL and run.rollouts:
         step = max(run.rollouts)
+        source = f"{layout.ROLLOUTS}/{layout.rollout_name(step)}"
         sec.html(
-            f"<h3>Rollouts at step {step}</h3><p class='muted'>rollouts/step-{step}.jsonl; saved at steps "
+            f"<h3>Rollouts at step {step}</h3><p class='muted'>{source}; saved at steps "
             f"{', '.join(map(str, sorted(run.rollouts)))}</p>"
             + records_table(
                 run.rollouts[step], limit=16, first=("prompt", "completion", "reward", "rewards", "advantage")
@@ -280,7 +288,7 @@ def _rl_figures(run: RunData, stage: str, sec: Section, claims: Claims, add: Cal
 
 def _eval_items(stage: str, m: dict[str, Series], sec: Section, claims: Claims) -> None:
     """eval/<task>/<metric>: curves when logged at several steps, a table otherwise."""
-    names = claims.take(stage, _with_prefix(m, "eval/"))
+    names = claims.take(stage, _family(m, layout.EVAL_FAMILY))
     by_task: dict[str, list[str]] = {}
     for n in names:
         by_task.setdefault(n.split("/")[1], []).append(n)
@@ -332,7 +340,7 @@ def gradients_section(run: RunData, claims: Claims) -> Section | None:
     )
     for stage in run.stages:
         m = run.metrics[stage]
-        for fam, title in GRADIENT_FAMILIES.items():
+        for fam, title in GRADIENT_TITLES.items():
             prefix = f"{fam}/"
             names = claims.take(stage, _with_prefix(m, prefix))
             coarse = [n for n in names if _LAYER.fullmatch(n[len(prefix) :]) or "blocks." not in n]
@@ -352,12 +360,12 @@ def attention_section(run: RunData, claims: Claims) -> Section | None:
     )
     for stage in run.stages:
         m = run.metrics[stage]
-        for fam, (title, meaning) in ATTENTION_FAMILIES.items():
+        for fam, (title, meaning) in ATTENTION_TITLES.items():
             prefix = f"{fam}/"
             names = claims.take(stage, _with_prefix(m, prefix))
             heads = [n for n in names if _HEAD.fullmatch(n[len(prefix) :])]
             others = [n for n in names if n not in heads]
-            normalised = fam == "attn_entropy_norm"
+            normalised = fam == layout.ATTN_ENTROPY_NORM
             if heads:
                 sec.figure(
                     F.heatmap(
@@ -403,7 +411,7 @@ def activations_section(run: RunData, claims: Claims) -> Section | None:
     )
     for stage in run.stages:
         m = run.metrics[stage]
-        for fam, (title, ylog) in ACTIVATION_FAMILIES.items():
+        for fam, (title, ylog) in ACTIVATION_TITLES.items():
             prefix = f"{fam}/"
             names = claims.take(stage, _with_prefix(m, prefix))
             coarse = [n for n in names if _LAYER.fullmatch(n[len(prefix) :]) or "blocks." not in n]
@@ -416,7 +424,7 @@ def activations_section(run: RunData, claims: Claims) -> Section | None:
             "logits/max": "Maximum output logit",
             "logits/log_z_mean": "Mean log Z (log-partition of the output logits)",
         }
-        for name in claims.take(stage, _with_prefix(m, "logits/")):
+        for name in claims.take(stage, _family(m, layout.LOGITS_FAMILY)):
             sec.figure(_lines_of(m, [name], f"{titles.get(name, name)} ({stage})"))
     return sec if sec.items else None
 
@@ -431,11 +439,12 @@ def positions_section(run: RunData, claims: Claims) -> Section | None:
     )
     for stage in run.stages:
         m = run.metrics[stage]
-        names = claims.take(stage, _with_prefix(m, "loss_by_pos/"))
-        halves = set(claims.take(stage, _with_prefix(m, "loss_by_pos_ci95/")))
+        names = claims.take(stage, _family(m, layout.LOSS_BY_POS))
+        halves = set(claims.take(stage, _family(m, layout.LOSS_BY_POS_CI95)))
         if not names:
             continue
-        buckets = [(F.position_bucket(n[len("loss_by_pos/") :]), n) for n in names]
+        prefix = layout.metric(layout.LOSS_BY_POS, "")
+        buckets = [(F.position_bucket(n[len(prefix) :]), n) for n in names]
         if all(b is not None for b, _ in buckets):
             xs = np.array([(b[0] + b[1]) / 2 for b, _ in buckets])
             xlabel = "token position (bucket middle)"
@@ -449,7 +458,7 @@ def positions_section(run: RunData, claims: Claims) -> Section | None:
             ys = np.array([_value_at(m[n], step) for _, n in buckets])
             half = np.array([_value_at(m[_ci_name(n)], step) if _ci_name(n) in halves else np.nan for _, n in buckets])
             series.append((f"step {step}", xs[order], ys[order], half[order]))
-        labels = ", ".join(n[len("loss_by_pos/") :] for _, n in buckets)
+        labels = ", ".join(n[len(prefix) :] for _, n in buckets)
         sec.figure(
             F.interval_lines(
                 f"Loss by position ({stage})",
@@ -464,7 +473,7 @@ def positions_section(run: RunData, claims: Claims) -> Section | None:
 
 def _ci_name(name: str) -> str:
     """`loss_by_pos/004-007` -> `loss_by_pos_ci95/004-007`, the half-width of its 95% interval."""
-    return "loss_by_pos_ci95/" + name.removeprefix("loss_by_pos/")
+    return layout.metric(layout.LOSS_BY_POS_CI95, name.removeprefix(layout.metric(layout.LOSS_BY_POS, "")))
 
 
 def _value_at(s: Series, step: int) -> float:
@@ -484,7 +493,7 @@ def spikes_section(run: RunData, claims: Claims) -> Section | None:
         "before, which block departed first, and which rows and tokens carried the loss.",
     )
     for stage in run.stages:
-        names = claims.take(stage, _with_prefix(run.metrics[stage], "spike/"))
+        names = claims.take(stage, _family(run.metrics[stage], layout.SPIKE_FAMILY))
         if names:
             sec.figure(
                 _lines_of(
@@ -602,14 +611,14 @@ def timing_section(run: RunData, claims: Claims) -> Section | None:
                 float(np.nanmedian(step_s.values)) if step_s else None,
             )
         )
-        names = claims.take(stage, _with_prefix(m, "throughput/") + _with_prefix(m, "time/"))
+        names = claims.take(stage, _family(m, layout.THROUGHPUT_FAMILY) + _family(m, layout.TIME_FAMILY))
         if "throughput/tokens_per_s" in names:
             sec.figure(_lines_of(m, ["throughput/tokens_per_s"], f"Throughput, tokens/s ({stage})"))
-        parts = [n for n in names if n.startswith("time/")]
+        parts = [n for n in names if layout.family_of(n) == layout.TIME_FAMILY]
         if parts:
             sec.figure(_lines_of(m, parts, f"Time per step, seconds ({stage})", ylog=True))
         for n in names:
-            if n.startswith("throughput/") and n != "throughput/tokens_per_s":
+            if layout.family_of(n) == layout.THROUGHPUT_FAMILY and n != "throughput/tokens_per_s":
                 sec.figure(_lines_of(m, [n], f"{n} ({stage})"))
     if rows:
         sec.html(table(["stage", "last step", "wall time (s)", "median tokens/s", "median step time (s)"], rows))

@@ -3,7 +3,6 @@ step's time."""
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import Protocol
@@ -12,7 +11,9 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
+from glasslab.track import layout
 from glasslab.track.atomic import append_jsonl, write_bytes_atomic
+from glasslab.track.rundir import RunDir
 from glasslab.train.distributed import is_main
 from glasslab.train.loop import Hook, StepContext
 
@@ -25,10 +26,6 @@ class HasReference(Protocol):
     def reset_reference(self, weights: dict[str, Tensor]) -> None: ...
 
 
-_REFERENCE = re.compile(r"reference-step-(\d+)\.safetensors")
-_STEP_DIR = re.compile(r"step-(\d+)")
-
-
 class ReferenceReset(Hook):
     """Every `every` steps the reference policy becomes a copy of the current policy, so the KL penalty anchors
     to a recent policy instead of the SFT model (as in TRL's sync_ref_model). Each new reference is saved
@@ -37,12 +34,13 @@ class ReferenceReset(Hook):
 
     every_rank = True  # every rank's reference must change together, or their KL terms differ
 
-    def __init__(self, objective: HasReference, every: int, directory: Path) -> None:
-        self.objective, self.every, self.directory = objective, every, Path(directory)
+    def __init__(self, objective: HasReference, every: int, run: RunDir) -> None:
+        self.objective, self.every, self.run = objective, every, run
+        self.directory = run.stage_checkpoints_dir(layout.RL)
 
     def _saved(self) -> dict[int, Path]:
-        files = self.directory.glob("reference-step-*.safetensors") if self.directory.is_dir() else ()
-        return {int(m[1]): f for f in files if (m := _REFERENCE.fullmatch(f.name))}
+        files = self.directory.iterdir() if self.directory.is_dir() else ()
+        return {step: f for f in files if (step := layout.step_of_reference(f)) is not None}
 
     def on_train_start(self, ctx: StepContext) -> None:
         saved = {s: f for s, f in self._saved().items() if s <= ctx.step}
@@ -57,7 +55,7 @@ class ReferenceReset(Hook):
         if not is_main():
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(self.directory / f"reference-step-{ctx.step:07d}.safetensors", safetensors_bytes(weights))
+        write_bytes_atomic(self.run.reference_path(ctx.step), safetensors_bytes(weights))
         ctx.run.log_event(
             "notice", f"reference policy reset to the policy at step {ctx.step}", step=ctx.step, stage=ctx.stage
         )
@@ -65,7 +63,7 @@ class ReferenceReset(Hook):
 
     def _prune(self) -> None:
         """Keep the references any remaining checkpoint can resume with: from the one in force at the oldest."""
-        ckpts = [int(m[1]) for d in self.directory.iterdir() if (m := _STEP_DIR.fullmatch(d.name))]
+        ckpts = [step for d in self.directory.iterdir() if (step := layout.step_of_checkpoint(d)) is not None]
         saved = self._saved()
         floor = max((s for s in saved if s <= min(ckpts, default=0)), default=None)
         for s, f in saved.items():
@@ -77,14 +75,14 @@ class RolloutTable(Hook):
     """Every `every` steps, the step's completions with their scores (and advantages, for GRPO) go to
     rollouts/step-N.jsonl: the raw material behind every reward curve."""
 
-    def __init__(self, directory: Path, every: int) -> None:
-        self.directory, self.every = Path(directory), every
+    def __init__(self, run: RunDir, every: int) -> None:
+        self.run, self.every = run, every
 
     def on_optimizer_step(self, ctx: StepContext) -> None:
         if not self.every or ctx.step % self.every:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"step-{ctx.step}.jsonl"
+        path = self.run.rollout_path(ctx.step)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)  # a resumed run writes the step again
         for record in ctx.batch.records():
             append_jsonl(path, {"step": ctx.step, **record})

@@ -1,19 +1,17 @@
 """Stage scripts: each wires data, model and an objective into the one training loop.
 
 Every stage has the signature `stage(cfg, run, *, init=None, hooks=(), progress=None)`, where `init` is a
-checkpoint directory whose weights start the stage (None: the run's own previous stage, or scratch).
+checkpoint directory whose weights start the stage (None: the run's own previous stage, or scratch). Stage
+`<name>` (a name in glasslab.track.layout.PIPELINE) is the function `<name>` of module `glasslab.stages.<name>`.
 """
 
 from collections.abc import Callable
 from importlib import import_module
 
-STAGES = {
-    "pretrain": "glasslab.stages.pretrain:pretrain",
-    "sft": "glasslab.stages.sft:sft",
-    "rl": "glasslab.stages.rl:rl",
-}
+from glasslab.track.layout import PIPELINE
 
 
 def get_stage(name: str) -> Callable:
-    module, fn = STAGES[name].split(":")
-    return getattr(import_module(module), fn)
+    if name not in PIPELINE:
+        raise ValueError(f"stage must be one of {PIPELINE}, got {name!r}")
+    return getattr(import_module(f"glasslab.stages.{name}"), name)

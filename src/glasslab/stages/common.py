@@ -40,11 +40,6 @@ def setup_runtime(system: SystemConfig, seed: int) -> torch.device:
     return torch.device(system.device)
 
 
-def cache_dir(run: RunDir) -> Path:
-    """Token shards are cached beside the runs, shared by every run on the same data and tokenizer."""
-    return run.path.parent / ".cache"
-
-
 def save_config(run: RunDir, cfg: Config) -> None:
     if is_main():
         write_text_atomic(run.config_path, cfg.to_toml())

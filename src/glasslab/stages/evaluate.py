@@ -15,9 +15,10 @@ from glasslab.data.tokenizer import Tokenizer
 from glasslab.envs import get_env
 from glasslab.errors import GlasslabError
 from glasslab.model.gpt import GPT
-from glasslab.stages.common import cache_dir, documents, load_model, load_run_config, setup_runtime
+from glasslab.stages.common import documents, load_model, load_run_config, setup_runtime
 from glasslab.track.atomic import write_text_atomic
-from glasslab.track.checkpoint import latest_checkpoint
+from glasslab.track.checkpoint import checkpoint_step, latest_checkpoint
+from glasslab.track.layout import EVAL, EVAL_FAMILY, PRETRAIN, VAL_FAMILY, metric
 from glasslab.track.metrics import MetricStore
 from glasslab.track.rundir import RunDir
 from glasslab.train.evaluate import EvalResult, evaluate_env
@@ -49,7 +50,7 @@ def evaluate_run(
     device = setup_runtime(cfg.system, seed)
     model, tok, _ = load_model(run, device)
     ckpt = latest_checkpoint(run.checkpoints_dir)
-    step = json.loads((ckpt / "state.json").read_text())["step"]
+    step = checkpoint_step(ckpt)
     result = evaluate_env(
         model,
         tok,
@@ -64,9 +65,10 @@ def evaluate_run(
     )
     text_metrics = held_out_text(run, model, tok, device) if text else {}
     with MetricStore(run.metrics_db_path) as store:
-        store.log(step, "eval", result.metrics() | {f"eval/text/{name}": v for name, v in text_metrics.items()})
+        text_values = {metric(EVAL_FAMILY, "text", name): v for name, v in text_metrics.items()}
+        store.log(step, EVAL, result.metrics() | text_values)
         store.compact(run.metrics_parquet_path)
-    table = run.path / "eval" / f"{task.replace(':', '-').replace('/', '-')}-seed{seed}.jsonl"
+    table = run.eval_table_path(task, seed)
     table.parent.mkdir(exist_ok=True)
     write_text_atomic(table, "".join(json.dumps(r) + "\n" for r in result.records))
     return TaskEvaluation(result, text_metrics, ckpt, step, table)
@@ -79,7 +81,7 @@ def held_out_text(run: RunDir, model: GPT, tok: Tokenizer, device: torch.device)
     from glasslab.objectives.lm import LanguageModeling
 
     source = run
-    while "pretrain" not in source.read_manifest().get("stages_done", []):
+    while PRETRAIN not in source.read_manifest().get("stages_done", []):
         parent = source.read_manifest().get("parent")
         if not parent:
             raise GlasslabError(
@@ -87,7 +89,7 @@ def held_out_text(run: RunDir, model: GPT, tok: Tokenizer, device: torch.device)
             )
         source = RunDir.open(Path(parent))
     cfg = load_run_config(source)
-    splits = build_token_splits(documents(cfg), tok, cache_dir(source), cfg.data.val_fraction, cfg.seed)
+    splits = build_token_splits(documents(cfg), tok, source.token_cache_dir, cfg.data.val_fraction, cfg.seed)
     lm = LanguageModeling(
         splits,
         tok,
@@ -98,4 +100,4 @@ def held_out_text(run: RunDir, model: GPT, tok: Tokenizer, device: torch.device)
         seed=cfg.seed,
         device=device,
     )
-    return {name.removeprefix("val/"): v for name, v in lm.evaluate(model).items()}
+    return {name.removeprefix(metric(VAL_FAMILY, "")): v for name, v in lm.evaluate(model).items()}

@@ -17,10 +17,9 @@ from glasslab.config import Config
 from glasslab.stages import get_stage
 from glasslab.stages.common import load_model, setup_runtime
 from glasslab.track.atomic import write_json_atomic
+from glasslab.track.layout import EVAL, EVAL_FAMILY, PRETRAIN, RL, SFT, metric
 from glasslab.track.metrics import MetricStore, read_metrics
 from glasslab.track.rundir import RunDir
-
-PIPELINE = ("pretrain", "sft", "rl")
 
 
 def run_pipeline(
@@ -47,7 +46,7 @@ def final_evaluation(cfg: Config, run: RunDir) -> dict[str, dict]:
     results: dict[str, dict] = {}
     done = run.read_manifest().get("stages_done", [])
     with MetricStore(run.metrics_db_path) as store:
-        for stage in ("sft", "rl"):
+        for stage in (SFT, RL):
             if stage not in done:
                 continue
             model, tok, _ = load_model(run, device, stage=stage)
@@ -66,12 +65,14 @@ def final_evaluation(cfg: Config, run: RunDir) -> dict[str, dict]:
                     task=task,
                 )
                 results[stage][task] = res.as_dict()
-                values = {f"eval/{task}/after_{stage}/accuracy": res.accuracy}
-                values |= {f"eval/{task}/after_{stage}/pass@{k}": v for k, v in res.pass_at_k.items()}
-                store.log(0, "eval", values)
+                values = {metric(EVAL_FAMILY, task, f"after_{stage}", "accuracy"): res.accuracy}
+                values |= {
+                    metric(EVAL_FAMILY, task, f"after_{stage}", f"pass@{k}"): v for k, v in res.pass_at_k.items()
+                }
+                store.log(0, EVAL, values)
         store.compact(run.metrics_parquet_path)
-    (run.path / "eval").mkdir(exist_ok=True)
-    write_json_atomic(run.path / "eval" / "final.json", results)
+    run.eval_dir.mkdir(exist_ok=True)
+    write_json_atomic(run.final_eval_path, results)
     return results
 
 
@@ -81,9 +82,9 @@ def headline(run: RunDir) -> dict[str, Any]:
     last: dict[tuple[str, str], float] = {}
     for row in table:
         last[(row["stage"], row["name"])] = row["value"]
-    out: dict[str, Any] = {"run": str(run.path), "val_bpb": last.get(("pretrain", "val/bpb"))}
+    out: dict[str, Any] = {"run": str(run.path), "val_bpb": last.get((PRETRAIN, "val/bpb"))}
     for (stage, name), value in last.items():
-        if stage == "eval" and name.endswith("/accuracy"):
+        if stage == EVAL and name.endswith("/accuracy"):
             out[name] = value
     manifest = run.read_manifest()
     out |= {k: manifest.get(k) for k in ("status", "wall_time_s", "peak_rss_mb", "report")}
@@ -95,7 +96,7 @@ def finalize(cfg: Config, run: RunDir, *, report: bool, started: float) -> dict[
     manifest gets the job's wall time (summed over resumed sessions; `started` is this session's time.time())
     and its peak memory."""
     manifest = run.read_manifest()
-    if {"sft", "rl"} & set(manifest.get("pipeline", [])):
+    if {SFT, RL} & set(manifest.get("pipeline", [])):
         final_evaluation(cfg, run)
 
     def record_resources() -> None:

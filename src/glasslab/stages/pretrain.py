@@ -10,7 +10,7 @@ from glasslab.data.tokens import build_token_splits
 from glasslab.model.gpt import GPT
 from glasslab.objectives.lm import LanguageModeling
 from glasslab.probes import build_probes
-from glasslab.stages.common import cache_dir, documents, save_config, setup_runtime, stage_run, tokenizer_for
+from glasslab.stages.common import documents, save_config, setup_runtime, stage_run, tokenizer_for
 from glasslab.track.rundir import RunDir
 from glasslab.train.distributed import rank, world_size
 from glasslab.train.loop import Hook, train
@@ -31,7 +31,7 @@ def pretrain(
     tokenizer = tokenizer_for(run, cfg, docs)
     cfg.model.vocab_size = tokenizer.vocab_size
     save_config(run, cfg)
-    splits = build_token_splits(docs, tokenizer, cache_dir(run), cfg.data.val_fraction, cfg.seed)
+    splits = build_token_splits(docs, tokenizer, run.token_cache_dir, cfg.data.val_fraction, cfg.seed)
     model = GPT(cfg.model).to(device)
     objective = LanguageModeling(
         splits,

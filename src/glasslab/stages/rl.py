@@ -22,6 +22,7 @@ from glasslab.rl.hacking import HackingDetectors, HackingHook
 from glasslab.rl.hooks import ReferenceReset, RolloutTable, TrainingTime
 from glasslab.stages.common import load_weights, setup_runtime, stage_run, stage_tokenizer
 from glasslab.track.checkpoint import latest_checkpoint
+from glasslab.track.layout import SFT
 from glasslab.track.rundir import RunDir
 from glasslab.train.distributed import rank
 from glasslab.train.loop import Hook, train
@@ -63,7 +64,7 @@ def rl(
     device = setup_runtime(cfg.system, cfg.seed)
     run.update_manifest(device=str(device), seed=cfg.seed)
     tok = stage_tokenizer(cfg, run, "rl")
-    start = init or latest_checkpoint(run.checkpoints_dir, "sft")
+    start = init or latest_checkpoint(run.checkpoints_dir, SFT)
     if start is None:
         raise GlasslabError(f"run {run.path} has no SFT checkpoint to start RL from: run `glasslab sft` first")
     model, ref = GPT(cfg.model), GPT(cfg.model)
@@ -76,9 +77,9 @@ def rl(
     objective = algo(
         env, tok, ref, cfg.rl, cfg.eval, seed=cfg.seed, device=device, rank=rank(), retention=retention_envs(cfg)
     )
-    stage_hooks: list[Hook] = [TrainingTime(), RolloutTable(run.path / "rollouts", cfg.rl.table_every)]
+    stage_hooks: list[Hook] = [TrainingTime(), RolloutTable(run, cfg.rl.table_every)]
     if cfg.rl.ref_reset_every:
-        stage_hooks.append(ReferenceReset(objective, cfg.rl.ref_reset_every, run.checkpoints_dir / objective.stage))
+        stage_hooks.append(ReferenceReset(objective, cfg.rl.ref_reset_every, run))
     stage_hooks.append(HackingHook(HackingDetectors(cfg.rl.detect_window)))
     with stage_run(run, objective.stage) as store:
         if latest_checkpoint(run.checkpoints_dir, objective.stage) is None:

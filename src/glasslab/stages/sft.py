@@ -20,8 +20,9 @@ from glasslab.errors import GlasslabError
 from glasslab.model.gpt import GPT
 from glasslab.objectives.sft import Example, SupervisedFineTuning, check_fits, env_conversations, to_example
 from glasslab.probes import build_probes
-from glasslab.stages.common import cache_dir, documents, load_weights, setup_runtime, stage_run, stage_tokenizer
+from glasslab.stages.common import documents, load_weights, setup_runtime, stage_run, stage_tokenizer
 from glasslab.track.checkpoint import latest_checkpoint
+from glasslab.track.layout import PRETRAIN, SFT
 from glasslab.track.rundir import RunDir
 from glasslab.train.distributed import rank
 from glasslab.train.loop import Hook, train
@@ -124,14 +125,14 @@ def sft(
     run.update_manifest(device=str(device), seed=cfg.seed)
     tok = stage_tokenizer(cfg, run, "sft")
     model = GPT(cfg.model)
-    if latest_checkpoint(run.checkpoints_dir, "sft") is None:
-        init = init or latest_checkpoint(run.checkpoints_dir, "pretrain")
+    if latest_checkpoint(run.checkpoints_dir, SFT) is None:
+        init = init or latest_checkpoint(run.checkpoints_dir, PRETRAIN)
         if init is None:
             msg = f"run {run.path} has no pretrain checkpoint to fine-tune: pretrain first, or use `glasslab sft BASE_RUN`"
             raise GlasslabError(msg)
         load_weights(model, init, cfg)
     model.to(device)
-    objective = build_objective(cfg, tok, device, cache_dir(run))
+    objective = build_objective(cfg, tok, device, run.token_cache_dir)
     with stage_run(run, objective.stage) as store:
         train(
             model,

@@ -18,6 +18,7 @@ from glasslab.report.rundata import RunData, Series, load_run
 from glasslab.study.plan import Plan, PlannedRun
 from glasslab.study.spec import MetricSpec, StudySpec
 from glasslab.study.stats import Summary, summarize
+from glasslab.track.rundir import RunDir
 
 REDUCE = {"last": lambda v: v[-1], "max": np.nanmax, "min": np.nanmin, "mean": np.nanmean}
 ACROSS = {"mean": np.mean, "max": np.max, "min": np.min}
@@ -64,7 +65,7 @@ def collect(plan: Plan, runs_dir: Path) -> list[RunResult]:
 
 
 def _result(spec: StudySpec, planned: PlannedRun, path: Path) -> RunResult:
-    if not (path / "manifest.json").is_file():
+    if not RunDir(path).exists():
         return RunResult(
             planned.name, path, planned.seed, planned.levels, "missing", None, {m.title: None for m in spec.metrics}
         )

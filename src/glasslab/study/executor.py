@@ -20,7 +20,9 @@ from typing import Literal
 
 from glasslab.errors import GlasslabError
 from glasslab.study.plan import BASE_NAME, Plan, PlannedRun
+from glasslab.track import layout
 from glasslab.track.atomic import write_json_atomic
+from glasslab.track.rundir import RunDir
 
 # The same glasslab installation as this process, whatever PATH says.
 GLASSLAB = [sys.executable, "-c", "import sys; from glasslab.cli import main; sys.argv[0] = 'glasslab'; main()"]
@@ -35,12 +37,12 @@ def cpu_cores() -> int:
 def action_for(run_dir: Path, stages: list[str], *, retry_failed: bool = False) -> Action:
     """skip: completed with every stage done; failed: ended in an error (e.g. diverged) and is left as a
     result unless retried; resume: started but not finished (killed, interrupted); start: never started."""
-    manifest_path = run_dir / "manifest.json"
-    if not manifest_path.is_file():
+    run = RunDir(run_dir)
+    if not run.exists():
         return "start"
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except ValueError:
+        manifest = run.read_manifest()
+    except GlasslabError:  # not valid JSON
         return "failed"
     status = manifest.get("status")
     if status == "completed" and set(stages) <= set(manifest.get("stages_done", [])):
@@ -78,7 +80,7 @@ def command_for(run: PlannedRun, plan: Plan, runs_dir: Path, action: Action, thr
 def claim_study_dir(plan: Plan, study_dir: Path) -> None:
     """Record the plan in plan.json; a run already there under the same name must have been made the same way
     (adding seeds or levels to a study is fine, changing what a name means is not)."""
-    path = study_dir / "plan.json"
+    path = study_dir / layout.STUDY_PLAN
     old = json.loads(path.read_text()) if path.is_file() else {}
     new = {
         r.name: {k: v for k, v in r.as_dict().items() if k != "levels"}
@@ -123,7 +125,7 @@ def execute(
     if workers < 1:
         raise GlasslabError(f"--workers {workers} must be at least 1")
     claim_study_dir(plan, study_dir)
-    runs_dir, logs = study_dir / "runs", study_dir / "logs"
+    runs_dir, logs = study_dir / layout.STUDY_RUNS, study_dir / layout.STUDY_LOGS
     runs_dir.mkdir(parents=True, exist_ok=True)
     logs.mkdir(exist_ok=True)
     cores = cpu_cores()
@@ -227,8 +229,8 @@ def _stop(running: list[_Job]) -> None:
 def _failure(run_dir: Path, log: Path) -> str:
     """Why a run failed: the manifest's message, else the log's last line."""
     try:
-        message = json.loads((run_dir / "manifest.json").read_text()).get("message")
-    except (OSError, ValueError):
+        message = RunDir.open(run_dir).read_manifest().get("message")
+    except GlasslabError:  # no manifest, or not valid JSON
         message = None
     if message:
         return message

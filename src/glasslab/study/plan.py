@@ -16,8 +16,9 @@ import tomli_w
 from glasslab.config import resolve
 from glasslab.errors import GlasslabError
 from glasslab.study.spec import DEFAULT, StudySpec
+from glasslab.track.layout import PRETRAIN, RL, SFT
 
-STEP_KEYS = {"pretrain": "train.steps", "sft": "sft.train.steps", "rl": "rl.train.steps"}
+STEP_KEYS = {PRETRAIN: "train.steps", SFT: "sft.train.steps", RL: "rl.train.steps"}
 BASE_NAME = "base"
 
 

@@ -20,11 +20,13 @@ from glasslab.study.aggregate import Cell, RunResult, cells, collect, mean_curve
 from glasslab.study.executor import Outcome
 from glasslab.study.findings import Finding, compute_findings, num, pm
 from glasslab.study.plan import Plan, level_text
+from glasslab.track import layout
 from glasslab.track.atomic import (
     write_bytes_atomic,
     write_json_atomic,
     write_text_atomic,
 )
+from glasslab.track.rundir import RunDir
 
 
 def _slug(text: str) -> str:
@@ -154,11 +156,11 @@ def build_study_report(
     from glasslab.report.page import render_page
 
     spec = plan.spec
-    results = collect(plan, study_dir / "runs")
+    results = collect(plan, study_dir / layout.STUDY_RUNS)
     all_cells = cells(results)
     findings = compute_findings(plan, results)
     vocab = next((r.vocab_size for r in results if r.vocab_size), None)
-    figures_dir = study_dir / "figures"
+    figures_dir = study_dir / layout.STUDY_FIGURES
     figures_dir.mkdir(parents=True, exist_ok=True)
     figure_files: list[str] = []
 
@@ -234,11 +236,11 @@ def build_study_report(
     sections.append(_values_section(spec, all_cells))
     sections.append(_runs_section(results, outcomes, study_dir))
     write_text_atomic(
-        study_dir / "report.html", render_page(f"glasslab study: {spec.name}", sections, subtitle=str(study_dir))
+        study_dir / layout.STUDY_REPORT, render_page(f"glasslab study: {spec.name}", sections, subtitle=str(study_dir))
     )
     summary = _summary(plan, study_dir, results, all_cells, findings, outcomes, wall_time_s, figure_files)
-    write_json_atomic(study_dir / "summary.json", summary)
-    write_text_atomic(study_dir / "findings.md", findings_markdown(plan, results, all_cells, findings))
+    write_json_atomic(study_dir / layout.STUDY_SUMMARY, summary)
+    write_text_atomic(study_dir / layout.STUDY_FINDINGS, findings_markdown(plan, results, all_cells, findings))
     return summary
 
 
@@ -294,7 +296,7 @@ def _runs_section(results: list[RunResult], outcomes: list[Outcome] | None, stud
     action = {o.name: o.action for o in outcomes or []}
     rows = []
     for r in results:
-        report = r.path / "report.html"
+        report = RunDir(r.path).report_path
         link = (
             f'<a href="{escape(str(report.relative_to(study_dir)))}">{escape(r.name)}</a>'
             if report.exists()
@@ -337,7 +339,7 @@ def _summary(
         {
             "study": plan.spec.name,
             "dir": str(study_dir),
-            "report": str(study_dir / "report.html"),
+            "report": str(study_dir / layout.STUDY_REPORT),
             "spec": plan.spec.model_dump(),
             "scale": plan.scale,
             "seeds": plan.seeds,

@@ -27,14 +27,14 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from glasslab.errors import GlasslabError
+from glasslab.track.layout import PIPELINE, PRETRAIN, RL, SFT
+from glasslab.track.layout import PipelineStage as Stage
 
-Stage = Literal["pretrain", "sft", "rl"]
-STAGE_ORDER: tuple[Stage, ...] = ("pretrain", "sft", "rl")
 # Config sections each stage reads: a factor may not vary one that a shared (computed-once) stage reads.
 STAGE_SECTIONS = {
-    "pretrain": {"model", "tokenizer", "data", "train"},
-    "sft": {"model", "tokenizer", "sft", "envs"},
-    "rl": set(),
+    PRETRAIN: {"model", "tokenizer", "data", "train"},
+    SFT: {"model", "tokenizer", "sft", "envs"},
+    RL: set(),
 }
 DEFAULT = "default"  # a factor value meaning: whatever the base recipe says
 
@@ -94,7 +94,7 @@ class StudySpec(_Strict):
     name: str
     description: str = ""
     preset: str = "tiny"
-    stages: list[Stage] = ["pretrain", "sft", "rl"]
+    stages: list[Stage] = list(PIPELINE)
     shared_stages: list[Stage] = []  # a prefix of `stages` computed once, in a base run every study run starts from
     seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
     base_seed: int | None = None  # the shared base run's seed (default: the first seed)
@@ -106,8 +106,8 @@ class StudySpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> StudySpec:
-        if [s for s in STAGE_ORDER if s in self.stages] != self.stages or not self.stages:
-            raise ValueError(f"stages {self.stages} must be some of {list(STAGE_ORDER)}, in that order")
+        if [s for s in PIPELINE if s in self.stages] != self.stages or not self.stages:
+            raise ValueError(f"stages {self.stages} must be some of {list(PIPELINE)}, in that order")
         if self.shared_stages and (
             self.shared_stages != self.stages[: len(self.shared_stages)] or self.shared_stages == self.stages
         ):

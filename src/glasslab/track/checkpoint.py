@@ -1,6 +1,6 @@
 """Checkpoints without pickle: tensors in safetensors, everything else in JSON.
 
-Layout of one checkpoint, ckpt_root/<stage>/step-0000123/:
+Layout of one checkpoint, ckpt_root/<stage>/step-0000123/ (names from glasslab.track.layout):
     model.safetensors       model state_dict
     optimizer.safetensors   optimizer tensors, keyed by their path ("state.0.exp_avg")
     optimizer.json          the rest of the optimizer state_dict, with tensors replaced by references
@@ -14,7 +14,6 @@ previous checkpoint as the latest valid one.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -26,10 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from glasslab.errors import GlasslabError
+from glasslab.track import layout
 from glasslab.track.atomic import fsync_dir, fsync_file
-
-_STEP_DIR = re.compile(r"step-(\d+)")
-_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json")
 
 
 @dataclass
@@ -63,29 +60,29 @@ def save_checkpoint(
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     stage_dir = Path(ckpt_root) / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
-    for stale in stage_dir.glob(".tmp-*"):  # left by a save that was killed; one writer per run
+    for stale in stage_dir.glob(f"{layout.TMP_PREFIX}*"):  # left by a save that was killed; one writer per run
         shutil.rmtree(stale)
     # Encode first, so a non-serialisable `extra` fails before anything touches the disk.
     opt_tensors: dict[str, torch.Tensor] = {}
     opt_json = json.dumps(_encode(optimizer, "", opt_tensors))
     state_json = json.dumps({"stage": stage, "step": step, "time": time.time(), "extra": extra}, indent=2)
 
-    final = stage_dir / f"step-{step:07d}"
-    tmp = stage_dir / f".tmp-{final.name}"
+    final = stage_dir / layout.checkpoint_name(step)
+    tmp = stage_dir / f"{layout.TMP_PREFIX}{final.name}"
     tmp.mkdir()
-    save_file({k: _owned(v) for k, v in model.items()}, tmp / "model.safetensors")
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    save_file({k: _owned(v) for k, v in rng.items()}, tmp / "rng.safetensors")
-    (tmp / "optimizer.json").write_text(opt_json)
-    (tmp / "state.json").write_text(state_json)
-    for name in _FILES:
+    save_file({k: _owned(v) for k, v in model.items()}, tmp / layout.CHECKPOINT_MODEL)
+    save_file(opt_tensors, tmp / layout.CHECKPOINT_OPTIMIZER)
+    save_file({k: _owned(v) for k, v in rng.items()}, tmp / layout.CHECKPOINT_RNG)
+    (tmp / layout.CHECKPOINT_OPTIMIZER_STATE).write_text(opt_json)
+    (tmp / layout.CHECKPOINT_STATE).write_text(state_json)
+    for name in layout.CHECKPOINT_FILES:
         fsync_file(tmp / name)
-    (tmp / "COMPLETE").write_text("ok\n")
-    fsync_file(tmp / "COMPLETE")
+    (tmp / layout.CHECKPOINT_COMPLETE).write_text("ok\n")
+    fsync_file(tmp / layout.CHECKPOINT_COMPLETE)
     fsync_dir(tmp)
 
     if final.exists():  # saving the same step again after a resume: swap, never leave neither
-        old = stage_dir / f".tmp-replaced-{final.name}"
+        old = stage_dir / f"{layout.TMP_PREFIX}replaced-{final.name}"
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old)
@@ -93,7 +90,7 @@ def save_checkpoint(
         tmp.rename(final)
     fsync_dir(stage_dir)
 
-    older = sorted((d for d in _step_dirs(stage_dir) if d != final), key=_step_of)
+    older = sorted((d for d in _step_dirs(stage_dir) if d != final), key=checkpoint_step)
     for d in older[: max(0, len(older) - (keep_last - 1))]:
         shutil.rmtree(d)
     return final
@@ -110,47 +107,55 @@ def load_checkpoint(path: Path) -> Checkpoint:
             f"checkpoint {path} is corrupt or incomplete ({why}): delete it to resume from the previous one"
         )
 
-    if not (path / "COMPLETE").exists():
+    if not (path / layout.CHECKPOINT_COMPLETE).exists():
         raise corrupt("no COMPLETE marker, the save was interrupted")
-    missing = [name for name in _FILES if not (path / name).is_file()]
+    missing = [name for name in layout.CHECKPOINT_FILES if not (path / name).is_file()]
     if missing:
         raise corrupt(f"missing {', '.join(missing)}")
     try:
-        model = load_file(path / "model.safetensors")
-        opt_tensors = load_file(path / "optimizer.safetensors")
-        optimizer = _decode(json.loads((path / "optimizer.json").read_text()), opt_tensors)
-        rng = load_file(path / "rng.safetensors")
-        state = json.loads((path / "state.json").read_text())
+        model = load_file(path / layout.CHECKPOINT_MODEL)
+        opt_tensors = load_file(path / layout.CHECKPOINT_OPTIMIZER)
+        optimizer = _decode(json.loads((path / layout.CHECKPOINT_OPTIMIZER_STATE).read_text()), opt_tensors)
+        rng = load_file(path / layout.CHECKPOINT_RNG)
+        state = json.loads((path / layout.CHECKPOINT_STATE).read_text())
         return Checkpoint(path, state["stage"], state["step"], model, optimizer, rng, state["extra"])
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
         raise corrupt(f"{type(e).__name__}: {e}") from e
 
 
-STAGE_ORDER = ("pretrain", "sft", "rl")
-
-
 def latest_checkpoint(ckpt_root: Path, stage: str | None = None) -> Path | None:
     """The newest complete checkpoint: highest step of `stage`, or with stage=None the highest step of the
-    latest pipeline stage present (pretrain < sft < rl), which a copy of the run directory preserves.
+    latest pipeline stage present (layout.PIPELINE order), which a copy of the run directory preserves.
     Interrupted saves (.tmp-* dirs, no COMPLETE marker) are ignored."""
     ckpt_root = Path(ckpt_root)
     if stage is not None:
-        return max(_step_dirs(ckpt_root / stage), key=_step_of, default=None)
+        return max(_step_dirs(ckpt_root / stage), key=checkpoint_step, default=None)
     stage_dirs = list(ckpt_root.iterdir()) if ckpt_root.is_dir() else []
     candidates = [d for stage_dir in stage_dirs for d in _step_dirs(stage_dir)]
-    order = {name: i for i, name in enumerate(STAGE_ORDER)}
-    return max(candidates, key=lambda d: (order.get(d.parent.name, -1), _step_of(d)), default=None)
+    order = {name: i for i, name in enumerate(layout.PIPELINE)}
+    return max(candidates, key=lambda d: (order.get(d.parent.name, -1), checkpoint_step(d)), default=None)
 
 
 def _step_dirs(stage_dir: Path) -> list[Path]:
     """Complete checkpoint dirs of one stage (a dir is only renamed to step-* once COMPLETE is written)."""
     if not stage_dir.is_dir():
         return []
-    return [d for d in stage_dir.iterdir() if _STEP_DIR.fullmatch(d.name) and (d / "COMPLETE").exists()]
+    return [
+        d
+        for d in stage_dir.iterdir()
+        if layout.step_of_checkpoint(d) is not None and (d / layout.CHECKPOINT_COMPLETE).exists()
+    ]
 
 
-def _step_of(d: Path) -> int:
-    return int(_STEP_DIR.fullmatch(d.name).group(1))
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint directory was saved at, from its name (save_checkpoint names it after the step),
+    without loading anything."""
+    step = layout.step_of_checkpoint(path)
+    if step is None:
+        raise GlasslabError(
+            f"{path} is not a checkpoint directory: pass one like runs/NAME/checkpoints/STAGE/step-0000100"
+        )
+    return step
 
 
 def _owned(t: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from glasslab.track.atomic import write_bytes_atomic
+from glasslab.track.layout import METRICS_DB, METRICS_PARQUET
 
 SCHEMA = pa.schema(
     [
@@ -160,13 +161,13 @@ def read_metrics(
     run_path: Path, names: list[str] | None = None, pattern: str | None = None, stage: str | None = None
 ) -> pa.Table:
     """A run's metrics from metrics.db (live) if present, else metrics.parquet, else an empty table."""
-    run_path = Path(run_path)
-    if (run_path / "metrics.db").exists():
-        with MetricStore(run_path / "metrics.db") as store:
+    db, parquet = Path(run_path) / METRICS_DB, Path(run_path) / METRICS_PARQUET
+    if db.exists():
+        with MetricStore(db) as store:
             return store.read(names, pattern, stage)
-    if not (run_path / "metrics.parquet").exists():
+    if not parquet.exists():
         return SCHEMA.empty_table()
-    table = pq.read_table(run_path / "metrics.parquet", schema=SCHEMA)
+    table = pq.read_table(parquet, schema=SCHEMA)
     wanted = _select_names(pc.unique(table["name"]).to_pylist(), names, pattern)
     if wanted is not None:
         table = table.filter(pc.is_in(table["name"], value_set=pa.array(wanted, pa.string())))

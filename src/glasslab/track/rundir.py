@@ -1,15 +1,7 @@
-"""The run directory: the one contract between writers (training, probes) and readers (reports, compare).
+"""The run directory: the one contract between writers (training, probes) and readers (reports, compare, studies).
 
-    runs/<name>/config.toml        resolved config
-    runs/<name>/manifest.json      versions, seed, device, status, progress
-    runs/<name>/tokenizer.json
-    runs/<name>/metrics.db         live metrics (SQLite WAL), metrics.parquet once compacted
-    runs/<name>/checkpoints/<stage>/step-0000123/
-    runs/<name>/spikes/            dumps around loss spikes
-    runs/<name>/samples.jsonl      generated samples
-    runs/<name>/events.jsonl       warnings and notices
-
-RunDir holds only a path: all state is on disk, so a killed run can be resumed and a running one read.
+Every path in it comes from `glasslab.track.layout`. RunDir holds only a path: all state is on disk, so a killed
+run can be resumed and a running one read. Importing this module does not import torch, so readers stay light.
 """
 
 from __future__ import annotations
@@ -17,21 +9,24 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import time
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
+import tomllib
 
 import glasslab
 from glasslab.errors import GlasslabError
+from glasslab.track import layout
 from glasslab.track.atomic import append_jsonl, read_jsonl, write_json_atomic
+from glasslab.track.layout import STATUSES, Manifest, Status
 from glasslab.track.metrics import last_values, read_metrics
 
-STATUSES = ("created", "running", "completed", "failed", "interrupted")
 KEY_METRICS = ["train/loss", "val/loss", "val/bpb"]
-KEY_METRIC_PATTERN = "eval/*/accuracy"
+KEY_METRIC_PATTERN = layout.metric(layout.EVAL_FAMILY, "*", "accuracy")
 
 
 class RunDir:
@@ -59,73 +54,117 @@ class RunDir:
             raise GlasslabError(f"{run.path} exists and is not a glasslab run: use a new --name or remove it")
         run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         now = _now()
-        write_json_atomic(
-            run.manifest_path,
-            {
-                "glasslab_version": glasslab.__version__,
-                "git_commit": _git_commit(),
-                "torch_version": torch.__version__,
-                "device": None,
-                "seed": None,
-                "created": now,
-                "updated": now,
-                "status": "created",
-                "stage": None,
-                "stages_done": [],
-                "last_step": 0,
-                "message": None,
-            },
-        )
+        manifest: Manifest = {
+            "glasslab_version": glasslab.__version__,
+            "git_commit": _git_commit(),
+            "torch_version": _torch_version(),
+            "device": None,
+            "seed": None,
+            "created": now,
+            "updated": now,
+            "status": "created",
+            "stage": None,
+            "stages_done": [],
+            "last_step": 0,
+            "message": None,
+        }
+        write_json_atomic(run.manifest_path, manifest)
         return run
 
     @classmethod
     def open(cls, path: Path) -> RunDir:
         run = cls(path)
-        if not run.manifest_path.is_file():
-            raise GlasslabError(f"no run at {run.path} (no manifest.json): check the path or --name")
+        if not run.exists():
+            raise GlasslabError(
+                f"no run at {run.path} (no {layout.MANIFEST}): check the path (a run directory like runs/my-run)"
+            )
         return run
 
-    # Paths
+    def exists(self) -> bool:
+        """Whether the directory is a run: it has a manifest (a run is created with one)."""
+        return self.manifest_path.is_file()
+
+    # Paths (names from glasslab.track.layout)
 
     @property
     def config_path(self) -> Path:
-        return self.path / "config.toml"
+        return self.path / layout.CONFIG
 
     @property
     def manifest_path(self) -> Path:
-        return self.path / "manifest.json"
+        return self.path / layout.MANIFEST
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.path / "tokenizer.json"
+        return self.path / layout.TOKENIZER
 
     @property
     def metrics_db_path(self) -> Path:
-        return self.path / "metrics.db"
+        return self.path / layout.METRICS_DB
 
     @property
     def metrics_parquet_path(self) -> Path:
-        return self.path / "metrics.parquet"
+        return self.path / layout.METRICS_PARQUET
 
     @property
     def samples_path(self) -> Path:
-        return self.path / "samples.jsonl"
+        return self.path / layout.SAMPLES
 
     @property
     def events_path(self) -> Path:
-        return self.path / "events.jsonl"
+        return self.path / layout.EVENTS
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / layout.REPORT
 
     @property
     def checkpoints_dir(self) -> Path:
-        return self.path / "checkpoints"
+        return self.path / layout.CHECKPOINTS
+
+    def stage_checkpoints_dir(self, stage: str) -> Path:
+        """checkpoints/<stage>/: that stage's step-N checkpoints (and, for RL, the reset references)."""
+        return self.checkpoints_dir / stage
+
+    def checkpoint_path(self, stage: str, step: int) -> Path:
+        return self.stage_checkpoints_dir(stage) / layout.checkpoint_name(step)
+
+    def reference_path(self, step: int) -> Path:
+        return self.stage_checkpoints_dir(layout.RL) / layout.reference_name(step)
 
     @property
     def spikes_dir(self) -> Path:
-        return self.path / "spikes"
+        return self.path / layout.SPIKES
+
+    def spike_path(self, step: int) -> Path:
+        return self.spikes_dir / layout.spike_name(step)
+
+    @property
+    def rollouts_dir(self) -> Path:
+        return self.path / layout.ROLLOUTS
+
+    def rollout_path(self, step: int) -> Path:
+        return self.rollouts_dir / layout.rollout_name(step)
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.path / layout.EVAL_DIR
+
+    def eval_table_path(self, task: str, seed: int) -> Path:
+        return self.eval_dir / layout.eval_table_name(task, seed)
+
+    @property
+    def final_eval_path(self) -> Path:
+        return self.eval_dir / layout.FINAL_EVAL
+
+    @property
+    def token_cache_dir(self) -> Path:
+        """Token shards are cached beside the runs, shared by every run on the same data and tokenizer."""
+        return self.path.parent / layout.TOKEN_CACHE
 
     # Manifest
 
-    def read_manifest(self) -> dict[str, Any]:
+    def read_manifest(self) -> Manifest:
         try:
             return json.loads(self.manifest_path.read_text())
         except ValueError as e:
@@ -133,17 +172,20 @@ class RunDir:
                 f"manifest {self.manifest_path} is not valid JSON ({e}): fix or delete that run directory"
             ) from e
 
-    def update_manifest(self, **fields: Any) -> dict[str, Any]:
+    def update_manifest(self, **fields: Any) -> Manifest:
         """Read-modify-write the manifest atomically (single writer: the process running the stage;
         under torchrun, rank 0 — other ranks only read)."""
         if not _writer():
             return self.read_manifest()
-        manifest = self.read_manifest() | fields
+        unknown = set(fields) - set(layout.MANIFEST_KEYS)
+        if unknown:
+            raise ValueError(f"not manifest keys (see glasslab.track.layout.Manifest): {sorted(unknown)}")
+        manifest: Manifest = {**self.read_manifest(), **fields}  # type: ignore[typeddict-item]
         manifest["updated"] = _now()
         write_json_atomic(self.manifest_path, manifest)
         return manifest
 
-    def set_status(self, status: str, message: str | None = None) -> None:
+    def set_status(self, status: Status, message: str | None = None) -> None:
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
         self.update_manifest(status=status, message=message)
@@ -176,6 +218,41 @@ class RunDir:
     def samples(self) -> list[dict]:
         return read_jsonl(self.samples_path)
 
+    # Readers of the other files
+
+    def config_text(self) -> str:
+        """config.toml as written, or "" before the run has one."""
+        return self.config_path.read_text() if self.config_path.is_file() else ""
+
+    def read_config(self) -> dict[str, Any]:
+        """config.toml as a plain dict (no validation: a reader of an old run takes what is there)."""
+        try:
+            return tomllib.loads(self.config_text())
+        except tomllib.TOMLDecodeError as e:
+            raise GlasslabError(f"{self.config_path} is not valid TOML ({e}): fix or delete that run directory") from e
+
+    def spike_files(self) -> list[tuple[int, Path]]:
+        """(step, path) of every spike dossier, by step."""
+        return _step_files(self.spikes_dir, "json")
+
+    def rollout_files(self) -> list[tuple[int, Path]]:
+        """(step, path) of every rollout table, by step."""
+        return _step_files(self.rollouts_dir, "jsonl")
+
+    def eval_tables(self) -> list[Path]:
+        """`glasslab eval`'s answer tables (eval/<task>-seed<S>.jsonl), by name."""
+        if not self.eval_dir.is_dir():
+            return []
+        return sorted(p for p in self.eval_dir.iterdir() if layout.parse_eval_table(p))
+
+    def read_final_eval(self) -> dict[str, dict]:
+        """eval/final.json (stage -> task -> summary), or {} if it is missing, torn or not an object."""
+        try:
+            data = json.loads(self.final_eval_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
 
 def list_runs(runs_dir: Path) -> list[dict]:
     """Every run under `runs_dir` with its progress and headline metrics (last values), oldest first."""
@@ -184,9 +261,10 @@ def list_runs(runs_dir: Path) -> list[dict]:
         return []
     runs = []
     for path in runs_dir.iterdir():
-        if not (path / "manifest.json").is_file():
+        run = RunDir(path)
+        if not run.exists():
             continue
-        manifest = RunDir(path).read_manifest()
+        manifest = run.read_manifest()
         table = read_metrics(path, names=KEY_METRICS, pattern=KEY_METRIC_PATTERN)
         runs.append(
             {
@@ -199,11 +277,25 @@ def list_runs(runs_dir: Path) -> list[dict]:
     return sorted(runs, key=lambda r: (r["created"] or "", r["name"]))
 
 
-def _writer() -> bool:
-    """Under torchrun only rank 0 writes the run directory."""
-    import torch.distributed as dist
+def _step_files(directory: Path, ext: str) -> list[tuple[int, Path]]:
+    if not directory.is_dir():
+        return []
+    return sorted((step, p) for p in directory.iterdir() if (step := layout.step_of_file(p, ext)) is not None)
 
-    return not dist.is_initialized() or dist.get_rank() == 0
+
+def _writer() -> bool:
+    """Under torchrun only rank 0 writes the run directory. A process that never imported torch.distributed
+    cannot be in a process group, so readers without torch write (their own events) freely."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is None or not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _torch_version() -> str | None:
+    """The installed torch's version, read from its metadata so creating a run does not import torch."""
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _now() -> str:
