@@ -26,7 +26,7 @@ import torch
 
 import glasslab
 from glasslab.errors import GlasslabError
-from glasslab.track.atomic import append_jsonl, read_jsonl, write_json_atomic
+from glasslab.track.atomic import append_jsonl, read_jsonl, write_json_atomic, write_text_atomic
 from glasslab.track.metrics import last_values, read_metrics
 
 STATUSES = ("created", "running", "completed", "failed", "interrupted")
@@ -168,6 +168,16 @@ class RunDir:
 
     def events(self) -> list[dict]:
         return read_jsonl(self.events_path)
+
+    def truncate_events_after(self, stage: str, step: int) -> None:
+        """Drop events of `stage` logged at a step after `step` (what MetricStore.truncate_after does for metrics):
+        a run resumed from the checkpoint of `step` logs them again. The file is rewritten only if one is dropped."""
+        if not _writer():
+            return
+        events = self.events()
+        kept = [e for e in events if not (e.get("stage") == stage and (e.get("step") or 0) > step)]
+        if len(kept) < len(events):
+            write_text_atomic(self.events_path, "".join(json.dumps(e) + "\n" for e in kept))
 
     def log_sample(self, record: dict) -> None:
         if _writer():
