@@ -346,6 +346,8 @@ def test_first_departure_is_the_block_that_left_its_band_first():
 class Sabotage(Hook):
     """At step `at`, puts an inf into one weight (NaN forward) or a NaN into one gradient (finite forward)."""
 
+    order = -100  # stands for the step itself: before the probes that read raw gradients
+
     def __init__(self, at: int, where: str) -> None:
         self.at, self.where = at, where
 
@@ -362,7 +364,7 @@ class Sabotage(Hook):
 @pytest.mark.parametrize("where", ["weight", "grad"])
 def test_divergence_names_the_first_nonfinite_module(tmp_path, tok, where):
     run = RunDir.create(tmp_path / "run")
-    hooks = [Sabotage(3, where), SpikeProbe(ProbesConfig(), run, tok)]  # sabotage runs before the probe sees grads
+    hooks = [SpikeProbe(ProbesConfig(), run, tok), Sabotage(3, where)]  # sabotage runs first by its order
     cfg = TrainConfig(steps=5, batch_size=8, warmup_steps=0, eval_every=0, checkpoint_every=1000)
     with MetricStore(run.metrics_db_path) as store, pytest.raises(Diverged):
         train(model_for(tok), objective_for(tok), cfg, run, store, arch={}, hooks=hooks)

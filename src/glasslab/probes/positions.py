@@ -8,6 +8,7 @@ import torch
 
 from glasslab.probes.forward import eval_mode
 from glasslab.train.loop import Hook, StepContext
+from glasslab.train.protocols import TokenLosses, ValBatches
 
 
 def position_buckets(length: int, buckets: int) -> list[tuple[int, int]]:
@@ -24,14 +25,15 @@ def bucket_name(first: int, last: int, length: int) -> str:
 
 class LossByPosition(Hook):
     """At every evaluation, the mean per-token loss over the objective's validation batches, per position bucket.
-    Positions whose target is not trained on (NaN from token_losses) are left out of the means."""
+    Positions whose target is not trained on (NaN from token_losses) are left out of the means. No state across
+    evaluations."""
 
     def __init__(self, buckets: int) -> None:
         self.buckets = buckets
 
     def on_eval(self, ctx: StepContext) -> None:
         objective = ctx.objective
-        if not (hasattr(objective, "token_losses") and hasattr(objective, "val_batches")):
+        if not (isinstance(objective, TokenLosses) and isinstance(objective, ValBatches)):
             return
         sums, counts = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
         with torch.no_grad(), eval_mode(ctx.model):

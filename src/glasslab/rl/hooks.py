@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from glasslab.track.atomic import append_jsonl, write_bytes_atomic
 from glasslab.train.distributed import is_main
 from glasslab.train.loop import Hook, StepContext
+from glasslab.train.protocols import TabledBatch, TimedBatch
 
 
 class HasReference(Protocol):
@@ -33,7 +34,8 @@ class ReferenceReset(Hook):
     """Every `every` steps the reference policy becomes a copy of the current policy, so the KL penalty anchors
     to a recent policy instead of the SFT model (as in TRL's sync_ref_model). Each new reference is saved
     beside the checkpoints (checkpoints/rl/reference-step-N.safetensors); a resumed run loads the newest one
-    not after its checkpoint, and before the first reset the reference is the SFT model it started from."""
+    not after its checkpoint, and before the first reset the reference is the SFT model it started from. Those
+    files are its state, so it keeps none in the checkpoint."""
 
     every_rank = True  # every rank's reference must change together, or their KL terms differ
 
@@ -75,13 +77,14 @@ class ReferenceReset(Hook):
 
 class RolloutTable(Hook):
     """Every `every` steps, the step's completions with their scores (and advantages, for GRPO) go to
-    rollouts/step-N.jsonl: the raw material behind every reward curve."""
+    rollouts/step-N.jsonl: the raw material behind every reward curve. Batches that cannot list their rows
+    (not a `TabledBatch`) are not tabled. No state across steps."""
 
     def __init__(self, directory: Path, every: int) -> None:
         self.directory, self.every = Path(directory), every
 
     def on_optimizer_step(self, ctx: StepContext) -> None:
-        if not self.every or ctx.step % self.every:
+        if not self.every or ctx.step % self.every or not isinstance(ctx.batch, TabledBatch):
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"step-{ctx.step}.jsonl"
@@ -92,7 +95,12 @@ class RolloutTable(Hook):
 
 class TrainingTime(Hook):
     """time/training_s: from a ready batch to the optimizer step done (policy forward, loss, backward, gradient
-    probes, clipping, update), the part of an RL step that is not generation or reference scoring."""
+    probes, clipping, update), the part of an RL step that is not generation or reference scoring. It runs before
+    every other hook (`order`), so their work is not in it; batches without a `ready_at` (not a `TimedBatch`)
+    are not timed. No state across steps."""
+
+    order = -20
 
     def on_optimizer_step(self, ctx: StepContext) -> None:
-        ctx.metrics["time/training_s"] = time.perf_counter() - ctx.batch.ready_at
+        if isinstance(ctx.batch, TimedBatch):
+            ctx.metrics["time/training_s"] = time.perf_counter() - ctx.batch.ready_at
