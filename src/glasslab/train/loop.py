@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -98,8 +98,8 @@ class Hook:
     """
 
     every_rank = False
-    order: ClassVar[int] = 0
-    key: ClassVar[str | None] = None
+    order = 0
+    key: str | None = None
 
     def state_dict(self) -> dict:
         return {}
