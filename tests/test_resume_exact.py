@@ -1,5 +1,5 @@
 """A run killed after a checkpoint and resumed logs what the uninterrupted run logs: every metric at every step
-(wall-clock time and throughput aside) and every event, with every probe on, for pretraining, SFT and GRPO
+(wall-clock time and throughput aside), every event and every sample, with every probe on, for pretraining, SFT and GRPO
 (sampling in the trainer, and ahead in a second process)."""
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ def assert_resume_is_exact(stage: Callable, cfg, straight: RunDir, broken: RunDi
         stage(cfg, broken, hooks=[Jolt(), Kill(KILLED_AT)])
     assert broken.read_manifest()["last_step"] == CHECKPOINT  # what the killed run left: checkpoint 6, logs to 8
     assert max(step for step, _, _ in metrics(broken, name)) == KILLED_AT
+    assert max(s["step"] for s in broken.samples()) == KILLED_AT
     stage(cfg, broken, hooks=[Jolt()])
 
     expected, got = metrics(straight, name), metrics(broken, name)
@@ -88,6 +89,7 @@ def assert_resume_is_exact(stage: Callable, cfg, straight: RunDir, broken: RunDi
     for want, have in zip(expected, got):
         assert have == want
     assert events(broken) == events(straight)
+    assert broken.samples() == straight.samples()
     # the comparison covers what only restored hook state gets right: spike scores right after the resume (an
     # empty window scores nothing for 4 steps), spikes before the checkpoint (one under way across it gives no
     # second dossier) and after the resume (its dossier's history reaches back before it)
@@ -102,6 +104,7 @@ def test_pretraining_resumes_exactly(tmp_path: Path) -> None:
         f"train.steps={STEPS}",
         f"train.checkpoint_every={CHECKPOINT}",
         "train.eval_every=4",
+        "train.sample_every=4",
         "train.warmup_steps=2",
         "tokenizer.kind=char",
         "data.max_chars=20000",
@@ -117,6 +120,7 @@ def test_sft_resumes_exactly(tmp_path: Path) -> None:
     tok = Tokenizer.train(["0123456789+-*/=() Reach with Use the calculator. error: Paris. Be brief."], "char", 0)
     cfg = small_config(tok, examples=128)
     cfg.sft.train.steps, cfg.sft.train.checkpoint_every, cfg.sft.train.eval_every = STEPS, CHECKPOINT, 4
+    cfg.sft.train.sample_every = 4
     cfg.probes = ProbesConfig(**PROBES)
     assert_resume_is_exact(sft, cfg, base_run(tmp_path / "straight", tok), base_run(tmp_path / "broken", tok), "sft")
 
@@ -125,7 +129,7 @@ def test_sft_resumes_exactly(tmp_path: Path) -> None:
 def test_grpo_resumes_exactly(tmp_path: Path, ahead: bool) -> None:
     tok = Tokenizer.train([f"say {LETTERS} {LETTERS.upper()} 0123456789 .,!?\n" * 4], "char", 0)
     mcfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=64)
-    train = RL_SETTINGS["train"] | {"steps": STEPS, "checkpoint_every": CHECKPOINT, "eval_every": 4}
+    train = RL_SETTINGS["train"] | {"steps": STEPS, "checkpoint_every": CHECKPOINT, "eval_every": 4, "sample_every": 4}
     settings = {
         "model": mcfg.model_dump(),
         "rl": RL_SETTINGS | {"generate_ahead": ahead, "train": train},

@@ -114,16 +114,19 @@ def test_events_and_samples(tmp_path):
     assert run.samples() == [{"step": 5, "text": "once upon"}]
 
 
-def test_truncate_events_after_drops_what_a_resume_logs_again(tmp_path):
+def test_truncate_logs_after_drops_what_a_resume_logs_again(tmp_path):
     run = RunDir.create(tmp_path / "r")
     for stage, step in (("pretrain", 50), ("sft", 3), ("sft", 4), ("sft", 5), ("sft", None)):
         run.log_event("spike", f"{stage} {step}", step=step, stage=stage)
+    run.log_sample({"stage": "sft", "step": 3, "text": "kept"})
+    run.log_sample({"stage": "sft", "step": 5, "text": "dropped"})
     before = run.events_path.read_bytes()
-    run.truncate_events_after("sft", 5)  # nothing after step 5: the file is left as it is
-    assert run.events_path.read_bytes() == before
-    run.truncate_events_after("sft", 3)
+    run.truncate_logs_after("sft", 5)  # nothing after step 5: the files are left as they are
+    assert run.events_path.read_bytes() == before and len(run.samples()) == 2
+    run.truncate_logs_after("sft", 3)
     assert [e["message"] for e in run.events()] == ["pretrain 50", "sft 3", "sft None"]
-    RunDir.create(tmp_path / "empty").truncate_events_after("sft", 0)  # no events file yet
+    assert [s["text"] for s in run.samples()] == ["kept"]
+    RunDir.create(tmp_path / "empty").truncate_logs_after("sft", 0)  # no files yet
 
 
 def test_list_runs(tmp_path):

@@ -169,15 +169,17 @@ class RunDir:
     def events(self) -> list[dict]:
         return read_jsonl(self.events_path)
 
-    def truncate_events_after(self, stage: str, step: int) -> None:
-        """Drop events of `stage` logged at a step after `step` (what MetricStore.truncate_after does for metrics):
-        a run resumed from the checkpoint of `step` logs them again. The file is rewritten only if one is dropped."""
+    def truncate_logs_after(self, stage: str, step: int) -> None:
+        """Drop events and samples of `stage` logged at a step after `step` (what MetricStore.truncate_after does
+        for metrics): a run resumed from the checkpoint of `step` logs them again. A file is rewritten only if
+        something is dropped."""
         if not _writer():
             return
-        events = self.events()
-        kept = [e for e in events if not (e.get("stage") == stage and (e.get("step") or 0) > step)]
-        if len(kept) < len(events):
-            write_text_atomic(self.events_path, "".join(json.dumps(e) + "\n" for e in kept))
+        for path in (self.events_path, self.samples_path):
+            records = read_jsonl(path)
+            kept = [r for r in records if not (r.get("stage") == stage and (r.get("step") or 0) > step)]
+            if len(kept) < len(records):
+                write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def log_sample(self, record: dict) -> None:
         if _writer():

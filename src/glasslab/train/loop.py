@@ -266,7 +266,7 @@ def train(
         ctx.step = ckpt.step
     if main:  # what a killed run logged after its last checkpoint: the resumed run logs it again
         store.truncate_after(stage, ctx.step)
-        run.truncate_events_after(stage, ctx.step)
+        run.truncate_logs_after(stage, ctx.step)
 
     def checkpoint() -> None:
         if not main:
