@@ -21,9 +21,11 @@ from glasslab.probes.forward import ForwardProbe, probe_forward
 from glasslab.probes.grads import GradProbe
 from glasslab.probes.positions import LossByPosition, bucket_stats, position_buckets
 from glasslab.probes.spikes import SpikeProbe, departures, robust_band
+from glasslab.track.checkpoint import latest_checkpoint, load_checkpoint
 from glasslab.track.metrics import MetricStore, last_values
 from glasslab.track.rundir import RunDir
 from glasslab.train.loop import Diverged, Hook, StepContext, train
+from glasslab.train.protocols import BatchIds, KindedBatches, ProbeRows, TokenLosses, ValBatches
 
 PAD, BOS = 0, 1  # glasslab's fixed special-token ids
 TEXT = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 60
@@ -419,6 +421,8 @@ def test_first_departure_is_the_block_that_left_its_band_first():
 class Sabotage(Hook):
     """At step `at`, puts an inf into one weight (NaN forward) or a NaN into one gradient (finite forward)."""
 
+    order = -100  # stands for the step itself: before the probes that read raw gradients
+
     def __init__(self, at: int, where: str) -> None:
         self.at, self.where = at, where
 
@@ -435,7 +439,7 @@ class Sabotage(Hook):
 @pytest.mark.parametrize("where", ["weight", "grad"])
 def test_divergence_names_the_first_nonfinite_module(tmp_path, tok, where):
     run = RunDir.create(tmp_path / "run")
-    hooks = [Sabotage(3, where), SpikeProbe(ProbesConfig(), run, tok)]  # sabotage runs before the probe sees grads
+    hooks = [SpikeProbe(ProbesConfig(), run, tok), Sabotage(3, where)]  # sabotage runs first by its order
     cfg = TrainConfig(steps=5, batch_size=8, warmup_steps=0, eval_every=0, checkpoint_every=1000)
     with MetricStore(run.metrics_db_path) as store, pytest.raises(Diverged):
         train(model_for(tok), objective_for(tok), cfg, run, store, arch={}, hooks=hooks)
@@ -449,6 +453,72 @@ def test_divergence_names_the_first_nonfinite_module(tmp_path, tok, where):
         assert event["module"] is None and event["nonfinite_grads"] == ["blocks.0.attn.v"]
         assert d["history"][-1]["step"] == 3 and math.isnan(d["history"][-1]["grad_norm"]["blocks.0"])
     assert [r["step"] for r in d["history"]][:2] == [1, 2]
+
+
+# ---- the hook protocol: order, state across a resume, errors and close ---------------------------
+
+
+class Journal(Hook):
+    """Writes down the moments it sees; its state is the number of steps it saw, which a resume must restore."""
+
+    def __init__(self, log: list, fail_at: int | None = None) -> None:
+        self.log, self.fail_at, self.steps = log, fail_at, 0
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+
+    def on_train_start(self, ctx: StepContext) -> None:
+        self.log.append((type(self).__name__, "start", ctx.step))
+
+    def on_optimizer_step(self, ctx: StepContext) -> None:
+        self.steps += 1
+        self.log.append((type(self).__name__, "step", self.steps))
+        if ctx.step == self.fail_at:
+            raise RuntimeError("boom")
+
+    def on_error(self, ctx: StepContext, exc: BaseException) -> None:
+        self.log.append((type(self).__name__, "error", str(exc)))
+
+    def close(self, ctx: StepContext) -> None:
+        self.log.append((type(self).__name__, "close", ctx.step))
+
+
+class Early(Journal):
+    order = -5
+
+
+class Late(Journal):
+    order = 5
+
+
+def test_hooks_run_by_order_keep_state_across_a_resume_and_always_close(tmp_path, tok):
+    run = RunDir.create(tmp_path / "run")
+    cfg = TrainConfig(steps=4, batch_size=8, warmup_steps=0, eval_every=0, checkpoint_every=2)
+    log: list = []
+    with MetricStore(run.metrics_db_path) as store, pytest.raises(RuntimeError, match="boom"):
+        train(model_for(tok), objective_for(tok), cfg, run, store, arch={}, hooks=[Late(log, fail_at=3), Early(log)])
+    moments = [("Early", "start", 0), ("Late", "start", 0)]
+    moments += [(name, "step", n) for n in (1, 2, 3) for name in ("Early", "Late")]
+    moments += [("Early", "error", "boom"), ("Late", "error", "boom"), ("Early", "close", 3), ("Late", "close", 3)]
+    assert log == moments
+    saved = load_checkpoint(latest_checkpoint(run.checkpoints_dir, "pretrain")).extra["hooks"]
+    assert saved == {"Early.0": {"steps": 2}, "Late.0": {"steps": 2}}
+
+    log.clear()
+    with MetricStore(run.metrics_db_path) as store:
+        train(model_for(tok), objective_for(tok), cfg, run, store, arch={}, hooks=[Late(log), Early(log)])
+    assert log[:4] == [("Early", "start", 2), ("Late", "start", 2), ("Early", "step", 3), ("Late", "step", 3)]
+    assert log[-2:] == [("Early", "close", 4), ("Late", "close", 4)]  # counted from the checkpoint's 2
+
+
+def test_objectives_declare_what_the_probes_read(tok):
+    """A renamed method would make a probe skip itself silently: the protocols and the objectives agree."""
+    lm = objective_for(tok)
+    assert all(isinstance(lm, p) for p in (ProbeRows, TokenLosses, ValBatches, BatchIds))
+    assert not isinstance(lm, KindedBatches)  # one kind of batch: one spike window
 
 
 # ---- configuration and wiring ------------------------------------------------------------------

@@ -114,6 +114,21 @@ def test_events_and_samples(tmp_path):
     assert run.samples() == [{"step": 5, "text": "once upon"}]
 
 
+def test_truncate_logs_after_drops_what_a_resume_logs_again(tmp_path):
+    run = RunDir.create(tmp_path / "r")
+    for stage, step in (("pretrain", 50), ("sft", 3), ("sft", 4), ("sft", 5), ("sft", None)):
+        run.log_event("spike", f"{stage} {step}", step=step, stage=stage)
+    run.log_sample({"stage": "sft", "step": 3, "text": "kept"})
+    run.log_sample({"stage": "sft", "step": 5, "text": "dropped"})
+    before = run.events_path.read_bytes()
+    run.truncate_logs_after("sft", 5)  # nothing after step 5: the files are left as they are
+    assert run.events_path.read_bytes() == before and len(run.samples()) == 2
+    run.truncate_logs_after("sft", 3)
+    assert [e["message"] for e in run.events()] == ["pretrain 50", "sft 3", "sft None"]
+    assert [s["text"] for s in run.samples()] == ["kept"]
+    RunDir.create(tmp_path / "empty").truncate_logs_after("sft", 0)  # no files yet
+
+
 def test_list_runs(tmp_path):
     runs = tmp_path / "runs"
     assert list_runs(runs) == []
@@ -320,6 +335,7 @@ def test_checkpoint_round_trip_continues_bit_identically(tmp_path):
     assert path == tmp_path / "ckpt" / "pretrain" / "step-0000003"
     assert sorted(p.name for p in path.iterdir()) == [
         "COMPLETE",
+        "extra.safetensors",
         "model.safetensors",
         "optimizer.json",
         "optimizer.safetensors",
@@ -346,6 +362,22 @@ def test_checkpoint_round_trip_continues_bit_identically(tmp_path):
     _train(model2, opt2, 3, torch.Generator().set_state(gen_state))
     for (name, p1), (_, p2) in zip(model.named_parameters(), model2.named_parameters()):
         assert torch.equal(p1, p2), name
+
+
+def test_checkpoint_extra_keeps_tensors_tuples_and_int_keys(tmp_path):
+    """Hook state goes into `extra` and comes back exactly; a checkpoint from before `extra` held tensors loads."""
+    model = TinyLM()
+    opt = torch.optim.AdamW(model.parameters())
+    window = torch.tensor([1.5, float("nan"), -2.0], dtype=torch.float64)
+    hooks = {"SpikeProbe.0": {"window": window, "pair": (1, "a"), "by_step": {3: [0.25]}, "loss": float("nan")}}
+    path = _save(tmp_path, "pretrain", 1, model, opt, hooks=hooks)
+    back = load_checkpoint(path).extra["hooks"]["SpikeProbe.0"]
+    assert torch.equal(back["window"].nan_to_num(7.0), window.nan_to_num(7.0)) and back["window"].dtype == torch.float64
+    assert back["pair"] == (1, "a") and back["by_step"] == {3: [0.25]} and math.isnan(back["loss"])
+
+    older = _save(tmp_path, "pretrain", 2, model, opt, sampler={"epoch": 0})
+    (older / "extra.safetensors").unlink()
+    assert load_checkpoint(older).extra == {"step": 2, "sampler": {"epoch": 0}}
 
 
 def test_keep_last_prunes_and_latest(tmp_path):
@@ -381,7 +413,7 @@ def test_interrupted_save_is_ignored_and_cleaned(tmp_path):
     assert latest_checkpoint(root).name == "step-0000010"
     with pytest.raises(GlasslabError, match="corrupt or incomplete .*COMPLETE"):
         load_checkpoint(no_marker)
-    with pytest.raises(TypeError):  # extra must be JSON: fails before writing anything
+    with pytest.raises(TypeError):  # extra must be JSON values and tensors: fails before writing anything
         _save(root, "pretrain", 20, model, opt, bad=object())
     assert sorted(p.name for p in (root / "pretrain").iterdir()) == ["step-0000010", "step-0000030"]
     _save(root, "pretrain", 20, model, opt)

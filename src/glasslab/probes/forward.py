@@ -27,6 +27,7 @@ from glasslab.track.layout import (
     metric,
 )
 from glasslab.train.loop import Hook, StepContext
+from glasslab.train.protocols import ProbeRows
 
 PAD_ID = SPECIAL_TOKENS.index("<|pad|>")  # special-token ids are the same in every glasslab tokenizer
 BOS_ID = SPECIAL_TOKENS.index("<|bos|>")
@@ -69,14 +70,15 @@ def modules_of(model: nn.Module, kind: type, suffix: str = "") -> dict[str, nn.M
 
 class ForwardProbe(Hook):
     """Attention (every `attention_every` steps) and activation/logit statistics (every `activations_every`)
-    on `objective.probe_inputs()`, measured after the step's update and logged at that step."""
+    on `objective.probe_inputs()`, measured after the step's update and logged at that step. No state across
+    steps: each measurement is of the model as it is."""
 
     def __init__(self, attention_every: int, activations_every: int) -> None:
         self.attention_every, self.activations_every = attention_every, activations_every
 
     def on_train_start(self, ctx: StepContext) -> None:
-        self.enabled = hasattr(ctx.objective, "probe_inputs")
-        if not self.enabled:
+        self.enabled = isinstance(ctx.objective, ProbeRows)
+        if not self.enabled and ctx.step == 0:  # once per stage, not again on resume
             ctx.run.log_event(
                 "notice",
                 f"attention and activation probes skipped: the {ctx.stage} objective has no probe_inputs()",

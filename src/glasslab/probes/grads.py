@@ -61,7 +61,12 @@ class Aggregator:
 class GradProbe(Hook):
     """Every `every` steps: grad_norm, weight_norm, update_norm, update_ratio, adam_m_norm, adam_v_norm for
     each parameter tensor and each module group. The global pre-clip norm and clipping are the loop's
-    `optim/grad_norm` and `optim/clipped`. Weight norms and ratios use the weights before the update."""
+    `optim/grad_norm` and `optim/clipped`. Weight norms and ratios use the weights before the update.
+
+    No state across steps (the weights copied in on_backward are diffed and dropped within the step). It reads
+    raw gradients, so it runs early (`order`)."""
+
+    order = -10
 
     def __init__(self, every: int) -> None:
         self.every = every

@@ -17,7 +17,8 @@ from torch import nn
 
 from glasslab.probes.forward import eval_mode
 from glasslab.track.layout import LOSS_BY_POS, LOSS_BY_POS_CI95, metric
-from glasslab.train.loop import Hook, Objective, StepContext
+from glasslab.train.loop import Hook, StepContext
+from glasslab.train.protocols import PositionBatches, TokenLosses, ValBatches
 
 
 def position_buckets(length: int) -> list[tuple[int, int]]:
@@ -53,11 +54,11 @@ def bucket_stats(losses: np.ndarray) -> dict[tuple[int, int], tuple[float, float
 
 
 @torch.no_grad()
-def window_losses(model: nn.Module, objective: Objective, windows: int) -> np.ndarray:
+def window_losses(model: nn.Module, objective: TokenLosses, windows: int) -> np.ndarray:
     """(windows, positions) per-token validation losses in nats, NaN where nothing is trained (padding, prompts).
     The objective's `position_batches(windows)` when it has one (pretraining: more windows than its validation
     loss reads), else its validation batches."""
-    batches = objective.position_batches(windows) if hasattr(objective, "position_batches") else objective.val_batches()
+    batches = objective.position_batches(windows) if isinstance(objective, PositionBatches) else objective.val_batches()
     rows = []
     with eval_mode(model):
         for batch in batches:  # batches may differ in length (padded chat data)
@@ -70,14 +71,15 @@ def window_losses(model: nn.Module, objective: Objective, windows: int) -> np.nd
 
 class LossByPosition(Hook):
     """Loss by position bucket and its 95% interval (`loss_by_pos/<first>-<last>`, `loss_by_pos_ci95/...`, nats),
-    every `every` steps (0: none besides) and at the last step, measured after the step's update."""
+    every `every` steps (0: none besides) and at the last step, measured after the step's update. Positions whose
+    target is not trained on (NaN from token_losses) are left out. No state across steps."""
 
     def __init__(self, every: int, windows: int) -> None:
         self.every, self.windows = every, windows
 
     def on_optimizer_step(self, ctx: StepContext) -> None:
         objective = ctx.objective
-        if not (hasattr(objective, "token_losses") and hasattr(objective, "val_batches")):
+        if not (isinstance(objective, TokenLosses) and isinstance(objective, ValBatches)):
             return
         if not ((self.every and ctx.step % self.every == 0) or ctx.step == ctx.cfg.steps):
             return

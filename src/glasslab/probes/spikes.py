@@ -30,6 +30,7 @@ from glasslab.track.atomic import write_json_atomic
 from glasslab.track.layout import SPIKE_FAMILY, metric
 from glasslab.track.rundir import RunDir
 from glasslab.train.loop import Hook, StepContext
+from glasslab.train.protocols import BatchIds, KindedBatches, TokenLosses
 
 MAD_TO_SIGMA = 1.4826  # σ of a Gaussian = 1.4826 × its median absolute deviation
 CONTEXT_TOKENS = 16  # tokens of context decoded before a high-loss target
@@ -85,7 +86,12 @@ class SpikeProbe(Hook):
     `spike/grad_norm_score` (robust z-scores) every step once the window holds half its steps.
 
     When the objective sorts its batches into kinds (`batch_kind`, e.g. SFT's length buckets), each kind has its
-    own window: a batch is compared with recent batches of its kind, so a harder kind of batch is not a spike."""
+    own window: a batch is compared with recent batches of its kind, so a harder kind of batch is not a spike.
+
+    Its windows, step records and whether a spike is under way are saved with every checkpoint, so a resumed run
+    scores and reports spikes exactly as the uninterrupted one. It reads raw gradients, so it runs early (`order`)."""
+
+    order = -10
 
     def __init__(self, cfg: ProbesConfig, run: RunDir, tokenizer: Tokenizer | None) -> None:
         self.window, self.threshold = cfg.spike_window, cfg.spike_threshold
@@ -101,6 +107,20 @@ class SpikeProbe(Hook):
         self.records: deque[dict] = deque(maxlen=self.window + self.history + 1)
         self.in_spike, self.pending, self.nonfinite_grads = False, None, []
         self.record: dict = {"step": None}
+
+    def state_dict(self) -> dict:
+        """What carries over from step to step (`pending` and `record` live within one step)."""
+        return {
+            "signals": [[kind, name, list(values)] for (kind, name), values in self.signals.items()],
+            "records": list(self.records),
+            "in_spike": self.in_spike,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for kind, name, values in state["signals"]:
+            self.signals[kind, name].extend(values)
+        self.records.extend(state["records"])
+        self.in_spike = state["in_spike"]
 
     @torch.no_grad()
     def on_backward(self, ctx: StepContext) -> None:
@@ -120,7 +140,7 @@ class SpikeProbe(Hook):
         if self.nonfinite_grads:
             return
         fired = {}
-        kind = ctx.objective.batch_kind(ctx.batch) if hasattr(ctx.objective, "batch_kind") else ""
+        kind = ctx.objective.batch_kind(ctx.batch) if isinstance(ctx.objective, KindedBatches) else ""
         for name, value in (("loss", ctx.loss), ("grad_norm", total)):
             past = self.signals[kind, name]
             if len(past) >= self.window // 2:
@@ -174,11 +194,11 @@ class SpikeProbe(Hook):
         """The batch rows and (row, position) targets with the highest loss, recomputed with the weights that
         produced the spike. Uses the step's last micro-batch when gradients are accumulated."""
         objective = ctx.objective
-        if not hasattr(objective, "token_losses"):
+        if not isinstance(objective, TokenLosses):
             return {}
         with eval_mode(ctx.model):
             losses = objective.token_losses(ctx.model, ctx.batch).float().cpu()
-        decode = self.tokenizer.decode if self.tokenizer and hasattr(objective, "batch_ids") else None
+        decode = self.tokenizer.decode if self.tokenizer and isinstance(objective, BatchIds) else None
         inputs, targets = (t.cpu() for t in objective.batch_ids(ctx.batch)) if decode else (None, None)
         row_loss = losses.nanmean(1)
         rows = []

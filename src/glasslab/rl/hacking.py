@@ -17,7 +17,8 @@ spike detector reports it as a spike already.
 A detector fires when its rule becomes true, and again only after the rule has then stayed false for
 `rearm` windows (3 by default): a lasting condition, even one that hovers around its threshold for hundreds of
 steps, gives one warning, not one per crossing.
-History starts afresh when a run is resumed.
+The history and the re-arming counts are saved with every checkpoint, so a resumed run warns exactly where the
+uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -34,6 +35,17 @@ def repeat_rate(tokens: Sequence[int], n: int = 3) -> float:
     """Share of a sequence's n-grams that already occurred earlier in it: 0 for varied text, near 1 for a loop."""
     grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
     return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
+
+
+WATCHED = (  # the metrics the rules read
+    "rl/reward/format",
+    "rl/reward/correct",
+    "rl/completion_len_mean",
+    "rl/truncated_ratio",
+    "rl/repeat_rate",
+    "rl/kl_ref",
+    "rl/frac_reward_zero_std",
+)
 
 
 class HackingDetectors:
@@ -54,7 +66,7 @@ class HackingDetectors:
         self.rearm_steps = rearm * window
         self.window, self.min_delta, self.collapse_ratio, self.cap_ratio = window, min_delta, collapse_ratio, cap_ratio
         self.repeat_rise, self.kl_limit, self.no_signal = repeat_rise, kl_limit, no_signal
-        self.history: dict[str, list[float]] = defaultdict(list)
+        self.history: dict[str, list[float]] = defaultdict(list)  # only the WATCHED metrics
         self.quiet: dict[str, int] = {}  # fired detectors -> steps their rule has been false since
         self.rules: dict[str, Callable[[], str | None]] = {
             "format_over_correct": self._format_over_correct,
@@ -68,8 +80,9 @@ class HackingDetectors:
     def update(self, metrics: dict[str, float]) -> list[tuple[str, str]]:
         """Record one step's metrics (missing ones are simply not recorded) and return (detector, message) for
         each rule that just became true."""
-        for name, value in metrics.items():
-            self.history[name].append(value)
+        for name in WATCHED:
+            if name in metrics:
+                self.history[name].append(float(metrics[name]))
         fired = []
         for name, rule in self.rules.items():
             message = rule()
@@ -78,6 +91,13 @@ class HackingDetectors:
             if name in self.quiet or message is not None:
                 self.quiet[name] = 0 if message is not None else self.quiet[name] + 1
         return fired
+
+    def state_dict(self) -> dict:
+        return {"history": dict(self.history), "quiet": dict(self.quiet)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = defaultdict(list, {k: list(v) for k, v in state["history"].items()})
+        self.quiet = dict(state["quiet"])
 
     # windows over one metric's history; None until there is enough of it
 
@@ -151,28 +171,22 @@ class HackingDetectors:
 
 
 class HackingHook(Hook):
-    """Runs the detectors on every step's metrics as logged. The loop merges the objective's metrics into the
-    step's dict after the optimizer-step hooks, so the hook keeps that dict and reads it when the next step
-    starts (or training ends): it sees exactly what was logged."""
+    """Runs the detectors on every step's metrics as logged. It runs after every other hook (`order`), when
+    the step's metrics are complete but for time and throughput, which no rule reads; its warnings are logged
+    within the step, so the step's checkpoint holds the detectors' state after them."""
+
+    order = 100
 
     def __init__(self, detectors: HackingDetectors) -> None:
         self.detectors = detectors
-        self._pending: tuple[int, dict[str, float]] | None = None
+
+    def state_dict(self) -> dict:
+        return self.detectors.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.detectors.load_state_dict(state)
 
     def on_optimizer_step(self, ctx: StepContext) -> None:
-        self._pending = (ctx.step, ctx.metrics)
-
-    def on_step_start(self, ctx: StepContext) -> None:
-        self._check(ctx)
-
-    def on_train_end(self, ctx: StepContext) -> None:
-        self._check(ctx)
-
-    def _check(self, ctx: StepContext) -> None:
-        if self._pending is None:
-            return
-        step, metrics = self._pending
-        self._pending = None
-        for name, message in self.detectors.update(metrics):
-            ctx.run.log_event("hacking", message, step=step, stage=ctx.stage, detector=name)
-            console.print(f"[yellow]reward hacking? ({name}, step {step})[/] {message}", highlight=False)
+        for name, message in self.detectors.update(ctx.metrics):
+            ctx.run.log_event("hacking", message, step=ctx.step, stage=ctx.stage, detector=name)
+            console.print(f"[yellow]reward hacking? ({name}, step {ctx.step})[/] {message}", highlight=False)

@@ -16,6 +16,7 @@ from glasslab.track.atomic import append_jsonl, write_bytes_atomic
 from glasslab.track.rundir import RunDir
 from glasslab.train.distributed import is_main
 from glasslab.train.loop import Hook, StepContext
+from glasslab.train.protocols import TabledBatch, TimedBatch
 
 
 class HasReference(Protocol):
@@ -30,7 +31,8 @@ class ReferenceReset(Hook):
     """Every `every` steps the reference policy becomes a copy of the current policy, so the KL penalty anchors
     to a recent policy instead of the SFT model (as in TRL's sync_ref_model). Each new reference is saved
     beside the checkpoints (checkpoints/rl/reference-step-N.safetensors); a resumed run loads the newest one
-    not after its checkpoint, and before the first reset the reference is the SFT model it started from."""
+    not after its checkpoint, and before the first reset the reference is the SFT model it started from. Those
+    files are its state, so it keeps none in the checkpoint."""
 
     every_rank = True  # every rank's reference must change together, or their KL terms differ
 
@@ -73,13 +75,14 @@ class ReferenceReset(Hook):
 
 class RolloutTable(Hook):
     """Every `every` steps, the step's completions with their scores (and advantages, for GRPO) go to
-    rollouts/step-N.jsonl: the raw material behind every reward curve."""
+    rollouts/step-N.jsonl: the raw material behind every reward curve. Batches that cannot list their rows
+    (not a `TabledBatch`) are not tabled. No state across steps."""
 
     def __init__(self, run: RunDir, every: int) -> None:
         self.run, self.every = run, every
 
     def on_optimizer_step(self, ctx: StepContext) -> None:
-        if not self.every or ctx.step % self.every:
+        if not self.every or ctx.step % self.every or not isinstance(ctx.batch, TabledBatch):
             return
         path = self.run.rollout_path(ctx.step)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +93,12 @@ class RolloutTable(Hook):
 
 class TrainingTime(Hook):
     """time/training_s: from a ready batch to the optimizer step done (policy forward, loss, backward, gradient
-    probes, clipping, update), the part of an RL step that is not generation or reference scoring."""
+    probes, clipping, update), the part of an RL step that is not generation or reference scoring. It runs before
+    every other hook (`order`), so their work is not in it; batches without a `ready_at` (not a `TimedBatch`)
+    are not timed. No state across steps."""
+
+    order = -20
 
     def on_optimizer_step(self, ctx: StepContext) -> None:
-        ctx.metrics["time/training_s"] = time.perf_counter() - ctx.batch.ready_at
+        if isinstance(ctx.batch, TimedBatch):
+            ctx.metrics["time/training_s"] = time.perf_counter() - ctx.batch.ready_at

@@ -5,7 +5,9 @@ Layout of one checkpoint, ckpt_root/<stage>/step-0000123/ (names from glasslab.t
     optimizer.safetensors   optimizer tensors, keyed by their path ("state.0.exp_avg")
     optimizer.json          the rest of the optimizer state_dict, with tensors replaced by references
     rng.safetensors         RNG states (e.g. {"torch_cpu": torch.get_rng_state()})
-    state.json              stage, step, save time and the caller's `extra` (sampler, loop state, ...)
+    extra.safetensors       tensors of the caller's `extra`, keyed by their path ("hooks.SpikeProbe.0.window")
+    state.json              stage, step, save time and the caller's `extra` (sampler, loop and hook state, ...),
+                            encoded like optimizer.json
     COMPLETE                written last
 The directory is built as .tmp-step-0000123 and renamed into place, so a kill mid-save leaves the
 previous checkpoint as the latest valid one.
@@ -65,7 +67,9 @@ def save_checkpoint(
     # Encode first, so a non-serialisable `extra` fails before anything touches the disk.
     opt_tensors: dict[str, torch.Tensor] = {}
     opt_json = json.dumps(_encode(optimizer, "", opt_tensors))
-    state_json = json.dumps({"stage": stage, "step": step, "time": time.time(), "extra": extra}, indent=2)
+    extra_tensors: dict[str, torch.Tensor] = {}
+    encoded = _encode(extra, "", extra_tensors)
+    state_json = json.dumps({"stage": stage, "step": step, "time": time.time(), "extra": encoded}, indent=2)
 
     final = stage_dir / layout.checkpoint_name(step)
     tmp = stage_dir / f"{layout.TMP_PREFIX}{final.name}"
@@ -73,9 +77,10 @@ def save_checkpoint(
     save_file({k: _owned(v) for k, v in model.items()}, tmp / layout.CHECKPOINT_MODEL)
     save_file(opt_tensors, tmp / layout.CHECKPOINT_OPTIMIZER)
     save_file({k: _owned(v) for k, v in rng.items()}, tmp / layout.CHECKPOINT_RNG)
+    save_file(extra_tensors, tmp / layout.CHECKPOINT_EXTRA)
     (tmp / layout.CHECKPOINT_OPTIMIZER_STATE).write_text(opt_json)
     (tmp / layout.CHECKPOINT_STATE).write_text(state_json)
-    for name in layout.CHECKPOINT_FILES:
+    for name in (*layout.CHECKPOINT_FILES, layout.CHECKPOINT_EXTRA):
         fsync_file(tmp / name)
     (tmp / layout.CHECKPOINT_COMPLETE).write_text("ok\n")
     fsync_file(tmp / layout.CHECKPOINT_COMPLETE)
@@ -118,7 +123,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
         optimizer = _decode(json.loads((path / layout.CHECKPOINT_OPTIMIZER_STATE).read_text()), opt_tensors)
         rng = load_file(path / layout.CHECKPOINT_RNG)
         state = json.loads((path / layout.CHECKPOINT_STATE).read_text())
-        return Checkpoint(path, state["stage"], state["step"], model, optimizer, rng, state["extra"])
+        extra_file = path / layout.CHECKPOINT_EXTRA
+        extra = _decode(state["extra"], load_file(extra_file) if extra_file.is_file() else {})
+        return Checkpoint(path, state["stage"], state["step"], model, optimizer, rng, extra)
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
         raise corrupt(f"{type(e).__name__}: {e}") from e
 
@@ -163,8 +170,8 @@ def _owned(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
 
 
-# An optimizer state_dict is nested dicts/lists/tuples of tensors and plain values, with int keys
-# (param indices). JSON has no tensors, tuples or int keys, so those are tagged and restored exactly.
+# An optimizer state_dict, like the extra state, is nested dicts/lists/tuples of tensors and plain values, with int
+# keys (param indices). JSON has no tensors, tuples or int keys, so those are tagged and restored exactly.
 
 
 def _join(key: str, part: object) -> str:
@@ -174,7 +181,7 @@ def _join(key: str, part: object) -> str:
 def _encode(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, torch.Tensor):
         if key in tensors:
-            raise TypeError(f"cannot checkpoint optimizer state: two tensors map to key {key!r}")
+            raise TypeError(f"cannot checkpoint: two tensors map to key {key!r}")
         tensors[key] = _owned(obj)
         return {"__tensor__": key}
     if isinstance(obj, dict):
@@ -189,7 +196,7 @@ def _encode(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
         return [_encode(v, _join(key, i), tensors) for i, v in enumerate(obj)]
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
-    raise TypeError(f"cannot checkpoint optimizer value of type {type(obj).__name__} at {key!r}")
+    raise TypeError(f"cannot checkpoint a value of type {type(obj).__name__} at {key!r}")
 
 
 def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:

@@ -61,6 +61,9 @@ CHECKPOINT_OPTIMIZER = "optimizer.safetensors"
 CHECKPOINT_OPTIMIZER_STATE = "optimizer.json"
 CHECKPOINT_RNG = "rng.safetensors"
 CHECKPOINT_STATE = "state.json"
+CHECKPOINT_EXTRA = (
+    "extra.safetensors"  # tensors of the extra state (hooks', objective's); absent from older checkpoints
+)
 CHECKPOINT_FILES = (
     CHECKPOINT_MODEL,
     CHECKPOINT_OPTIMIZER,

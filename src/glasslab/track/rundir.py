@@ -21,7 +21,7 @@ import tomllib
 import glasslab
 from glasslab.errors import GlasslabError
 from glasslab.track import layout
-from glasslab.track.atomic import append_jsonl, read_jsonl, write_json_atomic
+from glasslab.track.atomic import append_jsonl, read_jsonl, write_json_atomic, write_text_atomic
 from glasslab.track.layout import STATUSES, Manifest, Status
 from glasslab.track.metrics import last_values, read_metrics
 
@@ -210,6 +210,18 @@ class RunDir:
 
     def events(self) -> list[dict]:
         return read_jsonl(self.events_path)
+
+    def truncate_logs_after(self, stage: str, step: int) -> None:
+        """Drop events and samples of `stage` logged at a step after `step` (what MetricStore.truncate_after does
+        for metrics): a run resumed from the checkpoint of `step` logs them again. A file is rewritten only if
+        something is dropped."""
+        if not _writer():
+            return
+        for path in (self.events_path, self.samples_path):
+            records = read_jsonl(path)
+            kept = [r for r in records if not (r.get("stage") == stage and (r.get("step") or 0) > step)]
+            if len(kept) < len(records):
+                write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def log_sample(self, record: dict) -> None:
         if _writer():

@@ -3,15 +3,17 @@ probes and other plug-ins are `Hook`s called at fixed points of each step, never
 
 A step: objective.next_batch -> objective.loss -> backward -> hooks.on_backward (raw gradients) -> clip ->
 optimizer.step -> hooks.on_optimizer_step (the update just made) -> log. Evaluation, samples and checkpoints
-happen between steps, so a checkpoint always holds a consistent state and a resumed run repeats the
-uninterrupted run step for step.
+happen between steps, so a checkpoint always holds a consistent state, hooks' state included, and a resumed run
+repeats the uninterrupted run step for step: the same metrics and the same events.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,15 +34,9 @@ from glasslab.train.precision import autocast_dtype
 class Objective(Protocol):
     """What makes a stage a stage: its data, its loss, its evaluation.
 
-    Optional methods, used by the probes (glasslab.probes) and skipped gracefully when absent:
-      probe_inputs() -> Tensor               fixed (B <= 8, T) token rows, the same every call, so attention and
-                                             activation probes are comparable across steps and runs
-      token_losses(model, batch) -> Tensor   per-token loss (B, T) of a batch, NaN where a target is not trained on
-      val_batches() -> list                  the fixed evaluation batches (for loss by position)
-      position_batches(windows) -> list      more fixed evaluation windows for loss by position, when cheap
-      batch_ids(batch) -> (inputs, targets)  the (B, T) token ids of a batch, to decode a spike's worst tokens
-      batch_kind(batch) -> str               the class of a batch, when batches differ systematically (SFT's length
-                                             buckets): the spike detector compares like with like
+    Optional capabilities, used by the probes (glasslab.probes) and skipped when absent, are the protocols of
+    glasslab.train.protocols: `ProbeRows` (probe_inputs), `TokenLosses` (token_losses), `ValBatches`
+    (val_batches), `PositionBatches` (position_batches), `BatchIds` (batch_ids) and `KindedBatches` (batch_kind). A probe asks with isinstance.
 
     A step (next_batch and loss) runs under the precision of `system.precision`, so every log-prob an objective
     compares (policy, reference, old policy) comes from the same arithmetic; sampling runs in float32 regardless.
@@ -81,9 +77,35 @@ class StepContext:
 
 class Hook:
     """A plug-in called by the loop; override the moments you need. Under torchrun only rank 0 runs hooks (they
-    observe and write the run directory), except those with `every_rank`, which change what is trained."""
+    observe and write the run directory), except those with `every_rank`, which change what is trained.
+
+    `order`: at every moment hooks run by ascending order (ties in the order they were given). By convention
+      < 0   observers of the raw step: time taken, raw gradients in on_backward (before any hook that changes them)
+      0     everything else: probes that add metrics, tables, the reference reset
+      > 0   readers of the step's metrics (the reward-hacking detectors), which on_optimizer_step holds complete
+            but for time and throughput once every lower hook has run
+
+    State: a hook whose behaviour depends on earlier steps (rolling windows, detector history) returns that state
+    from `state_dict` (JSON-able values and tensors, as in a checkpoint's extra state) and takes it back in
+    `load_state_dict`. The loop saves it with every checkpoint, under `key` (default: the class name and its index
+    among hooks of that class), and on resume calls `load_state_dict` right after `on_train_start`: on_train_start
+    builds the fresh state, load_state_dict replaces it with the checkpoint's. A hook with no state of its own
+    (everything derived from the model or the files at on_train_start) keeps the defaults.
+
+    Ends: `on_train_end` when the stage reached its last step; `on_error` when the stage raised (the exception
+    propagates after every hook saw it; a requested stop, `Interrupted`, is not an error); `close` whenever
+    the stage ends, normally or not, for every hook whose on_train_start ran.
+    """
 
     every_rank = False
+    order = 0
+    key: str | None = None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned; called after on_train_start when resuming."""
 
     def on_train_start(self, ctx: StepContext) -> None: ...
 
@@ -99,6 +121,50 @@ class Hook:
 
     def on_nonfinite(self, ctx: StepContext) -> None:
         """The loss or gradient norm of this step is NaN/inf; the loop raises Diverged right after."""
+
+    def on_error(self, ctx: StepContext, exc: BaseException) -> None:
+        """The stage raised `exc` (Diverged, a failing hook or objective, Ctrl-C twice); it propagates after."""
+
+    def close(self, ctx: StepContext) -> None:
+        """The stage ended, however it ended: release what on_train_start acquired."""
+
+
+def hook_keys(hooks: list[Hook]) -> list[str]:
+    """Each hook's checkpoint key: its `key`, or its class name and index among the hooks of that class
+    (`SpikeProbe.0`), which stays the same from run to resume as long as the same hooks are configured."""
+    seen: dict[str, int] = {}
+    keys = []
+    for h in hooks:
+        name = type(h).__name__
+        keys.append(h.key or f"{name}.{seen.get(name, 0)}")
+        seen[name] = seen.get(name, 0) + 1
+    duplicates = {k for k in keys if keys.count(k) > 1}
+    if duplicates:
+        raise ValueError(f"hooks share checkpoint keys {sorted(duplicates)}: give each a distinct `key`")
+    return keys
+
+
+@contextlib.contextmanager
+def running(hooks: list[Hook], ctx: StepContext, saved: dict[str, dict]) -> Iterator[None]:
+    """on_train_start, then the checkpoint's `saved` hook states restored, then the body; on_error if it raises
+    (except for a requested stop), and close in every case, for each hook that started."""
+    started: list[Hook] = []
+    try:
+        for h, key in zip(hooks, hook_keys(hooks)):
+            h.on_train_start(ctx)
+            started.append(h)
+            if key in saved:
+                h.load_state_dict(saved[key])
+        yield
+    except Interrupted:
+        raise
+    except BaseException as exc:
+        for h in started:
+            h.on_error(ctx, exc)
+        raise
+    finally:
+        for h in started:
+            h.close(ctx)
 
 
 class Diverged(GlasslabError):
@@ -178,6 +244,7 @@ def train(
     system = system or SystemConfig()
     stage = objective.stage
     main = is_main()  # under torchrun, only rank 0 writes the run directory
+    hooks = sorted(hooks, key=lambda h: h.order)
     if not main:
         hooks, progress = [h for h in hooks if h.every_rank], None
     forward = wrap(torch.compile(model) if system.compile else model)
@@ -187,6 +254,7 @@ def train(
     ctx = StepContext(stage, model, optimizer, objective, run, cfg)
     ckpt_root = run.checkpoints_dir
     resume_from = latest_checkpoint(ckpt_root, stage)
+    hook_state: dict[str, dict] = {}
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)
         check_architecture(ckpt.extra["arch"], arch, resume_from)
@@ -194,9 +262,11 @@ def train(
         optimizer.load_state_dict(ckpt.optimizer)
         objective.load_state_dict(ckpt.extra["objective"])
         _set_rng_state(ckpt.rng)
+        hook_state = ckpt.extra.get("hooks", {})  # checkpoints from before hooks kept state have none
         ctx.step = ckpt.step
-    if main:
-        store.truncate_after(stage, ctx.step)  # rows a killed run logged after its last checkpoint
+    if main:  # what a killed run logged after its last checkpoint: the resumed run logs it again
+        store.truncate_after(stage, ctx.step)
+        run.truncate_logs_after(stage, ctx.step)
 
     def checkpoint() -> None:
         if not main:
@@ -208,7 +278,11 @@ def train(
             ctx.step,
             model=model.state_dict(),
             optimizer=optimizer.state_dict(),
-            extra={"arch": arch, "objective": objective.state_dict()},
+            extra={
+                "arch": arch,
+                "objective": objective.state_dict(),
+                "hooks": {key: h.state_dict() for key, h in zip(hook_keys(hooks), hooks)},
+            },
             rng=_rng_state(),
             keep_last=cfg.keep_last,
         )
@@ -218,10 +292,8 @@ def train(
     task = (
         progress.add_task(stage, total=cfg.steps, completed=ctx.step, loss=float("nan"), tps=0.0) if progress else None
     )
-    for h in hooks:
-        h.on_train_start(ctx)
-    model.train()
-    with StopRequested() as stop:
+    with StopRequested() as stop, running(hooks, ctx, hook_state):
+        model.train()
         while ctx.step < cfg.steps:
             t0 = time.perf_counter()
             ctx.metrics = {"optim/lr": set_lr(optimizer, ctx.step, cfg)}
@@ -251,18 +323,12 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             ctx.step += 1
+            ctx.metrics.update(parts)
+            ctx.metrics.update({"optim/grad_norm": grad_norm, "optim/clipped": float(grad_norm > clip)})
             for h in hooks:
                 h.on_optimizer_step(ctx)
             dt = time.perf_counter() - t0
-            ctx.metrics.update(parts)
-            ctx.metrics.update(
-                {
-                    "optim/grad_norm": grad_norm,
-                    "optim/clipped": float(grad_norm > clip),
-                    "throughput/tokens_per_s": tokens * world_size() / dt,
-                    "time/step_s": dt,
-                }
-            )
+            ctx.metrics.update({"throughput/tokens_per_s": tokens * world_size() / dt, "time/step_s": dt})
             if main:
                 store.log(ctx.step, stage, ctx.metrics)
             last = ctx.step == cfg.steps
@@ -285,8 +351,8 @@ def train(
                 progress.update(task, completed=ctx.step, loss=loss_sum, tps=tokens / dt)
             if stop.requested and not last:
                 raise Interrupted(f"stopped at step {ctx.step} of {stage}")
-    for h in hooks:
-        h.on_train_end(ctx)
+        for h in hooks:
+            h.on_train_end(ctx)
     return ctx.step
 
 
