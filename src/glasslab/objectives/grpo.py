@@ -61,9 +61,9 @@ class GRPO(RolloutObjective):
         policy), its log-probs under the policy that sampled them. Those recorded while sampling are π_old's at
         temperature 1, in float32. Tempered sampling needs a no-grad forward of the sampling policy instead. So
         does a bfloat16 step with the policy itself as π_old, so that its first ratio is exactly 1: its loss sees
-        log-probs that differ from float32 ones by about 1e-4 nats of KL per token. Sampled ahead, the ratio
-        already corrects a whole optimizer step (kl_old about 4e-4 in the main job), and the recorded log-probs
-        spare the sampling process a forward that would make generation the step's bottleneck."""
+        log-probs that differ slightly from float32 ones. Sampled ahead, the ratio already corrects a whole
+        optimizer step (rl/kl_old), a larger difference, and the recorded log-probs spare the sampling
+        process a forward that would make generation the step's bottleneck."""
         rollout = self.rollout(model)
         cfg = self.cfg
         if cfg.grpo.num_iterations > 1 or cfg.generate_ahead:
