@@ -31,12 +31,11 @@ from glasslab.rl.batch import pack
 from glasslab.rl.hacking import HackingDetectors, repeat_rate
 from glasslab.rl.logprobs import completion_logits, sequence_logprobs
 from glasslab.rl.losses import (
+    aggregate,
     dpo_loss,
     group_advantages,
-    grpo_loss,
     grpo_token_loss,
     kl_estimate,
-    token_entropy,
     token_logprobs,
     token_logprobs_and_entropy,
     zero_std_groups,
@@ -97,6 +96,18 @@ def test_kl_estimators():
     x = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
     for kind in ("k1", "k3"):
         assert kl_estimate(p.log()[x], q.log()[x], kind).mean().item() == pytest.approx(true_kl, abs=5e-3)
+
+
+def grpo_loss(logp, old, ref, adv, mask, *, loss_type, max_new_tokens, **terms):
+    """The GRPO objective's loss: the per-token loss reduced as loss_type says (objectives/grpo.py)."""
+    per_token, stats = grpo_token_loss(logp, old, ref, adv, mask, **terms)
+    return aggregate(per_token, mask, loss_type, max_new_tokens), stats
+
+
+def token_entropy(logits):
+    """Next-token entropy by autograd through a log-softmax: the reference the fused op is checked against."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
 
 
 def _reference_grpo(logp, old, ref, adv, mask, ent, *, eps_low, eps_high, beta, coef, loss_type, max_new):
@@ -216,7 +227,8 @@ def test_token_logprobs_and_entropy():
     assert torch.allclose(
         token_logprobs(logits, targets), p.gather(-1, targets[..., None]).squeeze(-1).log(), atol=1e-6
     )
-    assert torch.allclose(token_entropy(logits), -(p * p.log()).sum(-1), atol=1e-6)
+    _, entropy = token_logprobs_and_entropy(logits.view(-1, 7), targets.view(-1))
+    assert torch.allclose(entropy.view(2, 3), -(p * p.log()).sum(-1), atol=1e-6)
 
 
 @pytest.mark.parametrize("entropy_grad", [False, True])
