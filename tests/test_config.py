@@ -25,6 +25,11 @@ def test_unknown_key_names_the_nearest_valid_key():
         resolve("tiny", overrides=["train.lrr=1"])
     with pytest.raises(GlasslabError, match=r"'rl.grpo.bta'.*'rl.grpo.beta'"):
         resolve("tiny", overrides=["rl.grpo.bta=0"])
+    # a key that moved into a section names where it lives now
+    with pytest.raises(GlasslabError, match=r"'rl.beta': did you mean 'rl.grpo.beta' or 'rl.dpo.beta'\?$"):
+        resolve("tiny", overrides=["rl.beta=0"])
+    with pytest.raises(GlasslabError, match=r"'rl.dpo_beta': did you mean 'rl.dpo.beta'\?$"):
+        resolve("tiny", overrides=["rl.dpo_beta=0.2"])
 
 
 def test_wrong_type_and_bad_preset_and_malformed_set():

@@ -333,11 +333,26 @@ def _explain(err: ValidationError, model: type[BaseModel]) -> str:
         for part in loc[:-1]:
             node = node.model_fields[part].annotation
         valid = list(node.model_fields)
-        near = difflib.get_close_matches(loc[-1], valid, n=1)
-        fix = f"did you mean '{'.'.join(loc[:-1] + [near[0]])}'?" if near else f"valid keys here: {', '.join(valid)}"
+        # a key that moved into a section one level down (rl.beta is rl.grpo.beta, rl.dpo_beta is rl.dpo.beta),
+        # else the nearest spelling
+        leaf, (head, _, tail) = loc[-1], loc[-1].partition("_")
+        near = [
+            f"{name}.{sub}"
+            for name, f in node.model_fields.items()
+            for sub in (leaf, tail if head == name else None)
+            if sub in _section_keys(f.annotation)
+        ]
+        near = near or difflib.get_close_matches(leaf, valid, n=1)
+        paths = " or ".join(f"'{'.'.join(loc[:-1] + [n])}'" for n in near)
+        fix = f"did you mean {paths}?" if near else f"valid keys here: {', '.join(valid)}"
         return f"unknown config key '{key}': {fix}"
     got = e.get("input")
     return f"bad value for config key '{key}' ({got!r}): {e['msg']}"
+
+
+def _section_keys(annotation: Any) -> list[str]:
+    """The keys of a config section's type; none for any other value's."""
+    return list(annotation.model_fields) if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
 
 
 def build_config(data: dict[str, Any]) -> Config:
