@@ -38,7 +38,7 @@ class GRPOBatch:
 
 
 class GRPO(RolloutObjective):
-    """Group Relative Policy Optimization. See RLConfig for every option."""
+    """Group Relative Policy Optimization. See GRPOConfig for its own options, RLConfig for the shared ones."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
