@@ -113,8 +113,7 @@ def main() -> None:
             "group_size": 8,
             "prompts_per_step": 8,
             "max_new_tokens": 24,
-            "drop_zero_std": False,
-            "mask_truncated": False,
+            "grpo": cfg.rl.grpo.model_copy(update={"drop_zero_std": False, "mask_truncated": False}),
         }
     )
     env = get_env("arithmetic", cfg.envs.get("arithmetic"))

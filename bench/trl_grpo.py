@@ -21,9 +21,9 @@ A random model almost never says <|end|>, so nearly every completion runs to 24 
 scores 0 everywhere, so the advantages are 0 and (the k3 KL's gradient being 0 at π = π_ref) neither side's
 weights move: every forward, backward and optimizer step still runs, so the timing is that of a real step.
 
-Timed after --warmup untimed steps per side (5; after 2, glasslab's first timed half ran 4-36% slower than its
-second in 7 runs of 8, after 5 the halves were even), one torch thread each, back to back (glasslab, TRL,
-glasslab again, to see drift in the shared machine's load):
+Timed after --warmup untimed steps per side (5: after only 2, glasslab's first timed half still ran slower than
+its second, after 5 the halves were even), one torch thread each, back to back (glasslab, TRL, glasslab again, to
+see drift in the shared machine's load):
   glasslab  next_batch (rollout + reference log-probs) + loss + backward + clip + AdamW step, as bench/rollout.py
   TRL       `GRPOTrainer.train()`: the time between consecutive optimizer steps (callback), after warm-up steps,
             so everything its loop does per step counts and its start-up does not; wandb, vLLM, eval, saving,
@@ -100,10 +100,9 @@ def rl_config(generate_ahead: bool = False) -> tuple[Config, RLConfig]:
             "prompts_per_step": 8,
             "max_new_tokens": 24,
             "temperature": 1.0,
-            "beta": 0.04,
-            "num_iterations": 1,
-            "drop_zero_std": False,
-            "mask_truncated": False,
+            "grpo": cfg.rl.grpo.model_copy(
+                update={"beta": 0.04, "num_iterations": 1, "drop_zero_std": False, "mask_truncated": False}
+            ),
             "generate_ahead": generate_ahead,
         }
     )
@@ -273,13 +272,13 @@ def trl_steps(
         temperature=rl.temperature,
         top_p=1.0,
         top_k=0,
-        beta=rl.beta,
-        num_iterations=rl.num_iterations,
-        epsilon=rl.eps_low,
-        epsilon_high=rl.eps_high,
-        loss_type=rl.loss_type,
-        scale_rewards=rl.scale_rewards,
-        mask_truncated_completions=rl.mask_truncated,
+        beta=rl.grpo.beta,
+        num_iterations=rl.grpo.num_iterations,
+        epsilon=rl.grpo.eps_low,
+        epsilon_high=rl.grpo.eps_high,
+        loss_type=rl.grpo.loss_type,
+        scale_rewards=rl.grpo.scale_rewards,
+        mask_truncated_completions=rl.grpo.mask_truncated,
         learning_rate=rl.train.lr,
         lr_scheduler_type="constant",
         weight_decay=0.0,
@@ -324,8 +323,7 @@ def main() -> None:
         "--warmup",
         type=int,
         default=5,
-        help="untimed steps per side first (after 2, glasslab's first timed half still ran 4-36%% slower"
-        " than its second)",
+        help="untimed steps per side first (after only 2, glasslab's first timed half still ran slower than its second)",
     )
     ap.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     ap.add_argument("--intermediate", type=int, default=512, help="the Llama's MLP width (341: parameter-matched)")
@@ -388,9 +386,9 @@ def main() -> None:
             "group_size": rl.group_size,
             "max_new_tokens": rl.max_new_tokens,
             "temperature": rl.temperature,
-            "beta": rl.beta,
-            "num_iterations": rl.num_iterations,
-            "loss_type": rl.loss_type,
+            "beta": rl.grpo.beta,
+            "num_iterations": rl.grpo.num_iterations,
+            "loss_type": rl.grpo.loss_type,
             "precision": args.precision,
             "generate_ahead": rl.generate_ahead,
         },

@@ -134,6 +134,7 @@ def test_rl_under_torchrun_with_two_ranks(reference_run: Path):
     [
         (["--set", "train.lrr=1"], "did you mean 'train.lr'"),
         (["--set", "train.steps=x"], "bad value for config key 'train.steps'"),
+        (["--set", "rl.algo=dpo", "--set", "rl.grpo.beta=0.2"], 'rl.grpo.beta does not apply with rl.algo = "dpo"'),
         (["--data", "does/not/exist.txt"], "not found"),
         (["--name", "ref"], "already exists"),
     ],

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from glasslab.config import PRESETS, Config, parse_overrides, resolve
+from glasslab.config import PRESETS, Config, build_config, load_toml, parse_overrides, resolve
 from glasslab.errors import GlasslabError
 
 
@@ -23,8 +23,13 @@ def test_set_parses_toml_literals_and_keeps_section_defaults():
 def test_unknown_key_names_the_nearest_valid_key():
     with pytest.raises(GlasslabError, match=r"unknown config key 'train.lrr': did you mean 'train.lr'"):
         resolve("tiny", overrides=["train.lrr=1"])
-    with pytest.raises(GlasslabError, match=r"'rl.bta'.*'rl.beta'"):
-        resolve("tiny", overrides=["rl.bta=0"])
+    with pytest.raises(GlasslabError, match=r"'rl.grpo.bta'.*'rl.grpo.beta'"):
+        resolve("tiny", overrides=["rl.grpo.bta=0"])
+    # a key that moved into a section names where it lives now
+    with pytest.raises(GlasslabError, match=r"'rl.beta': did you mean 'rl.grpo.beta' or 'rl.dpo.beta'\?$"):
+        resolve("tiny", overrides=["rl.beta=0"])
+    with pytest.raises(GlasslabError, match=r"'rl.dpo_beta': did you mean 'rl.dpo.beta'\?$"):
+        resolve("tiny", overrides=["rl.dpo_beta=0.2"])
 
 
 def test_wrong_type_and_bad_preset_and_malformed_set():
@@ -76,3 +81,48 @@ def test_set_replaces_a_table_and_files_layer_sections(tmp_path: Path):
     assert cfg.rl.env == {"arithmetic": 1} and cfg.rl.group_size == 4  # the rest of [rl] is the preset's
     assert cfg.rl.env_options["arithmetic"] == {"min_digits": 3, "max_digits": 4}
     assert cfg.envs["arithmetic"] == {"max_digits": 3, "level_weights": {"2": 3}}
+
+
+def test_a_setting_of_the_other_rl_algorithm_is_an_error(tmp_path: Path):
+    msg = r'^rl.grpo.beta does not apply with rl.algo = "dpo": remove it, or set rl.algo = "grpo"$'
+    with pytest.raises(GlasslabError, match=msg):
+        resolve("tiny", overrides=["rl.algo=dpo", "rl.grpo.beta=0.2"])
+    with pytest.raises(GlasslabError, match=msg):
+        resolve("tiny", overrides=['rl.algo="dpo"', "rl.grpo={beta=0.2}"])  # a table given whole
+    layer = tmp_path / "dpo.toml"
+    layer.write_text('[rl]\nalgo = "dpo"\n[rl.grpo]\nbeta = 0.2\nloss_type = "grpo"\n')
+    with pytest.raises(GlasslabError, match=r"^rl.grpo.beta, rl.grpo.loss_type do not apply .*remove them"):
+        resolve("tiny", config_file=layer)
+    with pytest.raises(GlasslabError, match=r'^rl.dpo.beta does not apply with rl.algo = "grpo"'):
+        resolve("tiny", overrides=["rl.dpo.beta=0.5"])
+    # each algorithm's own section, and the algorithm given after the stray key, resolve as usual
+    assert resolve("tiny", overrides=["rl.grpo.beta=0.2"]).rl.grpo.beta == 0.2
+    assert resolve("tiny", config_file=layer, overrides=["rl.algo=grpo"]).rl.grpo.loss_type == "grpo"
+    assert resolve("tiny", overrides=["rl.algo=dpo", "rl.dpo.beta=0.5"]).rl.dpo.beta == 0.5
+
+
+def test_preset_values_of_the_other_rl_algorithm_are_not_the_users(monkeypatch: pytest.MonkeyPatch):
+    """A preset tunes GRPO for its recipe; running that recipe with DPO is not a mistake of the user's."""
+    from glasslab import config
+
+    tiny = config.preset_dict("tiny")
+    monkeypatch.setattr(config, "preset_dict", lambda name: config._merge(tiny, {"rl": {"grpo": {"beta": 0.3}}}))
+    cfg = resolve("tiny", overrides=["rl.algo=dpo"])
+    assert cfg.rl.algo == "dpo" and cfg.rl.grpo.beta == 0.3
+    again = resolve(None, overrides=["rl.algo=dpo"], base=cfg.model_dump())  # `glasslab eval --set` on a run
+    assert again == cfg
+
+
+def test_a_saved_dpo_config_reloads_and_can_be_given_back(tmp_path: Path):
+    cfg = resolve("smoke", overrides=["rl.algo=dpo", "rl.dpo.beta=0.3"])
+    path = tmp_path / "config.toml"
+    path.write_text(cfg.to_toml())
+    assert "grpo" not in load_toml(path)["rl"]  # what the run does not use is not in its config
+    assert build_config(load_toml(path)) == cfg  # resume, eval, a stage from a parent run
+    assert resolve(None, config_file=path) == cfg  # `--config runs/<name>/config.toml`
+
+
+def test_a_config_saved_with_flat_rl_keys_loads_into_the_sections():
+    old = {"rl": {"algo": "dpo", "beta": 0.05, "loss_type": "grpo", "dpo_beta": 0.3, "group_size": 4}}
+    cfg = build_config(old)
+    assert (cfg.rl.grpo.beta, cfg.rl.grpo.loss_type, cfg.rl.dpo.beta, cfg.rl.group_size) == (0.05, "grpo", 0.3, 4)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from glasslab.config import ModelConfig, RLConfig, build_config
+from glasslab.config import GRPOConfig, ModelConfig, RLConfig, build_config, resolve
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.envs.base import Environment, Problem, final_answer
 from glasslab.envs.mixture import Mixture
@@ -31,11 +31,11 @@ from glasslab.rl.batch import pack
 from glasslab.rl.hacking import HackingDetectors, repeat_rate
 from glasslab.rl.logprobs import completion_logits, sequence_logprobs
 from glasslab.rl.losses import (
+    aggregate,
     dpo_loss,
     group_advantages,
-    grpo_loss,
+    grpo_token_loss,
     kl_estimate,
-    token_entropy,
     token_logprobs,
     token_logprobs_and_entropy,
     zero_std_groups,
@@ -96,6 +96,18 @@ def test_kl_estimators():
     x = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
     for kind in ("k1", "k3"):
         assert kl_estimate(p.log()[x], q.log()[x], kind).mean().item() == pytest.approx(true_kl, abs=5e-3)
+
+
+def grpo_loss(logp, old, ref, adv, mask, *, loss_type, max_new_tokens, **terms):
+    """The GRPO objective's loss: the per-token loss reduced as loss_type says (objectives/grpo.py)."""
+    per_token, stats = grpo_token_loss(logp, old, ref, adv, mask, **terms)
+    return aggregate(per_token, mask, loss_type, max_new_tokens), stats
+
+
+def token_entropy(logits):
+    """Next-token entropy by autograd through a log-softmax: the reference the fused op is checked against."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
 
 
 def _reference_grpo(logp, old, ref, adv, mask, ent, *, eps_low, eps_high, beta, coef, loss_type, max_new):
@@ -215,7 +227,8 @@ def test_token_logprobs_and_entropy():
     assert torch.allclose(
         token_logprobs(logits, targets), p.gather(-1, targets[..., None]).squeeze(-1).log(), atol=1e-6
     )
-    assert torch.allclose(token_entropy(logits), -(p * p.log()).sum(-1), atol=1e-6)
+    _, entropy = token_logprobs_and_entropy(logits.view(-1, 7), targets.view(-1))
+    assert torch.allclose(entropy.view(2, 3), -(p * p.log()).sum(-1), atol=1e-6)
 
 
 @pytest.mark.parametrize("entropy_grad", [False, True])
@@ -305,7 +318,9 @@ def _models(mcfg: ModelConfig) -> tuple[GPT, GPT]:
 
 
 def _objective(cls, tok, ref, env=None, rank=0, **rl):
-    cfg = RLConfig(**{"group_size": 4, "prompts_per_step": 3, "max_new_tokens": 8, "eval_n": 4} | rl)
+    """GRPO's own settings (GRPOConfig's fields) go to rl.grpo, the rest to rl."""
+    grpo = GRPOConfig(**{k: rl.pop(k) for k in list(rl) if k in GRPOConfig.model_fields})
+    cfg = RLConfig(**{"group_size": 4, "prompts_per_step": 3, "max_new_tokens": 8, "eval_n": 4} | rl, grpo=grpo)
     return cls(env or FakeEnv(), tok, ref, cfg, build_config({}).eval, seed=0, device=CPU, rank=rank)
 
 
@@ -444,6 +459,33 @@ def test_grpo_step_logs_the_metrics_and_trains_sampled_tokens(tok, mcfg):
     assert obj.batch_tokens(batch) == sum(len(c) for c in batch.rollout.completions)
     records = batch.records()
     assert len(records) == 12 and {"advantage", "reward", "scores", "completion", "trained"} <= set(records[0])
+
+
+def test_a_set_grpo_setting_reaches_the_loss(tok, mcfg, monkeypatch):
+    """`--set rl.grpo.beta=0.2` is the β the GRPO loss weighs the KL with (and not a default beside it)."""
+    import glasslab.objectives.grpo as grpo_module
+
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return grpo_token_loss(*args, **kwargs)
+
+    monkeypatch.setattr(grpo_module, "grpo_token_loss", spy)
+    sets = ["rl.grpo.beta=0.2", "rl.grpo.eps_high=0.5", "rl.grpo.mask_truncated=false", "rl.grpo.drop_zero_std=false"]
+    rl = resolve(None, overrides=sets).rl
+    model, ref = _models(mcfg)
+    obj = GRPO(
+        FakeEnv(),
+        tok,
+        ref,
+        rl.model_copy(update={"group_size": 4, "prompts_per_step": 1}),
+        build_config({}).eval,
+        seed=0,
+        device=CPU,
+    )
+    obj.loss(model, obj.next_batch(model))
+    assert seen["beta"] == 0.2 and seen["eps_high"] == 0.5
 
 
 def test_probe_methods(tok, mcfg):

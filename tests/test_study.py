@@ -68,8 +68,8 @@ def test_grid_times_seeds_expands_to_named_runs_with_overrides() -> None:
 def test_shared_stages_make_one_base_run() -> None:
     spec = spec_of(
         GRID.replace('stages = ["pretrain"]', 'stages = ["pretrain", "sft", "rl"]\nshared_stages = ["pretrain", "sft"]')
-        .replace('key = "model.qk_norm"', 'key = "rl.mask_truncated"')
-        .replace('key = "train.lr"', 'key = "rl.beta"')
+        .replace('key = "model.qk_norm"', 'key = "rl.grpo.mask_truncated"')
+        .replace('key = "train.lr"', 'key = "rl.grpo.beta"')
     )
     plan = expand(spec)
     assert (
@@ -79,7 +79,7 @@ def test_shared_stages_make_one_base_run() -> None:
         and plan.base.seed == 0
     )
     assert all(r.stages == ["rl"] and r.from_base for r in plan.runs)
-    assert plan.runs[-1].levels["lr"] == 0.1  # rl.beta's default
+    assert plan.runs[-1].levels["lr"] == 0.1  # rl.grpo.beta's default
     cmd = command_for(plan.runs[0], plan, Path("/s/runs"), "start", threads=1)
     assert cmd[cmd.index("--from") + 1] == "/s/runs/base" and cmd[cmd.index("--stages") + 1] == "rl"
     assert "system.threads=1" in cmd and cmd[cmd.index("--seed") + 1] == "0"

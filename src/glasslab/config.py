@@ -149,9 +149,34 @@ class SFTConfig(Section):
         return self
 
 
+class GRPOConfig(Section):
+    """GRPO's own settings (rl.algo = "grpo"): the clipped surrogate, its KL penalty, the advantages and which
+    completions and groups it trains on."""
+
+    # KL coefficient; 0 drops the penalty (rl/kl_ref is still measured). How strongly each value holds the policy
+    # near the reference, and what that does to held-out accuracy: the kl-ablation study (docs/RESULTS.md).
+    beta: float = Field(0.1, ge=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    eps_low: float = Field(0.2, ge=0)  # clip ratio to [1 - eps_low, 1 + eps_high]
+    eps_high: float = Field(0.28, ge=0)
+    num_iterations: int = Field(1, ge=1)  # optimizer steps per rollout batch (>1: ratios and clipping matter)
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # divide advantages by this std (none: Dr. GRPO)
+    loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = "dapo"
+    mask_truncated: bool = True  # completions cut at max_new_tokens get no gradient
+    drop_zero_std: bool = True  # train only on groups whose rewards vary
+    entropy_coef: float = 0.0  # > 0: entropy bonus
+
+
+class DPOConfig(Section):
+    """DPO's own settings (rl.algo = "dpo")."""
+
+    beta: float = Field(0.1, gt=0)  # how sharply the loss separates chosen from rejected, relative to the reference
+
+
 class RLConfig(Section):
     """Reinforcement learning from an environment's rewards: GRPO, or DPO on pairs built from it.
-    Each step samples group_size completions for each of prompts_per_step training problems."""
+    Each step samples group_size completions for each of prompts_per_step training problems. What only one
+    algorithm uses lives in its own section, [rl.grpo] or [rl.dpo]: setting the other one's is an error."""
 
     algo: Literal["grpo", "dpo"] = "grpo"
     # The task environment, or several with their shares of the problems: { countdown = 3, arithmetic = 1 }.
@@ -163,33 +188,21 @@ class RLConfig(Section):
     prompts_per_step: int = Field(8, ge=1)
     max_new_tokens: int = Field(24, ge=1)
     temperature: float = Field(1.0, gt=0)  # sampling temperature; the policy trained is softmax(logits / temperature)
-    # KL coefficient; 0 drops the penalty (rl/kl_ref is still measured). Against this loss's std-scaled advantages,
-    # GRPO on countdown: mean KL to the reference 1.29 with none, 0.70 at DeepSeekMath's 0.04, 0.39 at 0.1, at equal
-    # held-out accuracy (kl-ablation, README).
-    beta: float = Field(0.1, ge=0)
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    eps_low: float = Field(0.2, ge=0)  # clip ratio to [1 - eps_low, 1 + eps_high]
-    eps_high: float = Field(0.28, ge=0)
-    num_iterations: int = Field(1, ge=1)  # optimizer steps per rollout batch (>1: ratios and clipping matter)
-    # Sample the next rollout batch in a background process, by a copy of the policy, while this one trains: 1.2-1.7x
-    # the steps per second in the main job's RL on 2 CPU cores, by machine (about 2x in bench/trl_grpo.py's step), at
-    # the price of training on samples from one optimizer step ago (π_old is the sampling policy; the clipped ratio
-    # corrects for it; README: "Generating ahead, measured"). rl/ahead.py.
+    # Sample the next rollout batch in a background process, by a copy of the policy, while this one trains: the
+    # step overlaps sampling with training, at the price of training on samples from one optimizer step ago
+    # (π_old is the sampling policy; GRPO's clipped ratio corrects for it). rl/ahead.py; the figures in
+    # docs/BENCHMARKS.md and docs/RESULTS.md.
     generate_ahead: bool = False
-    scale_rewards: Literal["group", "batch", "none"] = "group"  # divide advantages by this std (none: Dr. GRPO)
-    loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = "dapo"
-    mask_truncated: bool = True  # completions cut at max_new_tokens get no gradient
-    drop_zero_std: bool = True  # train only on groups whose rewards vary
-    entropy_coef: float = 0.0  # > 0: entropy bonus
     reward_weights: dict[str, float] = {"correct": 1.0, "format": 0.1}  # the reward is this weighted sum
     ref_reset_every: int = Field(0, ge=0)  # 0: the reference stays the SFT model
-    dpo_beta: float = Field(0.1, gt=0)
     eval_n: int = Field(200, ge=1)  # held-out problems for eval/<env>/accuracy and pass@k
     # Each environment that env_options changes is also evaluated (greedy) with its [envs.<name>] options alone, as
     # eval/<env>@sft/...: what RL on harder problems makes the model forget of the ones SFT trained on.
     retention_eval: bool = True
     table_every: int = Field(25, ge=0)  # rollouts/step-N.jsonl every this many steps (0: never)
     detect_window: int = Field(10, ge=2)  # steps per window of the reward-hacking detectors
+    grpo: GRPOConfig = GRPOConfig()
+    dpo: DPOConfig = DPOConfig()
     train: TrainConfig = TrainConfig(
         steps=150,
         batch_size=1,
@@ -230,14 +243,16 @@ class Config(Section):
     system: SystemConfig = SystemConfig()
 
     def to_toml(self) -> str:
-        return tomli_w.dumps(_drop_none(self.model_dump()))
+        """Every setting the run uses: the section of the RL algorithm not chosen is left out, so the file can be
+        given back as `--config` (where setting it is an error) and reloads with that section's defaults."""
+        tree = self.model_dump()
+        del tree["rl"][_other_algo(self.rl.algo)]
+        return tomli_w.dumps(_drop_none(tree))
 
-    def section_hash(self, *names: str) -> str:
-        import hashlib
-        import json
 
-        dump = self.model_dump()
-        return hashlib.sha256(json.dumps({n: dump[n] for n in names}, sort_keys=True).encode()).hexdigest()[:16]
+def _other_algo(algo: str) -> str:
+    """The RL algorithm whose own section ([rl.grpo] or [rl.dpo]) does not apply under rl.algo = `algo`."""
+    return {"grpo": "dpo", "dpo": "grpo"}[algo]
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -320,17 +335,46 @@ def _explain(err: ValidationError, model: type[BaseModel]) -> str:
         for part in loc[:-1]:
             node = node.model_fields[part].annotation
         valid = list(node.model_fields)
-        near = difflib.get_close_matches(loc[-1], valid, n=1)
-        fix = f"did you mean '{'.'.join(loc[:-1] + [near[0]])}'?" if near else f"valid keys here: {', '.join(valid)}"
+        # a key that moved into a section one level down (rl.beta is rl.grpo.beta, rl.dpo_beta is rl.dpo.beta),
+        # else the nearest spelling
+        leaf, (head, _, tail) = loc[-1], loc[-1].partition("_")
+        near = [
+            f"{name}.{sub}"
+            for name, f in node.model_fields.items()
+            for sub in (leaf, tail if head == name else None)
+            if sub in _section_keys(f.annotation)
+        ]
+        near = near or difflib.get_close_matches(leaf, valid, n=1)
+        paths = " or ".join(f"'{'.'.join(loc[:-1] + [n])}'" for n in near)
+        fix = f"did you mean {paths}?" if near else f"valid keys here: {', '.join(valid)}"
         return f"unknown config key '{key}': {fix}"
     got = e.get("input")
     return f"bad value for config key '{key}' ({got!r}): {e['msg']}"
 
 
+def _section_keys(annotation: Any) -> list[str]:
+    """The keys of a config section's type; none for any other value's."""
+    return list(annotation.model_fields) if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
+
+
 def build_config(data: dict[str, Any]) -> Config:
     """Validate over the full default tree, so overriding one key of a nested section keeps that
-    section's own defaults (sft.train's lr is not the pretraining lr)."""
-    return _validate(_merge(Config().model_dump(), data))
+    section's own defaults (sft.train's lr is not the pretraining lr). A run's saved config.toml from before
+    [rl.grpo] and [rl.dpo] existed loads with its flat RL keys moved into them."""
+    return _validate(_merge(Config().model_dump(), _sectioned_rl(data)))
+
+
+def _sectioned_rl(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with a saved config's flat GRPO keys (rl.beta, ...) under rl.grpo and rl.dpo_beta as rl.dpo.beta."""
+    rl = data.get("rl")
+    flat = set(GRPOConfig.model_fields) | {"dpo_beta"}
+    if not isinstance(rl, dict) or not flat & set(rl):
+        return data
+    rl = dict(rl)
+    grpo = {k: rl.pop(k) for k in list(rl) if k in GRPOConfig.model_fields}
+    dpo = {"beta": rl.pop("dpo_beta")} if "dpo_beta" in rl else {}
+    rl["grpo"], rl["dpo"] = rl.get("grpo", {}) | grpo, rl.get("dpo", {}) | dpo
+    return data | {"rl": rl}
 
 
 def _validate(tree: dict[str, Any]) -> Config:
@@ -350,9 +394,37 @@ def resolve(
     data = _merge(Config().model_dump(), base or {})
     if preset:
         data = _merge(data, preset_dict(preset))
+    user = set()  # the dotted keys the user set, checked against the chosen algorithm once it is known
     if config_file:
-        data = _merge(data, load_toml(config_file))
+        layer = load_toml(config_file)
+        user |= _dotted_keys(layer)
+        data = _merge(data, layer)
     data = copy.deepcopy(data)
     for key, value in parse_overrides(overrides or []):
         _set(data, key, value)
-    return _validate(data)  # already layered over the defaults
+        user |= _dotted_keys({key: value})
+    cfg = _validate(data)  # already layered over the defaults
+    _check_algo_keys(cfg, user)
+    return cfg
+
+
+def _dotted_keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
+    """The dotted key of every value in a nested table that is not itself a table (rl.grpo.beta)."""
+    out = set()
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out |= _dotted_keys(v, f"{key}.") if isinstance(v, dict) else {key}
+    return out
+
+
+def _check_algo_keys(cfg: Config, user: set[str]) -> None:
+    """A setting of the algorithm not chosen would be silently ignored: if the user set one, say so. Only the
+    user's keys count (--config, --set): a preset may tune GRPO and still be run with rl.algo = "dpo"."""
+    other = _other_algo(cfg.rl.algo)
+    stray = sorted(k for k in user if k.startswith(f"rl.{other}."))
+    if stray:
+        one = len(stray) == 1
+        raise GlasslabError(
+            f'{", ".join(stray)} {"does" if one else "do"} not apply with rl.algo = "{cfg.rl.algo}": '
+            f'remove {"it" if one else "them"}, or set rl.algo = "{other}"'
+        )

@@ -50,11 +50,11 @@ def filter_logits(logits: Tensor, temperature: float, top_k: int | None, top_p: 
 
 def sample(probs: Tensor, gen: torch.Generator, block: int = 64) -> Tensor:
     """One draw per row from (B, V) probabilities (normalised or not) by inverting the CDF at a uniform draw.
-    Exact sampling like `torch.multinomial`, which on CPU draws B·V exponentials for one sample (3 ms, a quarter
-    of a decode step at batch 64 and vocab 2048); this draws B uniforms. The inversion runs in two levels: find
-    the block of `block` tokens where the CDF crosses the draw, then the token inside it, so only B·V/block
-    prefix sums are taken over the vocabulary (a full float64 cumsum of (64, 2048) cost 0.2-0.9 ms on CPU, this
-    0.1 ms) and the draw is the same token a full-CDF inversion picks. Sums run in float64 so that even a token
+    Exact sampling like `torch.multinomial`, which on CPU draws B·V exponentials for one sample (a sizeable share
+    of a decode step at the recipe's batch and vocabulary); this draws B uniforms. The inversion runs in two
+    levels: find the block of `block` tokens where the CDF crosses the draw, then the token inside it, so only
+    B·V/block prefix sums are taken over the vocabulary (cheaper than a full float64 cumsum) and the draw is the
+    same token a full-CDF inversion picks. Sums run in float64 so that even a token
     of probability 1e-12 keeps its share. Zero-probability tokens are never drawn: u' = 1 - u is in (0, 1], and
     the first index whose CDF reaches u'·total is never on a flat step of the CDF."""
     B, V = probs.shape

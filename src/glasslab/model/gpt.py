@@ -53,7 +53,7 @@ class AttentionCore(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # On CPU, SDPA's bf16 backward is ~5x slower than its float32 one: attend in float32.
+            # On CPU, SDPA's bf16 backward is much slower than its float32 one: attend in float32.
             with torch.autocast("cpu", enabled=False):
                 return _attend(q.float(), k.float(), v.float(), mask)
         return _attend(q, k, v, mask)
@@ -91,7 +91,7 @@ class Attention(nn.Module):
 
 def _relu2(h: Tensor) -> Tensor:
     r = F.relu(h)
-    return r * r  # not r.square(): its backward goes through a pow kernel that is ~3x slower on CPU
+    return r * r  # not r.square(): its backward goes through a pow kernel, slower on CPU
 
 
 def _swiglu(h: Tensor) -> Tensor:

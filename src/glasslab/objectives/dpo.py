@@ -50,7 +50,7 @@ def preference_pairs(rewards: Tensor, group_size: int) -> tuple[list[int], list[
 
 
 class DPO(RolloutObjective):
-    """Direct Preference Optimization on pairs the environment's rewards rank. See RLConfig (dpo_beta)."""
+    """Direct Preference Optimization on pairs the environment's rewards rank. See DPOConfig."""
 
     def trained_rows(self, rollout: Rollout) -> list[int]:
         chosen, rejected = preference_pairs(rollout.rewards, self.cfg.group_size)
@@ -80,7 +80,7 @@ class DPO(RolloutObjective):
         logp = p.scatter(logp)
         seq, ref_seq = (logp * p.mask).sum(1), (batch.ref_logp * p.mask).sum(1)
         n = len(batch.chosen)
-        loss, chosen_r, rejected_r = dpo_loss(seq[:n], seq[n:], ref_seq[:n], ref_seq[n:], self.cfg.dpo_beta)
+        loss, chosen_r, rejected_r = dpo_loss(seq[:n], seq[n:], ref_seq[:n], ref_seq[n:], self.cfg.dpo.beta)
         return loss, {
             "train/loss": loss.item(),
             "rl/dpo/chosen_reward": chosen_r.mean().item(),

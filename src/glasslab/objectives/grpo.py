@@ -38,7 +38,7 @@ class GRPOBatch:
 
 
 class GRPO(RolloutObjective):
-    """Group Relative Policy Optimization. See RLConfig for every option."""
+    """Group Relative Policy Optimization. See GRPOConfig for its own options, RLConfig for the shared ones."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -48,7 +48,7 @@ class GRPO(RolloutObjective):
     def next_batch(self, model: nn.Module) -> GRPOBatch:
         if self._restore is not None:
             self.batch, self._restore = self._restored(self._restore), None
-        if self.batch is not None and self.batch.uses < self.cfg.num_iterations:
+        if self.batch is not None and self.batch.uses < self.cfg.grpo.num_iterations:
             self.batch.uses += 1
             self.batch.metrics = {}
             self.batch.ready_at = time.perf_counter()
@@ -61,12 +61,12 @@ class GRPO(RolloutObjective):
         policy), its log-probs under the policy that sampled them. Those recorded while sampling are π_old's at
         temperature 1, in float32. Tempered sampling needs a no-grad forward of the sampling policy instead. So
         does a bfloat16 step with the policy itself as π_old, so that its first ratio is exactly 1: its loss sees
-        log-probs that differ from float32 ones by about 1e-4 nats of KL per token. Sampled ahead, the ratio
-        already corrects a whole optimizer step (kl_old about 4e-4 in the main job), and the recorded log-probs
-        spare the sampling process a forward that would make generation the step's bottleneck."""
+        log-probs that differ slightly from float32 ones. Sampled ahead, the ratio already corrects a whole
+        optimizer step (rl/kl_old), a larger difference, and the recorded log-probs spare the sampling
+        process a forward that would make generation the step's bottleneck."""
         rollout = self.rollout(model)
         cfg = self.cfg
-        if cfg.num_iterations > 1 or cfg.generate_ahead:
+        if cfg.grpo.num_iterations > 1 or cfg.generate_ahead:
             bf16_first_ratio = torch.is_autocast_enabled(self.device.type) and not cfg.generate_ahead
             recorded = cfg.temperature == 1.0 and not bf16_first_ratio
             rollout.old = sampled_logprobs(rollout) if recorded else self.row_logprobs(model, rollout)
@@ -76,7 +76,7 @@ class GRPO(RolloutObjective):
         """(groups without reward variance (G,), rows trained on (B,)): the former are dropped if drop_zero_std."""
         g = self.cfg.group_size
         flat = zero_std_groups(rollout.rewards, g)
-        if not self.cfg.drop_zero_std:
+        if not self.cfg.grpo.drop_zero_std:
             return flat, torch.ones_like(rollout.rewards, dtype=torch.bool)
         return flat, ~flat.repeat_interleave(g)
 
@@ -87,7 +87,7 @@ class GRPO(RolloutObjective):
         """Advantages, dropped groups, packed tensors and reference log-probs: everything the batch's steps
         need, computed once."""
         cfg = self.cfg
-        advantages = group_advantages(rollout.rewards, cfg.group_size, cfg.scale_rewards)
+        advantages = group_advantages(rollout.rewards, cfg.group_size, cfg.grpo.scale_rewards)
         flat, kept = self._kept(rollout)
         packed = pack(rollout.prompts, rollout.completions, rollout.sampled, self.tok.pad_id, self.device)
         old_logp = packed.spread(rollout.old)[kept] if rollout.old is not None else None
@@ -98,7 +98,7 @@ class GRPO(RolloutObjective):
             if rollout.ref is None:
                 self.score_reference(rollout)
             ahead_ref = packed.spread(rollout.ref)
-        if cfg.mask_truncated:
+        if cfg.grpo.mask_truncated:
             packed.mask &= ~torch.tensor(rollout.truncated, device=self.device)[kept].unsqueeze(1)
         if ahead_ref is not None:
             ref_logp = ahead_ref * packed.mask  # 0 where not trained, as the forward below gives
@@ -110,7 +110,7 @@ class GRPO(RolloutObjective):
             "rl/advantage_min": advantages.min().item(),
             "rl/advantage_mean": advantages.mean().item(),
             "rl/advantage_max": advantages.max().item(),
-            "rl/groups_dropped": float(flat.sum()) if cfg.drop_zero_std else 0.0,
+            "rl/groups_dropped": float(flat.sum()) if cfg.grpo.drop_zero_std else 0.0,
             "time/reference_s": rollout.reference_s if cfg.generate_ahead else time.perf_counter() - t0,
         }
         return GRPOBatch(rollout, advantages, kept, packed, ref_logp, old_logp, metrics)
@@ -125,19 +125,19 @@ class GRPO(RolloutObjective):
             batch.ref_logp,
             batch.advantages[batch.kept],
             packed.mask,
-            eps_low=cfg.eps_low,
-            eps_high=cfg.eps_high,
-            beta=cfg.beta,
-            kl_estimator=cfg.kl_estimator,
-            entropy=packed.scatter(entropy if cfg.entropy_coef else entropy.detach()),
-            entropy_coef=cfg.entropy_coef,
+            eps_low=cfg.grpo.eps_low,
+            eps_high=cfg.grpo.eps_high,
+            beta=cfg.grpo.beta,
+            kl_estimator=cfg.grpo.kl_estimator,
+            entropy=packed.scatter(entropy if cfg.grpo.entropy_coef else entropy.detach()),
+            entropy_coef=cfg.grpo.entropy_coef,
         )
 
     def loss(self, model: nn.Module, batch: GRPOBatch) -> tuple[Tensor, dict[str, float]]:
         if not batch.kept.any():  # every group was dropped: nothing to learn from this batch
             return torch.zeros((), device=self.device, requires_grad=True), {"train/loss": 0.0, **batch.metrics}
         per_token, stats = self._token_loss(model, batch)
-        loss = aggregate(per_token, batch.packed.mask, self.cfg.loss_type, self.cfg.max_new_tokens)
+        loss = aggregate(per_token, batch.packed.mask, self.cfg.grpo.loss_type, self.cfg.max_new_tokens)
         return loss, {"train/loss": loss.item(), **stats, **batch.metrics}
 
     @torch.no_grad()
@@ -158,7 +158,7 @@ class GRPO(RolloutObjective):
         b = self.batch
         pending = (
             self.rollout_state(b.rollout) | {"uses": b.uses}
-            if b is not None and b.uses < self.cfg.num_iterations
+            if b is not None and b.uses < self.cfg.grpo.num_iterations
             else None
         )
         return super().state_dict() | {"pending": pending}

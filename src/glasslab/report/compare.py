@@ -11,7 +11,7 @@ from typing import Any, Literal
 import numpy as np
 
 from glasslab.errors import GlasslabError
-from glasslab.report import figures as F
+from glasslab.report import figures
 from glasslab.report.html import table
 from glasslab.report.rundata import RunData, load_run
 from glasslab.report.sections import Section
@@ -42,7 +42,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_diff(runs: list[RunData], labels: list[str]) -> dict[str, dict[str, Any]]:
     """Dotted config keys whose values differ between runs (a key a run lacks counts as None)."""
     flat = [_flatten(r.config) for r in runs]
-    keys = sorted(set().union(*flat), key=F.natural_key)
+    keys = sorted(set().union(*flat), key=figures.natural_key)
     return {
         k: {label: f.get(k) for label, f in zip(labels, flat)} for k in keys if len({repr(f.get(k)) for f in flat}) > 1
     }
@@ -58,7 +58,7 @@ def headline_names(runs: list[RunData], pattern: str | None) -> list[str]:
             raise GlasslabError(f"no metric matches '{pattern}': try one of {', '.join(sorted(names)[:8])}, ...")
     else:
         picked = [n for n in names if "blocks." not in n and family_of(n) not in (LOSS_BY_POS, LOSS_BY_POS_CI95)]
-    return sorted(picked, key=F.natural_key)
+    return sorted(picked, key=figures.natural_key)
 
 
 def final_metrics(runs: list[RunData], labels: list[str], names: list[str]) -> dict[str, dict[str, float | None]]:
@@ -157,7 +157,7 @@ def build_compare(run_paths: list[Path], out: Path, align: Align = "step", patte
                 if s is not None and len(s.steps) > 1:
                     series.append((label, aligned_x(run, stage, s.steps, align), s.values))
             if series:
-                sec.figure(F.lines(name, series, xlabel=xlabel, ylog=name in ("optim/grad_norm", "val/ppl")))
+                sec.figure(figures.lines(name, series, xlabel=xlabel, ylog=name in ("optim/grad_norm", "val/ppl")))
         if sec.items:
             sections.append(sec)
     out = Path(out)

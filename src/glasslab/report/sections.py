@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from glasslab.report import figures as F
+from glasslab.report import figures
 from glasslab.report.html import kv_table, paragraph, records_table, table
 from glasslab.report.rundata import RunData, Series
 from glasslab.track import layout
@@ -88,7 +88,7 @@ class Claims:
 
 
 def _with_prefix(metrics: dict[str, Series], prefix: str) -> list[str]:
-    return sorted((n for n in metrics if n.startswith(prefix)), key=F.natural_key)
+    return sorted((n for n in metrics if n.startswith(prefix)), key=figures.natural_key)
 
 
 def _family(metrics: dict[str, Series], family: str) -> list[str]:
@@ -101,7 +101,7 @@ def _rows(metrics: dict[str, Series], names: list[str], prefix: str) -> list[tup
 
 
 def _lines_of(metrics: dict[str, Series], names: list[str], title: str, **kw: Any) -> dict[str, Any]:
-    return F.lines(title, [(n, metrics[n].steps, metrics[n].values) for n in names], **kw)
+    return figures.lines(title, [(n, metrics[n].steps, metrics[n].values) for n in names], **kw)
 
 
 def _stage_label(stage: str) -> str:
@@ -347,7 +347,7 @@ def gradients_section(run: RunData, claims: Claims) -> Section | None:
             fine = [n for n in names if n not in coarse]
             for group, level in ((coarse, "per block"), (fine, "per parameter")):
                 if group:
-                    sec.figure(F.heatmap(f"{title} {level} ({stage})", _rows(m, group, prefix), log=True))
+                    sec.figure(figures.heatmap(f"{title} {level} ({stage})", _rows(m, group, prefix), log=True))
     return sec if sec.items else None
 
 
@@ -368,7 +368,7 @@ def attention_section(run: RunData, claims: Claims) -> Section | None:
             normalised = fam == layout.ATTN_ENTROPY_NORM
             if heads:
                 sec.figure(
-                    F.heatmap(
+                    figures.heatmap(
                         f"{title} per head ({stage})",
                         _rows(m, heads, prefix),
                         log=False,
@@ -379,7 +379,7 @@ def attention_section(run: RunData, claims: Claims) -> Section | None:
                     )
                 )
             if others:
-                sec.figure(F.lines(f"{title} per layer ({stage})", _rows(m, others, prefix), note=meaning))
+                sec.figure(figures.lines(f"{title} per layer ({stage})", _rows(m, others, prefix), note=meaning))
             if normalised and (heads or others):
                 sec.html(_collapse_summary(m, heads or others, stage))
     return sec if sec.items else None
@@ -417,9 +417,9 @@ def activations_section(run: RunData, claims: Claims) -> Section | None:
             coarse = [n for n in names if _LAYER.fullmatch(n[len(prefix) :]) or "blocks." not in n]
             fine = [n for n in names if n not in coarse]
             if coarse:
-                sec.figure(F.lines(f"{title} ({stage})", _rows(m, coarse, prefix), ylog=ylog))
+                sec.figure(figures.lines(f"{title} ({stage})", _rows(m, coarse, prefix), ylog=ylog))
             if fine:
-                sec.figure(F.heatmap(f"{title}, finer ({stage})", _rows(m, fine, prefix), log=ylog))
+                sec.figure(figures.heatmap(f"{title}, finer ({stage})", _rows(m, fine, prefix), log=ylog))
         titles = {
             "logits/max": "Maximum output logit",
             "logits/log_z_mean": "Mean log Z (log-partition of the output logits)",
@@ -444,7 +444,7 @@ def positions_section(run: RunData, claims: Claims) -> Section | None:
         if not names:
             continue
         prefix = layout.metric(layout.LOSS_BY_POS, "")
-        buckets = [(F.position_bucket(n[len(prefix) :]), n) for n in names]
+        buckets = [(figures.position_bucket(n[len(prefix) :]), n) for n in names]
         if all(b is not None for b, _ in buckets):
             xs = np.array([(b[0] + b[1]) / 2 for b, _ in buckets])
             xlabel = "token position (bucket middle)"
@@ -460,7 +460,7 @@ def positions_section(run: RunData, claims: Claims) -> Section | None:
             series.append((f"step {step}", xs[order], ys[order], half[order]))
         labels = ", ".join(n[len(prefix) :] for _, n in buckets)
         sec.figure(
-            F.interval_lines(
+            figures.interval_lines(
                 f"Loss by position ({stage})",
                 series,
                 xlabel=xlabel,
@@ -523,7 +523,7 @@ def _dossier_part(sec: Section, key: str, value: Any, head: str) -> None:
     if histories:
         for sub, (x, series) in histories.items():
             title = f"{head}: {key}" + (f" / {sub}" if sub else "")
-            sec.figure(F.lines(title, [(label, x, y) for label, y in series.items()], ylog=True))
+            sec.figure(figures.lines(title, [(label, x, y) for label, y in series.items()], ylog=True))
         return
     if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
         sec.html(f"<h4>{escape(key)}</h4>" + records_table(value, limit=20))
@@ -569,7 +569,7 @@ def _histories(value: Any) -> dict[str, tuple[np.ndarray, dict[str, np.ndarray]]
         for group in value[0]:
             inner = [r.get(group) for r in value]
             if all(isinstance(v, dict) or v is None for v in inner) and any(inner):
-                names = sorted({k for v in inner if v for k in v}, key=F.natural_key)
+                names = sorted({k for v in inner if v for k in v}, key=figures.natural_key)
                 out[group] = (x, {k: arr([(v or {}).get(k) for v in inner]) for k in names})
         return out
     return {}
@@ -629,7 +629,7 @@ def other_section(run: RunData, claims: Claims) -> Section | None:
     sec = Section("other", "Other metrics", intro="Metrics no section above knows about, grouped by family.")
     for stage in run.stages:
         m = run.metrics[stage]
-        free = claims.free(stage, sorted(m, key=F.natural_key))
+        free = claims.free(stage, sorted(m, key=figures.natural_key))
         families: dict[str, list[str]] = {}
         for n in free:
             families.setdefault(n.split("/")[0] if "/" in n else n, []).append(n)
@@ -639,7 +639,7 @@ def other_section(run: RunData, claims: Claims) -> Section | None:
             else:
                 prefix = f"{fam}/"
                 rows = [(n.removeprefix(prefix), m[n].steps, m[n].values) for n in names]
-                sec.figure(F.heatmap(f"{fam} ({stage})", rows, log=False))
+                sec.figure(figures.heatmap(f"{fam} ({stage})", rows, log=False))
             claims.take(stage, names)
     return sec if sec.items else None
 

@@ -7,16 +7,16 @@ than the one that sampled it, and the objective's importance ratio against the s
 for that. The process also scores its batch under a copy of the frozen reference policy when the trainer is still
 busy with the batch before as sampling ends; otherwise the trainer, already waiting, scores it itself after
 receiving it. Either way it is one computation on the same inputs with as many threads, so the values are the same
-and the run does not depend on which process did it: the reference's forward goes where there is slack (in the
-recipe, whose answers are short, the trainer scores about three batches in four; in bench/trl_grpo.py, whose
-answers are 24 tokens long, the sampling process scores most). A reference reset
+and the run does not depend on which process did it: the reference's forward goes where there is slack (with
+short answers the trainer tends to be free first, with longer ones the sampling process; docs/RESULTS.md,
+"Where the reference is scored"). A reference reset
 (rl.ref_reset_every) refreshes that copy at the next batch, and drops what the batch in flight was scored under
 the old one. The copies carry no probe hooks, and each batch is fixed by its index, so a run is deterministic at
 a seed.
 
 A process rather than a thread: both halves of an RL step are thousands of small PyTorch ops, and each op takes
-Python's GIL to launch. In one process the two threads queue for it at every op: the tiny model's training half
-took 186 ms a step beside a sampling thread, 168 ms beside a sampling process and 165 ms alone (README).
+Python's GIL to launch. In one process the two threads queue for it at every op, and the training half slows
+down beside a sampling thread far more than beside a sampling process (docs/BENCHMARKS.md).
 PyTorch's intra-op thread count is one per process: while generating ahead it is halved, so the two processes
 together use the cores one used before (more would oversubscribe them), and `close` restores it.
 """
@@ -123,8 +123,8 @@ def _keep_freed_memory() -> None:
     """Make glibc's malloc serve large blocks from its heap and keep what is freed, instead of mapping fresh pages
     for every large tensor and handing them back after. A decode step allocates and frees several MB (logits,
     probabilities, cache copies), and by default each such block is page-faulted in anew, in the main arena of this
-    process even more than in a thread's arena: sampling took 173 ms a batch in the tiny recipe, 132 ms with these
-    settings (README). Only this process's allocator changes; elsewhere than glibc there is no mallopt, and nothing."""
+    process even more than in a thread's arena, which makes sampling measurably slower (docs/BENCHMARKS.md). Only
+    this process's allocator changes; elsewhere than glibc there is no mallopt, and nothing."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (AttributeError, OSError, TypeError):

@@ -140,7 +140,7 @@ class HackingDetectors:
             return None
         return (
             f"{recent:.0%} of completions hit rl.max_new_tokens: answers are running on (rambling or looping); "
-            "raise rl.max_new_tokens or keep rl.mask_truncated on"
+            "raise rl.max_new_tokens or keep rl.grpo.mask_truncated on"
         )
 
     def _repetition(self) -> str | None:
@@ -157,7 +157,7 @@ class HackingDetectors:
             return None
         return (
             f"KL to the reference is {recent:.3f} nats/token and rising (was {before:.3f}): the policy is drifting far "
-            "from the SFT model; raise rl.beta or lower rl.train.lr"
+            "from the SFT model; raise rl.grpo.beta (rl.dpo.beta with DPO) or lower rl.train.lr"
         )
 
     def _no_signal(self) -> str | None:

@@ -40,17 +40,11 @@ def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     return _softmax_logprobs(logits, targets)[3]
 
 
-def token_entropy(logits: Tensor) -> Tensor:
-    """Entropy of the next-token distribution at every position: (B, T, V) -> (B, T)."""
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 class _LogprobEntropy(torch.autograd.Function):
     """log p(target) and the entropy of (N, V) logits from one softmax, with a backward written from the saved
     probabilities. Autograd's version runs a log-softmax, a softmax, a product and their backwards (a zero-filled
-    gather gradient and a log-softmax backward that recomputes the exponentials), about a quarter of the training
-    half of the tiny model's GRPO step on CPU; this makes two passes fewer over the logits each way. That pays
+    gather gradient and a log-softmax backward that recomputes the exponentials), a large share of the training
+    half of a small model's GRPO step on CPU; this makes two passes fewer over the logits each way. That pays
     most while sampling runs beside it (rl.generate_ahead), when the passes over memory are what contend."""
 
     @staticmethod
@@ -76,8 +70,8 @@ class _LogprobEntropy(torch.autograd.Function):
 
 
 def token_logprobs_and_entropy(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """`token_logprobs` and `token_entropy` of (N, V) logits and (N,) targets, the costliest op of a small model's
-    RL loss, fused (`_LogprobEntropy`)."""
+    """`token_logprobs` and the next-token entropy of (N, V) logits and (N,) targets, the costliest op of a small
+    model's RL loss, fused (`_LogprobEntropy`)."""
     return _LogprobEntropy.apply(logits, targets)
 
 
@@ -197,22 +191,6 @@ def grpo_token_loss(
         if entropy_coef:
             per_token = per_token - entropy_coef * entropy
     return per_token, stats
-
-
-def grpo_loss(
-    logp: Tensor,
-    old_logp: Tensor | None,
-    ref_logp: Tensor | None,
-    advantages: Tensor,
-    mask: Tensor,
-    *,
-    loss_type: LossType,
-    max_new_tokens: int,
-    **terms: object,
-) -> tuple[Tensor, dict[str, float]]:
-    """The GRPO loss: `grpo_token_loss` (see its keyword arguments) reduced by `aggregate`."""
-    per_token, stats = grpo_token_loss(logp, old_logp, ref_logp, advantages, mask, **terms)  # type: ignore[arg-type]
-    return aggregate(per_token, mask, loss_type, max_new_tokens), stats
 
 
 def dpo_loss(

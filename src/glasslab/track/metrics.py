@@ -1,8 +1,8 @@
 """The live metric store: SQLite in WAL mode, one long table of (step, stage, name, value, time).
 
 WAL lets reports and `compare` read a run while training writes it. Rows are buffered in memory and
-committed every couple of seconds: log() itself only copies two lists, the insert (a few microseconds
-per row, mostly the name index) is paid in one transaction per flush, and a crash loses at most the
+committed every `flush_seconds`: log() itself only copies two lists, the insert (mostly the name
+index's cost) is paid in one transaction per flush, and a crash loses at most the
 last `flush_seconds` of metrics. SQLite turns NaN into NULL; readers here turn
 it back (inf and -inf are stored as they are). At the end of a run `compact` snapshots
 everything to metrics.parquet, the portable copy.

@@ -1,6 +1,6 @@
 """Mixed precision: which dtype training matmuls run in under autocast. Weights, gradients and optimizer
-state stay float32; bfloat16 matmuls take 30-40% off a CPU training step where the hardware has bf16 dot
-products (bench/throughput.py)."""
+state stay float32; bfloat16 matmuls shorten a CPU training step where the hardware has bf16 dot products
+(bench/throughput.py; figures in docs/BENCHMARKS.md)."""
 
 from __future__ import annotations
 
