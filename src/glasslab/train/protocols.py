@@ -38,13 +38,13 @@ class ValBatches(Protocol):
 
 
 @runtime_checkable
-@runtime_checkable
 class PositionBatches(Protocol):
     """More fixed evaluation windows than the validation loss reads, for loss by position (pretraining)."""
 
     def position_batches(self, windows: int) -> list: ...
 
 
+@runtime_checkable
 class BatchIds(Protocol):
     """The (B, T) input and target token ids of a batch, to decode a spike's worst tokens."""
 
