@@ -4,6 +4,7 @@ glasslab's attention and loss instruments agree with values computed from transf
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -73,4 +74,91 @@ def test_bfloat16_checkpoints_import_as_float32(tmp_path, one_thread):
 def test_unrepresentable_options_are_refused_by_name(kind, options, named, tmp_path, one_thread):
     hf_models.build(kind, tmp_path, **options)
     with pytest.raises(GlasslabError, match=named):
+        read_checkpoint(tmp_path)
+
+
+# ---- tokenizer and chat template ------------------------------------------------------------------------------
+
+
+def imported_run(tmp_path, kind: str = "llama", **options):
+    from glasslab.interop.hf_import import import_checkpoint
+    from glasslab.track.rundir import RunDir
+
+    source = tmp_path / f"hf-{kind}"
+    hf = hf_models.build(kind, source, **options)
+    run = RunDir.create(tmp_path / "runs" / f"imported-{kind}")
+    import_checkpoint(source, run, read_checkpoint(source))
+    return run, source, hf
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # a Llama 3 template with a BOS, and ChatML without one
+def test_template_renders_like_transformers_and_trains_exactly_the_assistant_turns(kind, tmp_path, one_thread):
+    from transformers import AutoTokenizer
+
+    from glasslab.chat.format import END, Message, render, render_prompt
+    from glasslab.stages.common import load_model
+    from glasslab.train.evaluate import completion_text
+
+    run, source, _ = imported_run(tmp_path, kind)
+    _, tok, _ = load_model(run)
+    theirs = AutoTokenizer.from_pretrained(source)
+    conversation = [
+        Message("system", "Be brief."),
+        Message("user", "12+30="),
+        Message("assistant", "42"),
+        Message("user", "Capital of France?"),
+        Message("assistant", "Paris."),
+    ]
+    as_dicts = [{"role": m.role, "content": m.content} for m in conversation]
+    ids, trained = render(conversation, tok)
+    assert ids == theirs.apply_chat_template(as_dicts, tokenize=True, return_dict=False)
+    end = tok.hf.id_to_token(tok.end_id)
+    assert end == {"llama": "<|eot_id|>", "qwen2": "<|im_end|>"}[kind]
+    assert tok.decode([i for i, t in zip(ids, trained) if t]) == f"42{end}Paris.{end}"
+    prompt = render_prompt(conversation[:2], tok)
+    assert prompt == theirs.apply_chat_template(
+        as_dicts[:2], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    assert completion_text(tok, [*tok.encode("42"), tok.end_id, *tok.encode("x")]) == f"42{END}"
+    assert tok.pad_id not in ids and tok.pad_id != tok.end_id  # padding never hides a real token
+    with pytest.raises(GlasslabError, match="calculator"):
+        render([Message("user", "1+1"), Message("tool", "2")], tok)
+
+
+def test_an_imported_run_fine_tunes_evaluates_and_chats(tmp_path, one_thread):
+    from typer.testing import CliRunner
+
+    from glasslab.cli import app
+    from glasslab.track.rundir import RunDir
+
+    source = tmp_path / "hf"
+    hf_models.build("llama", source)
+    runs = tmp_path / "runs"
+
+    def invoke(*args):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result
+
+    invoke("import-hf", source, "--name", "base", "--runs-dir", runs, "--json")
+    sets = ["sft.train.steps=2", "sft.examples=16", "sft.val_examples=4", "sft.eval_n=2", "sft.train.batch_size=4",
+            "sft.max_new_tokens=4", "system.threads=1", "probes.mode=full"]  # fmt: skip
+    invoke("sft", runs / "base", "--preset", "smoke", "--tasks", "arithmetic", "--name", "sft", "--runs-dir", runs,
+           *[x for kv in sets for x in ("--set", kv)])  # fmt: skip
+    run = RunDir.open(runs / "sft")
+    assert run.read_manifest()["init"].endswith("pretrain/step-0000000")
+    from glasslab.track.metrics import read_metrics
+
+    names = set(read_metrics(run.path, stage="sft")["name"].to_pylist())
+    assert {"train/loss", "val/loss", "attn_entropy/blocks.0.h0", "eval/arithmetic/accuracy"} <= names
+    result = json.loads(invoke("eval", run.path, "--task", "arithmetic", "--n", "3", "--samples", "0", "--json").stdout)
+    assert result["n"] == 3 and 0 <= result["accuracy"] <= 1
+    said = json.loads(invoke("chat", run.path, "--prompt", "1+2=", "--max-new-tokens", "3", "--json").stdout)
+    assert set(said) == {"prompt", "reply"}
+
+
+def test_import_without_jinja2_names_the_extra(tmp_path, monkeypatch, one_thread):
+    hf_models.build("llama", tmp_path)
+    monkeypatch.setitem(sys.modules, "jinja2", None)
+    with pytest.raises(GlasslabError, match=r"pip install 'glasslab\[hf\]'"):
         read_checkpoint(tmp_path)
