@@ -162,3 +162,92 @@ def test_import_without_jinja2_names_the_extra(tmp_path, monkeypatch, one_thread
     monkeypatch.setitem(sys.modules, "jinja2", None)
     with pytest.raises(GlasslabError, match=r"pip install 'glasslab\[hf\]'"):
         read_checkpoint(tmp_path)
+
+
+# ---- export ---------------------------------------------------------------------------------------------------
+
+
+def glasslab_run(path, model: dict, steps: int = 0):
+    """A run of glasslab's own: pretrained for `steps` on the embedded corpus with every probe on, or (steps=0) a
+    random checkpoint with visible weights and a small trained tokenizer."""
+    from glasslab.config import build_config
+    from glasslab.data.tokenizer import Tokenizer
+    from glasslab.stages.pretrain import pretrain
+    from glasslab.track.atomic import write_text_atomic
+    from glasslab.track.checkpoint import save_checkpoint
+    from glasslab.track.rundir import RunDir
+
+    cfg = build_config(
+        {
+            "model": {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 64, "block_size": 32, **model},
+            "tokenizer": {"kind": "bpe", "vocab_size": 300},
+            "data": {"max_chars": 20000},
+            "train": {"steps": steps or 1, "batch_size": 4, "warmup_steps": 0, "eval_every": steps or 1,
+                      "eval_batches": 2, "checkpoint_every": steps or 1},
+            "probes": {"mode": "full", "position_windows": 8},
+            "system": {"threads": 1, "precision": "float32"},
+        }
+    )  # fmt: skip
+    run = RunDir.create(path)
+    if steps:
+        pretrain(cfg, run)
+        return run, cfg
+    tok = Tokenizer.train([hf_models.TEXT], "bpe", 300)
+    tok.save(run.tokenizer_path)
+    cfg.model.vocab_size = tok.vocab_size
+    write_text_atomic(run.config_path, cfg.to_toml())
+    torch.manual_seed(0)
+    state = hf_models.visible(GPT(cfg.model)).state_dict()
+    save_checkpoint(run.checkpoints_dir, "pretrain", 1, model=state, optimizer={}, rng={},
+                    extra={"arch": cfg.model.model_dump()}, keep_last=1)  # fmt: skip
+    return run, cfg
+
+
+@pytest.mark.parametrize(
+    ("model", "architecture"),
+    [
+        ({"mlp": "swiglu", "qk_norm": False, "tie_embeddings": False, "norm_eps": 1e-5}, "LlamaForCausalLM"),
+        ({"mlp": "swiglu", "mlp_hidden": 96}, "Qwen3ForCausalLM"),  # QK-norm on, torch's default epsilon
+    ],
+)
+def test_export_loads_in_transformers_with_equal_logits_and_greedy_generations(
+    model, architecture, tmp_path, one_thread
+):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from glasslab.chat.format import Message, render_prompt
+    from glasslab.interop.hf_export import export_run
+    from glasslab.model.generate import generate
+    from glasslab.stages.common import load_model
+
+    run, _ = glasslab_run(tmp_path / "run", model)
+    out = tmp_path / "export"
+    export_run(run, None, out)
+    ours, tok, _ = load_model(run)
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(theirs).__name__ == architecture
+    ids = torch.randint(0, tok.vocab_size, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected, got = theirs(ids).logits, ours(ids)
+    print(f"export {architecture}: max |logit difference| {(got - expected).abs().max():.2e}", file=sys.stderr)
+    assert expected.abs().max() > 1 and torch.allclose(got, expected, atol=TOL, rtol=0)
+
+    conversation = [Message("user", "Paris is the capital of")]
+    prompt = render_prompt(conversation, tok)
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    assert prompt == hf_tok.apply_chat_template(
+        [{"role": "user", "content": conversation[0].content}], add_generation_prompt=True, return_dict=False
+    )
+    mine = generate(ours, [prompt], 12, temperature=0.0, stop_ids=(tok.end_id,), pad_id=tok.pad_id, seed=0).tokens[0]
+    with torch.no_grad():
+        greedy = theirs.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt) :]
+    assert mine == greedy.tolist()
+
+
+def test_export_refuses_what_no_standard_architecture_expresses(tmp_path, one_thread):
+    from glasslab.interop.hf_export import export_run
+
+    run, _ = glasslab_run(tmp_path / "run", {"mlp": "relu2"})
+    with pytest.raises(GlasslabError, match="model.mlp"):
+        export_run(run, None, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
