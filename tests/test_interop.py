@@ -251,3 +251,82 @@ def test_export_refuses_what_no_standard_architecture_expresses(tmp_path, one_th
     with pytest.raises(GlasslabError, match="model.mlp"):
         export_run(run, None, tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+# ---- the instruments, against transformers --------------------------------------------------------------------
+
+
+def test_logged_instruments_match_transformers_eager_attention(tmp_path, one_thread):
+    """A pretrained smoke model, exported: each head's attention entropy, max logit and <|bos|> mass on the probe
+    rows, the loss by position and val/loss, recomputed from transformers' eager attention, equal the logged ones."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.models.qwen3.modeling_qwen3 import eager_attention_forward
+
+    from glasslab.data.tokenizer import Tokenizer
+    from glasslab.data.tokens import build_token_splits
+    from glasslab.interop.hf_export import export_run
+    from glasslab.objectives.lm import LanguageModeling
+    from glasslab.probes.positions import bucket_name, position_buckets
+    from glasslab.stages.common import cache_dir, documents
+    from glasslab.track.metrics import read_metrics
+
+    run, cfg = glasslab_run(tmp_path / "runs" / "lm", {"mlp": "swiglu"}, steps=3)
+    export_run(run, None, tmp_path / "export")
+    scores: dict[int, torch.Tensor] = {}
+
+    def recording(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        keys = key.repeat_interleave(query.size(1) // key.size(1), dim=1)
+        scores[module.layer_idx] = (query @ keys.transpose(2, 3)) * scaling  # pre-softmax logits
+        return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+    AttentionInterface.register("recording_eager", recording)
+    AttentionMaskInterface.register("recording_eager", eager_mask)  # eager's additive causal mask
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "export", attn_implementation="recording_eager").eval()
+
+    tok = Tokenizer.load(run.tokenizer_path)
+    splits = build_token_splits(documents(cfg), tok, cache_dir(run), cfg.data.val_fraction, cfg.seed)
+    objective = LanguageModeling(
+        splits, tok, batch_size=cfg.train.batch_size, block_size=cfg.model.block_size,
+        eval_batches_n=cfg.train.eval_batches, z_loss=0.0, seed=cfg.seed, device=torch.device("cpu"),
+    )  # fmt: skip
+    logged = {
+        r["name"]: r["value"]
+        for r in read_metrics(run.path, stage="pretrain").to_pylist()
+        if r["step"] == cfg.train.steps
+    }
+    expected: dict[str, float] = {}
+
+    rows = objective.probe_inputs()
+    with torch.no_grad():
+        attentions = hf(rows, output_attentions=True).attentions
+    bos = rows == tok.bos_id  # probe rows are whole windows: no padding
+    T = rows.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for layer, probs in enumerate(attentions):  # (B, H, T, T)
+        queries = torch.arange(T) >= 1  # query 0 sees one key: out of the means
+        entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)[:, :, queries].mean((0, 2))
+        max_logit = scores[layer].masked_fill(~causal, float("-inf")).amax((0, 2, 3))
+        sink = (probs * bos[:, None, None, :]).sum(-1)  # (B, H, T)
+        sees = (bos.cumsum(1) > 0) & queries  # queries with a <|bos|> key in view
+        for h in range(probs.size(1)):
+            expected[f"attn_entropy/blocks.{layer}.h{h}"] = float(entropy[h])
+            expected[f"attn_max_logit/blocks.{layer}.h{h}"] = float(max_logit[h])
+            expected[f"attn_bos/blocks.{layer}.h{h}"] = float(sink[:, h][sees].mean())
+
+    def token_losses(batches) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([torch.nn.functional.cross_entropy(
+                hf(x).logits.transpose(1, 2), y, reduction="none", ignore_index=-100) for x, y in batches])  # fmt: skip
+
+    expected["val/loss"] = float(token_losses(objective.val_batches()).mean())
+    windows = token_losses(objective.position_batches(cfg.probes.position_windows))
+    for first, last in position_buckets(windows.size(1)):
+        name = bucket_name(first, last, windows.size(1))
+        expected[name] = float(windows[:, first : last + 1].mean())
+
+    assert bos.any() and len(expected) == 3 * 2 * 4 + 1 + len(position_buckets(windows.size(1)))
+    differences = {name: abs(logged[name] - value) for name, value in expected.items()}
+    worst = max(differences, key=differences.get)
+    print(f"instruments: worst |difference| {differences[worst]:.2e} ({worst})", file=sys.stderr)
+    assert differences[worst] < TOL
