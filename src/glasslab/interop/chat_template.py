@@ -54,7 +54,11 @@ class ChatTemplate:
     """A model's chat template with the special-token variables it reads (bos_token, eos_token, ...)."""
 
     def __init__(self, source: str, variables: dict[str, str]) -> None:
-        self.template, self.variables = compile_template(source), variables
+        self.source, self.template, self.variables = source, compile_template(source), variables
+
+    def __reduce__(self) -> tuple:
+        """Pickled as its source (compiled templates do not pickle): RL's generate-ahead worker gets a copy."""
+        return ChatTemplate, (self.source, self.variables)
 
     def text(self, messages: list[Message], generation_prompt: bool) -> str:
         for m in messages:
