@@ -25,6 +25,17 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class RopeScaling(Section):
+    """Llama 3's RoPE frequency scaling: wavelengths longer than original_context / low_freq_factor are stretched
+    by `factor`, shorter than original_context / high_freq_factor kept, the ones between interpolated."""
+
+    kind: Literal["llama3"] = "llama3"
+    factor: float = Field(gt=0)
+    low_freq_factor: float = Field(gt=0)
+    high_freq_factor: float = Field(gt=0)
+    original_context: int = Field(ge=1)
+
+
 class ModelConfig(Section):
     n_layer: int = 4
     n_head: int = 4
@@ -39,20 +50,40 @@ class ModelConfig(Section):
     rope_theta: float = 10000.0
     dropout: float = 0.0
     vocab_size: int | None = None  # filled from the tokenizer
+    # Options an imported model may need (import-hf); the defaults are glasslab's own architecture.
+    head_dim: int | None = None  # None: n_embd // n_head
+    mlp_hidden: int | None = None  # the MLP's hidden width; None: from mlp_ratio
+    attn_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    norm_eps: float | None = None  # RMSNorm epsilon; None: torch's default (the dtype's machine epsilon)
+    rope_scaling: RopeScaling | None = None
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
         kv = self.n_kv_head or self.n_head
-        if self.n_embd % self.n_head or self.n_head % kv:
+        if (self.head_dim is None and self.n_embd % self.n_head) or self.n_head % kv:
             raise ValueError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), and n_head by n_kv_head ({kv})"
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) unless head_dim is set, "
+                f"and n_head by n_kv_head ({kv})"
             )
         return self
 
 
 class TokenizerConfig(Section):
-    kind: Literal["bpe", "char"] = "bpe"
-    vocab_size: int = 2048
+    kind: Literal["bpe", "char", "hf"] = "bpe"  # hf: an imported model's tokenizer.json, kept as it is
+    vocab_size: int = 2048  # hf: the model's embedding rows (may exceed the tokenizer's own ids)
+    # hf only, read from the model's tokenizer_config.json at import: its chat template (Jinja) and the tokens
+    # that start a document, end a turn (where generation stops) and pad batches
+    chat_template: str | None = None
+    bos_token: str | None = None
+    end_token: str | None = None
+    pad_token: str | None = None
+    template_vars: dict[str, str] = {}  # the other special tokens the template reads (eos_token, ...)
+
+    @model_validator(mode="after")
+    def _hf_complete(self) -> TokenizerConfig:
+        if self.kind == "hf" and not (self.chat_template and self.bos_token and self.end_token and self.pad_token):
+            raise ValueError("tokenizer.kind = 'hf' needs chat_template, bos_token, end_token and pad_token")
+        return self
 
 
 class DataConfig(Section):

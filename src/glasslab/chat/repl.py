@@ -11,8 +11,7 @@ from rich.console import Console
 from torch import nn
 
 from glasslab.chat.format import Message, parse_completion, render_prompt
-from glasslab.chat.tools import ToolInterceptor
-from glasslab.data.tokenizer import SPECIAL_TOKENS, Tokenizer
+from glasslab.data.tokenizer import Tokenizer
 from glasslab.errors import GlasslabError
 from glasslab.model.generate import generate
 from glasslab.train.evaluate import completion_text
@@ -26,7 +25,7 @@ class TokenPrinter:
 
     def __init__(self, tok: Tokenizer, console: Console) -> None:
         self.tok, self.console = tok, console
-        self.special = {tok.id_of(t): t for t in SPECIAL_TOKENS}
+        self.special = tok.chat.specials
         self.state = "answer"  # answer | call | result
         self.segment: list[int] = []  # plain tokens since the last special one
         self.shown = 0  # characters of the segment's text already printed
@@ -69,11 +68,11 @@ class StreamingTools:
     """An `Interceptor` for a single row: prints each new token, then runs tool calls."""
 
     def __init__(self, tok: Tokenizer, printer: TokenPrinter | None) -> None:
-        self.tools, self.printer, self.printed = ToolInterceptor(tok), printer, 0
+        self.tools, self.printer, self.printed = tok.chat.interceptor(), printer, 0
 
     def __call__(self, row: int, completion: list[int]) -> list[int] | None:
         self.flush(completion)
-        return self.tools(row, completion)
+        return self.tools(row, completion) if self.tools else None
 
     def flush(self, completion: list[int]) -> None:
         if self.printer:

@@ -91,12 +91,12 @@ def _show_examples(cfg: Config, tokenizer_path: Path, as_json: bool) -> None:
     """One rendered conversation per task (and from the data file): trained tokens bold green, given ones dim."""
     from rich.text import Text
 
-    from glasslab.data.tokenizer import Tokenizer
+    from glasslab.data.tokenizer import load_tokenizer
     from glasslab.envs import get_env
     from glasslab.objectives.sft import env_conversations, to_example
     from glasslab.stages.sft import file_data
 
-    tok = Tokenizer.load(tokenizer_path)
+    tok = load_tokenizer(tokenizer_path, cfg.tokenizer)
     envs = [get_env(task, cfg.envs.get(task, {})) for task in cfg.sft.tasks]
     examples = [to_example(env_conversations(env, "train", 1, cfg.seed)[0], tok) for env in envs]
     examples += file_data(cfg, tok)[0][:1]

@@ -8,12 +8,16 @@ import hashlib
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from glasslab.errors import GlasslabError
+
+if TYPE_CHECKING:
+    from glasslab.chat.format import ChatFormat
+    from glasslab.config import TokenizerConfig
 
 SPECIAL_TOKENS = [
     "<|pad|>",
@@ -96,6 +100,13 @@ class Tokenizer:
     def end_id(self) -> int:
         return SPECIAL_TOKENS.index("<|end|>")
 
+    @property
+    def chat(self) -> "ChatFormat":
+        """glasslab's chat format on this tokenizer."""
+        from glasslab.chat.format import GlasslabChat
+
+        return GlasslabChat(self)
+
     def save(self, path: str | Path) -> None:
         """Write a standard Hugging Face tokenizer.json (the kind follows from its model type)."""
         Path(path).write_text(self.hf.to_str(), encoding="utf-8")
@@ -129,6 +140,15 @@ class Tokenizer:
     def fingerprint(self) -> str:
         """sha256 of the full tokenizer JSON: equal fingerprints mean identical token ids."""
         return hashlib.sha256(self.hf.to_str().encode("utf-8")).hexdigest()
+
+
+def load_tokenizer(path: str | Path, cfg: "TokenizerConfig") -> "Tokenizer":
+    """A run's tokenizer: glasslab's own, or (kind "hf") an imported model's with its chat template."""
+    if cfg.kind == "hf":
+        from glasslab.interop.hf_tokenizer import TemplateTokenizer
+
+        return TemplateTokenizer.load(path, cfg)
+    return Tokenizer.load(path)
 
 
 def _train_bpe(docs: list[str], vocab_size: int) -> HFTokenizer:

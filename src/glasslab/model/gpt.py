@@ -1,5 +1,5 @@
-"""A whole modern GPT in one file: RoPE, RMSNorm, optional QK-norm, GQA, GELU/SwiGLU/ReLU² MLPs,
-tied or untied embeddings and soft-capped logits. Attention runs through `F.scaled_dot_product_attention`.
+"""A whole modern GPT in one file: RoPE (optionally Llama 3-scaled), RMSNorm, optional QK-norm, GQA, optional
+q/k/v biases, GELU/SwiGLU/ReLU² MLPs, tied or untied embeddings and soft-capped logits. Attention runs through `F.scaled_dot_product_attention`.
 
 The forward pass carries no instrumentation: probes attach forward hooks to named submodules
 (`blocks.i.attn.core` sees q, k, v after RoPE and QK-norm; `blocks.i` sees the residual stream).
@@ -14,16 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from glasslab.config import ModelConfig
+from glasslab.config import ModelConfig, RopeScaling
 
 
 class Rotary(nn.Module):
     """Rotary position embedding tables, grown on demand so positions past block_size still work. They are stored
     as (cos, cos) and (sin, -sin), so that rotating a head is two products and a sum (`apply_rotary`)."""
 
-    def __init__(self, head_dim: int, theta: float, length: int) -> None:
+    def __init__(self, head_dim: int, theta: float, length: int, scaling: RopeScaling | None = None) -> None:
         super().__init__()
-        self.register_buffer("inv_freq", theta ** (-torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
+        inv_freq = theta ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+        self.register_buffer(
+            "inv_freq", scale_frequencies(inv_freq, scaling) if scaling else inv_freq, persistent=False
+        )
         self._build(length)
 
     def _build(self, length: int) -> None:
@@ -39,6 +42,15 @@ class Rotary(nn.Module):
             self._build(2 * length)
         cos, sin = self.cos[positions], self.sin[positions]
         return (cos, sin) if positions.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
+
+
+def scale_frequencies(inv_freq: Tensor, s: RopeScaling) -> Tensor:
+    """Llama 3's long-context scaling: low frequencies (wavelength beyond original_context / low_freq_factor)
+    slow down by `factor`, high ones (below original_context / high_freq_factor) stay, and the band between
+    blends the two linearly in original_context / wavelength."""
+    ratio = s.original_context * inv_freq / (2 * math.pi)  # original_context / wavelength
+    blend = ((ratio - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)).clamp(0, 1)
+    return (1 - blend) * inv_freq / s.factor + blend * inv_freq
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -67,13 +79,13 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head or cfg.n_head
-        self.head_dim = cfg.n_embd // cfg.n_head
-        self.q = nn.Linear(cfg.n_embd, self.n_head * self.head_dim, bias=False)
-        self.k = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.v = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.head_dim = head_dim(cfg)
+        self.q = nn.Linear(cfg.n_embd, self.n_head * self.head_dim, bias=cfg.attn_bias)
+        self.k = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=cfg.attn_bias)
+        self.v = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=cfg.attn_bias)
         self.o = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=False)
-        self.q_norm = nn.RMSNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
+        self.q_norm = nn.RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.core = AttentionCore()
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: CacheLayer | None) -> Tensor:
@@ -112,7 +124,7 @@ class MLP(nn.Module):
         super().__init__()
         self.act, width = ACTIVATIONS[cfg.mlp]
         # SwiGLU has three matrices: shrink its hidden width by 2/3 to keep the parameter count.
-        hidden = int(cfg.mlp_ratio * cfg.n_embd * (2 / 3 if width == 2 else 1))
+        hidden = cfg.mlp_hidden or int(cfg.mlp_ratio * cfg.n_embd * (2 / 3 if width == 2 else 1))
         self.up = nn.Linear(cfg.n_embd, width * hidden, bias=False)
         self.down = nn.Linear(hidden, cfg.n_embd, bias=False)
 
@@ -123,8 +135,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.norm1, self.attn = nn.RMSNorm(cfg.n_embd), Attention(cfg)
-        self.norm2, self.mlp = nn.RMSNorm(cfg.n_embd), MLP(cfg)
+        self.norm1, self.attn = nn.RMSNorm(cfg.n_embd, cfg.norm_eps), Attention(cfg)
+        self.norm2, self.mlp = nn.RMSNorm(cfg.n_embd, cfg.norm_eps), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: CacheLayer | None) -> Tensor:
@@ -141,18 +153,21 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = nn.RMSNorm(cfg.n_embd)
+        self.norm = nn.RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.wte.weight
-        self.rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.rope_theta, cfg.block_size)
+        self.rotary = Rotary(head_dim(cfg), cfg.rope_theta, cfg.block_size, cfg.rope_scaling)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 init: N(0, 0.02), residual projections shrunk by √(2·n_layer) so the stream's variance stays flat."""
+        """GPT-2 init: N(0, 0.02), residual projections shrunk by √(2·n_layer) so the stream's variance stays flat;
+        norm gains one, biases zero."""
         residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
                 nn.init.ones_(p)
             else:
                 nn.init.normal_(p, std=residual_std if name.endswith(("attn.o.weight", "mlp.down.weight")) else 0.02)
@@ -194,6 +209,10 @@ class GPT(nn.Module):
         return logits
 
 
+def head_dim(cfg: ModelConfig) -> int:
+    return cfg.head_dim or cfg.n_embd // cfg.n_head
+
+
 class LayerCache:
     """One layer's view of the KV cache: writes new keys/values at the cache's fill position."""
 
@@ -212,7 +231,7 @@ class KVCache:
 
     def __init__(self, model: GPT, batch: int, max_len: int) -> None:
         cfg, p = model.cfg, next(model.parameters())
-        shape = (cfg.n_layer, batch, cfg.n_kv_head or cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        shape = (cfg.n_layer, batch, cfg.n_kv_head or cfg.n_head, max_len, head_dim(cfg))
         self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.length = 0

@@ -12,7 +12,6 @@ import torch
 from torch import Tensor, nn
 
 from glasslab.chat.format import render
-from glasslab.chat.tools import ToolInterceptor
 from glasslab.config import EvalConfig, RLConfig
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.envs import ENVIRONMENTS
@@ -62,7 +61,7 @@ class RolloutObjective:
         self.env, self.tok, self.ref, self.cfg, self.eval_cfg = env, tok, ref, cfg, eval_cfg
         self.retention = list(retention)
         self.seed, self.device, self.rank = seed, device, rank
-        self.interceptor = ToolInterceptor(tok)
+        self.interceptor = tok.chat.interceptor()
         self.rollouts = 0  # rollout batches drawn so far: seeds the next one, so a resumed run draws the same
         self._probe_rows: Tensor | None = None
         self._ahead: Ahead[Rollout] | None = None

@@ -51,7 +51,8 @@ def build_probes(cfg: Config, run: RunDir, tokenizer: Tokenizer | None = None) -
     if p.spikes:
         hooks.append(SpikeProbe(p, run, tokenizer))
     if p.attention_every or p.activations_every:
-        hooks.append(ForwardProbe(p.attention_every, p.activations_every))
+        ids = {"pad_id": tokenizer.pad_id, "bos_id": tokenizer.bos_id} if tokenizer else {}
+        hooks.append(ForwardProbe(p.attention_every, p.activations_every, **ids))
     if p.loss_by_position:
         hooks.append(LossByPosition(p.position_every, p.position_windows))
     return hooks

@@ -29,7 +29,7 @@ from glasslab.track.layout import (
 from glasslab.train.loop import Hook, StepContext
 from glasslab.train.protocols import ProbeRows
 
-PAD_ID = SPECIAL_TOKENS.index("<|pad|>")  # special-token ids are the same in every glasslab tokenizer
+PAD_ID = SPECIAL_TOKENS.index("<|pad|>")  # special-token ids of every glasslab tokenizer (an imported one differs)
 BOS_ID = SPECIAL_TOKENS.index("<|bos|>")
 
 # attention_stats' statistics and the metric families they are logged as
@@ -73,8 +73,11 @@ class ForwardProbe(Hook):
     on `objective.probe_inputs()`, measured after the step's update and logged at that step. No state across
     steps: each measurement is of the model as it is."""
 
-    def __init__(self, attention_every: int, activations_every: int) -> None:
+    def __init__(
+        self, attention_every: int, activations_every: int, pad_id: int = PAD_ID, bos_id: int = BOS_ID
+    ) -> None:
         self.attention_every, self.activations_every = attention_every, activations_every
+        self.pad_id, self.bos_id = pad_id, bos_id
 
     def on_train_start(self, ctx: StepContext) -> None:
         self.enabled = isinstance(ctx.objective, ProbeRows)
@@ -90,15 +93,19 @@ class ForwardProbe(Hook):
         attention = bool(self.attention_every) and ctx.step % self.attention_every == 0
         activations = bool(self.activations_every) and ctx.step % self.activations_every == 0
         if self.enabled and (attention or activations):
-            ctx.metrics.update(probe_forward(ctx.model, ctx.objective.probe_inputs(), attention, activations))
+            inputs = ctx.objective.probe_inputs()
+            ctx.metrics.update(probe_forward(ctx.model, inputs, attention, activations, self.pad_id, self.bos_id))
 
 
 @torch.no_grad()
-def probe_forward(model: nn.Module, inputs: Tensor, attention: bool, activations: bool) -> dict[str, float]:
-    """Run `inputs` through the model in eval mode and return the requested probe metrics. <|pad|> tokens in
-    `inputs` are padding (probe rows are right-padded, so real queries never see them)."""
+def probe_forward(
+    model: nn.Module, inputs: Tensor, attention: bool, activations: bool, pad_id: int = PAD_ID, bos_id: int = BOS_ID
+) -> dict[str, float]:
+    """Run `inputs` through the model in eval mode and return the requested probe metrics. `pad_id` tokens in
+    `inputs` are padding (probe rows are right-padded, so real queries never see them); attn_bos is the mass on
+    `bos_id` tokens."""
     stats: dict[str, Tensor] = {}
-    real, bos = inputs != PAD_ID, inputs == BOS_ID
+    real, bos = inputs != pad_id, inputs == bos_id
 
     def on_attention(layer: str, module: nn.Module, args: tuple, output: Any) -> None:
         q, k, _, mask = args

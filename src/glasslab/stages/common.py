@@ -12,7 +12,7 @@ import torch
 
 from glasslab.config import Config, SystemConfig
 from glasslab.data.corpus import load_documents
-from glasslab.data.tokenizer import Tokenizer
+from glasslab.data.tokenizer import Tokenizer, load_tokenizer
 from glasslab.errors import GlasslabError
 from glasslab.model.gpt import GPT
 from glasslab.track.atomic import write_text_atomic
@@ -50,7 +50,7 @@ def tokenizer_for(run: RunDir, cfg: Config, docs: list[str]) -> Tokenizer:
     if not run.tokenizer_path.exists() and is_main():
         Tokenizer.train(docs, cfg.tokenizer.kind, cfg.tokenizer.vocab_size).save(run.tokenizer_path)
     barrier()
-    return Tokenizer.load(run.tokenizer_path)
+    return load_tokenizer(run.tokenizer_path, cfg.tokenizer)
 
 
 def documents(cfg: Config) -> list[str]:
@@ -112,7 +112,7 @@ def load_model(
     model = GPT(cfg.model)
     load_weights(model, path, cfg)
     model.to(device or torch.device("cpu")).eval()
-    return model, Tokenizer.load(run.tokenizer_path), cfg
+    return model, load_tokenizer(run.tokenizer_path, cfg.tokenizer), cfg
 
 
 def stage_tokenizer(cfg: Config, run: RunDir, command: str) -> Tokenizer:
@@ -121,7 +121,7 @@ def stage_tokenizer(cfg: Config, run: RunDir, command: str) -> Tokenizer:
         raise GlasslabError(
             f"run {run.path} has no tokenizer.json: start it with `glasslab {command} PARENT_RUN`, which copies it"
         )
-    tok = Tokenizer.load(run.tokenizer_path)
+    tok = load_tokenizer(run.tokenizer_path, cfg.tokenizer)
     cfg.model.vocab_size = tok.vocab_size
     save_config(run, cfg)
     return tok

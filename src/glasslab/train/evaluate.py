@@ -14,7 +14,6 @@ from math import comb
 from torch import nn
 
 from glasslab.chat.format import render_prompt
-from glasslab.chat.tools import ToolInterceptor
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.envs.base import Environment, Problem, Split
 from glasslab.errors import GlasslabError
@@ -61,8 +60,9 @@ def prompt_tokens(env: Environment, problem: Problem, tok: Tokenizer) -> list[in
 
 
 def completion_text(tok: Tokenizer, tokens: list[int]) -> str:
-    """The generated assistant completion as text, special tokens kept (rewards read `<|end|>`, tool calls)."""
-    return tok.decode(tokens)
+    """The generated assistant completion as glasslab's chat-format text, special tokens kept (rewards read
+    `<|end|>`, tool calls), whatever format the model was prompted in."""
+    return tok.chat.completion_text(tokens)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -86,7 +86,7 @@ def complete(
     top_p: float | None = None,
 ) -> list[str]:
     """Completions of many prompts, `batch_size` at a time, with the calculator tool available."""
-    interceptor = ToolInterceptor(tok)
+    interceptor = tok.chat.interceptor()
     texts = []
     for i in range(0, len(prompts), batch_size):
         out = generate(

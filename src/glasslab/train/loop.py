@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from glasslab.config import SystemConfig, TrainConfig
+from glasslab.config import ModelConfig, SystemConfig, TrainConfig
 from glasslab.errors import GlasslabError
 from glasslab.track.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from glasslab.track.metrics import MetricStore
@@ -214,6 +214,8 @@ def _set_rng_state(state: dict[str, Tensor]) -> None:
 
 
 def check_architecture(saved: dict, current: dict, path: Path) -> None:
+    """Refuse a checkpoint whose model config differs; a key the checkpoint predates counts as its default."""
+    saved = {**ModelConfig().model_dump(), **saved}
     diff = [
         f"{k}: {saved.get(k)!r} vs {current.get(k)!r}"
         for k in sorted(set(saved) | set(current))
