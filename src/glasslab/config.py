@@ -18,11 +18,38 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from glasslab.errors import GlasslabError
 
-PRESETS = ("smoke", "tiny", "small", "gpt2-124m")
+PRESETS = ("smoke", "tiny", "tiny-moe", "small", "gpt2-124m", "small-moe")
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MoEConfig(Section):
+    """`[model.moe]`: a mixture-of-experts MLP in place of the dense one (model/moe.py). n_experts = 0: dense.
+    Balancing methods combine freely: aux_loss > 0 (Switch), bias_rate > 0 (DeepSeek-V3's auxiliary-loss-free
+    bias), z_loss > 0 (router z-loss); all zero is no balancing."""
+
+    n_experts: int = Field(0, ge=0)
+    top_k: int = Field(1, ge=1)
+    # Hidden width of each routed expert; None: the dense MLP's width / (top_k + shared), so the active
+    # parameters per token match the dense model's (fine-grained experts: more experts, narrower).
+    hidden: int | None = Field(None, ge=1)
+    shared: int = Field(0, ge=0)  # shared experts (of width `hidden`) every token goes through
+    score: Literal["softmax", "sigmoid"] = "softmax"  # sigmoid: DeepSeek-V3's independent per-expert scores
+    # Divide the top-k gates by their sum when top_k > 1 (at top_k = 1 the gate would be 1 and the router untrained).
+    renormalize: bool = True
+    layers: list[int] | None = None  # the blocks that get an MoE MLP (others stay dense); None: every block
+    capacity_factor: float | None = Field(None, gt=0)  # None: dropless; else assignments over capacity are dropped
+    aux_loss: float = Field(0.0, ge=0)  # coefficient of the Switch auxiliary load-balancing loss, summed over layers
+    bias_rate: float = Field(0.0, ge=0)  # γ of the bias update after each optimizer step; 0: no bias balancing
+    z_loss: float = Field(0.0, ge=0)  # coefficient of the router z-loss, summed over layers
+
+    @model_validator(mode="after")
+    def _fits(self) -> MoEConfig:
+        if self.n_experts and self.top_k > self.n_experts:
+            raise ValueError(f"top_k ({self.top_k}) cannot exceed n_experts ({self.n_experts})")
+        return self
 
 
 class ModelConfig(Section):
@@ -39,6 +66,7 @@ class ModelConfig(Section):
     rope_theta: float = 10000.0
     dropout: float = 0.0
     vocab_size: int | None = None  # filled from the tokenizer
+    moe: MoEConfig = MoEConfig()
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
@@ -46,6 +74,11 @@ class ModelConfig(Section):
         if self.n_embd % self.n_head or self.n_head % kv:
             raise ValueError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), and n_head by n_kv_head ({kv})"
+            )
+        outside = [i for i in self.moe.layers or [] if not 0 <= i < self.n_layer]
+        if outside:
+            raise ValueError(
+                f"moe.layers {outside} are not blocks of a {self.n_layer}-layer model: use 0..{self.n_layer - 1}"
             )
         return self
 

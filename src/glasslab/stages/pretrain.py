@@ -12,6 +12,7 @@ from glasslab.objectives.lm import LanguageModeling
 from glasslab.probes import build_probes
 from glasslab.stages.common import cache_dir, documents, save_config, setup_runtime, stage_run, tokenizer_for
 from glasslab.track.rundir import RunDir
+from glasslab.train.balance import balancing_hooks
 from glasslab.train.distributed import rank, world_size
 from glasslab.train.loop import Hook, train
 
@@ -51,7 +52,7 @@ def pretrain(
             run,
             store,
             arch=cfg.model.model_dump(),
-            hooks=[*hooks, *build_probes(cfg, run, tokenizer)],
+            hooks=[*hooks, *balancing_hooks(cfg.model), *build_probes(cfg, run, tokenizer)],
             progress=progress,
             system=cfg.system,
         )

@@ -23,6 +23,7 @@ from glasslab.probes import build_probes
 from glasslab.stages.common import cache_dir, documents, load_weights, setup_runtime, stage_run, stage_tokenizer
 from glasslab.track.checkpoint import latest_checkpoint
 from glasslab.track.rundir import RunDir
+from glasslab.train.balance import balancing_hooks
 from glasslab.train.distributed import rank
 from glasslab.train.loop import Hook, train
 
@@ -140,7 +141,7 @@ def sft(
             run,
             store,
             arch=cfg.model.model_dump(),
-            hooks=[*hooks, *build_probes(cfg, run, tok)],
+            hooks=[*hooks, *balancing_hooks(cfg.model), *build_probes(cfg, run, tok)],
             progress=progress,
             system=cfg.system,
         )
