@@ -3,6 +3,8 @@ capacity drops, the balancing losses, exact resume and identical biases across D
 
 from __future__ import annotations
 
+import json
+import math
 import os
 
 import numpy as np
@@ -19,7 +21,9 @@ from glasslab.model.generate import generate
 from glasslab.model.gpt import GPT, MLP
 from glasslab.model.moe import MoE, Routing, add_router_losses, bias_step, switch_loss, within_capacity
 from glasslab.objectives.lm import LanguageModeling
-from glasslab.track.metrics import MetricStore
+from glasslab.probes import build_probes
+from glasslab.probes.router import PREFIX, RouterProbe, maxvio, routing_metrics, routing_sums
+from glasslab.track.metrics import MetricStore, last_values
 from glasslab.track.rundir import RunDir
 from glasslab.train.balance import BiasBalancing, update_biases
 from glasslab.train.loop import train
@@ -275,3 +279,66 @@ def test_ddp_ranks_keep_identical_biases(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(r0["loads"], r1["loads"]))  # the ranks saw different loads
     for a, b in zip(r0["bias"], r1["bias"]):
         assert torch.equal(a, b) and a.abs().sum() > 0
+
+
+# ---- the router probe ------------------------------------------------------------------------------
+
+
+def entropy(p: list[float]) -> float:
+    return -sum(x * math.log(x) for x in p if x > 0)
+
+
+def test_router_metrics_against_a_hand_computation_on_a_small_routing_table():
+    rows = [[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8], [0.5, 0.25, 0.25]]
+    scores = torch.tensor(rows)
+    experts = torch.tensor([[0], [0], [2], [0]])
+    kept = torch.tensor([[True], [True], [False], [True]])
+    r = Routing(scores.log(), scores, experts, scores.gather(-1, experts), kept)
+    half = routing_sums(r)
+    m = {k: v.tolist() for k, v in routing_metrics(half + half, 3).items()}  # two identical forwards: same shares
+    mean = 4 / 3  # counts (3, 0, 1)
+    std = math.sqrt(((3 - mean) ** 2 + mean**2 + (1 - mean) ** 2) / 3)
+    assert m["load"] == pytest.approx([0.75, 0.0, 0.25])
+    assert m["maxvio"] == pytest.approx(3 / mean - 1)
+    assert m["cv"] == pytest.approx(std / mean)
+    assert m["dropped"] == pytest.approx(0.25)
+    assert m["entropy"] == pytest.approx(sum(entropy(row) for row in rows) / 4)
+    assert m["entropy_mean"] == pytest.approx(entropy([0.475, 0.2125, 0.3125]))
+    assert m["diversity"] == pytest.approx(math.exp(entropy([0.75, 0.25])) / 3)
+    assert m["top1_gate"] == pytest.approx((0.7 + 0.6 + 0.8 + 0.5) / 4)
+    assert maxvio(torch.tensor([2, 2, 2])) == 0.0
+
+
+def test_router_probe_through_the_loop(tmp_path):
+    obj = objective()
+    model = moe_model(0, obj.tokenizer.vocab_size)
+    probe = RouterProbe(every=2, churn_every=2, dead_window=2)
+    run = RunDir.create(tmp_path / "run")
+    cfg = TrainConfig(steps=4, warmup_steps=0, eval_every=4, checkpoint_every=100, batch_size=4)
+    with MetricStore(run.metrics_db_path) as store:
+        train(model, obj, cfg, run, store, arch={}, hooks=[BiasBalancing(0.01), probe])
+        m = last_values(store.read())
+        assert store.series(f"{PREFIX}maxvio/blocks.0")[0].tolist() == [2, 4]
+        assert store.series(f"{PREFIX}churn/blocks.1")[0].tolist() == [4]  # step 2 sets the baseline
+        assert store.series(f"{PREFIX}dead/blocks.0")[0].tolist() == [4]  # once the window of 2 probes is full
+        assert store.series(f"{PREFIX}eval_maxvio")[0].tolist() == [4]
+    for layer in ("blocks.0", "blocks.1"):
+        load = [m[f"{PREFIX}load/{layer}.e{k}"] for k in range(4)]
+        assert sum(load) == pytest.approx(1.0)
+        assert m[f"{PREFIX}maxvio/{layer}"] == pytest.approx(max(load) * 4 - 1)
+        bias = [m[f"{PREFIX}bias/{layer}.e{k}"] for k in range(4)]
+        assert bias == pytest.approx(model.blocks[int(layer[-1])].mlp.router.bias.tolist())
+        assert 0 <= m[f"{PREFIX}churn/{layer}"] <= 1 and 0.25 <= m[f"{PREFIX}diversity/{layer}"] <= 1
+    assert not any(mod._forward_hooks for mod in model.modules())
+    state = json.loads(json.dumps(probe.state_dict()))
+    fresh = RouterProbe(every=2, churn_every=2, dead_window=2)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == probe.state_dict() and len(state["last_top1"]["blocks.0"]) == 4 * 32  # the probe rows
+
+
+def test_build_probes_adds_the_router_probe_for_moe_models_only(tmp_path):
+    run = RunDir.create(tmp_path / "run")
+    dense = build_probes(resolve("tiny"), run)
+    assert not any(isinstance(h, RouterProbe) for h in dense)
+    moe = [h for h in build_probes(resolve("tiny-moe"), run) if isinstance(h, RouterProbe)]
+    assert len(moe) == 1 and moe[0].every == 1

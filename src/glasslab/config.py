@@ -148,6 +148,10 @@ class ProbesConfig(Section):
     spike_loss_floor: float = Field(0.01, ge=0)
     spike_history: int = Field(8, ge=0)  # preceding steps kept in a dossier
     spike_topk: int = Field(8, ge=1)  # batch rows and token positions listed in a dossier
+    # MoE models only (probes/router.py): load, MaxVio, entropy, gates and biases per layer from the training batch
+    router_every: int = Field(1, ge=0)
+    router_churn_every: int = Field(25, ge=0)  # first-choice churn on the fixed probe rows (one small forward)
+    router_dead_window: int = Field(100, ge=1)  # probed steps without an assignment that make an expert dead
 
 
 class SFTConfig(Section):
