@@ -23,6 +23,7 @@ from glasslab.model.moe import MoE, Routing, add_router_losses, bias_step, switc
 from glasslab.objectives.lm import LanguageModeling
 from glasslab.probes import build_probes
 from glasslab.probes.router import PREFIX, RouterProbe, maxvio, routing_metrics, routing_sums
+from glasslab.probes.view import probe_summary
 from glasslab.track.metrics import MetricStore, last_values
 from glasslab.track.rundir import RunDir
 from glasslab.train.balance import BiasBalancing, update_biases
@@ -330,6 +331,9 @@ def test_router_probe_through_the_loop(tmp_path):
         assert bias == pytest.approx(model.blocks[int(layer[-1])].mlp.router.bias.tolist())
         assert 0 <= m[f"{PREFIX}churn/{layer}"] <= 1 and 0.25 <= m[f"{PREFIX}diversity/{layer}"] <= 1
     assert not any(mod._forward_hooks for mod in model.modules())
+    shown = probe_summary(run.path)["router"]  # what `glasslab probes RUN` prints
+    assert shown["blocks.1"]["load"][3]["value"] == m[f"{PREFIX}load/blocks.1.e3"]
+    assert shown["blocks.0"]["eval_maxvio"]["step"] == 4 and "maxvio" in shown["blocks.1"]
     state = json.loads(json.dumps(probe.state_dict()))
     fresh = RouterProbe(every=2, churn_every=2, dead_window=2)
     fresh.load_state_dict(state)

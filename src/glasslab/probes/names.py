@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+ROUTER_PREFIX = "moe/"  # every MoE router metric's name starts with this (probes/router.py)
+
 
 def param_key(name: str) -> str:
     """`blocks.3.attn.q.weight` -> `blocks.3.attn.q`: the metric suffix of a parameter."""

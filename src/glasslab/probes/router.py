@@ -32,9 +32,10 @@ from torch import Tensor, nn
 
 from glasslab.model.moe import Router, Routing
 from glasslab.probes.forward import eval_mode, modules_of
+from glasslab.probes.names import ROUTER_PREFIX
 from glasslab.train.loop import Hook, StepContext
 
-PREFIX = "moe/"  # every router metric's name starts with this
+PREFIX = ROUTER_PREFIX  # names.py holds it, so the torch-free view and report read it too
 
 
 def routing_sums(r: Routing) -> Tensor:
