@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +25,9 @@ from glasslab.objectives.lm import LanguageModeling
 from glasslab.probes import build_probes
 from glasslab.probes.router import PREFIX, RouterProbe, maxvio, routing_metrics, routing_sums
 from glasslab.probes.view import probe_summary
+from glasslab.report.moe import moe_section
+from glasslab.report.rundata import RunData, Series
+from glasslab.report.sections import Claims
 from glasslab.track.metrics import MetricStore, last_values
 from glasslab.track.rundir import RunDir
 from glasslab.train.balance import BiasBalancing, update_biases
@@ -346,3 +350,24 @@ def test_build_probes_adds_the_router_probe_for_moe_models_only(tmp_path):
     assert not any(isinstance(h, RouterProbe) for h in dense)
     moe = [h for h in build_probes(resolve("tiny-moe"), run) if isinstance(h, RouterProbe)]
     assert len(moe) == 1 and moe[0].every == 1
+
+
+def test_report_moe_section_shows_the_router_metrics():
+    steps = np.arange(1, 4)
+
+    def series(values: list[float]) -> Series:
+        return Series(steps, np.array(values, dtype=float), steps.astype(float))
+
+    metrics = {f"{PREFIX}load/blocks.0.e{k}": series([0.5 if k == 0 else 0.5 / 3] * 3) for k in range(4)}
+    metrics |= {f"{PREFIX}maxvio/blocks.0": series([1.0, 1.0, 1.0]), f"{PREFIX}dead/blocks.0": series([0, 1, 2])}
+    metrics |= {"train/moe_aux_loss": series([1.2, 1.1, 1.0]), "train/loss": series([3.0, 2.9, 2.8])}
+    run = RunData(Path("r"), {}, {}, "", {"pretrain": metrics})
+    claims = Claims()
+    section = moe_section(run, claims)
+    titles = [item.get("title", "") for item in section.items]
+    assert "Load share per expert (pretrain)" in titles and "MaxVio per batch (pretrain)" in titles
+    heat = next(item for item in section.items if item.get("title") == "Load share per expert (pretrain)")
+    assert heat["rows"] == [f"blocks.0.e{k}" for k in range(4)] and heat["z"][0] == [0.5] * 3
+    summary = next(item["html"] for item in section.items if item["type"] == "html")
+    assert "2 experts received no token" in summary
+    assert claims.free("pretrain", metrics) == ["train/moe_aux_loss", "train/loss"]  # the stage section's
