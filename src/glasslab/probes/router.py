@@ -19,6 +19,7 @@ Metrics, all under PREFIX, per layer `blocks.i` (and model-wide without the laye
   dead               experts that received no assignment over the last `dead_window` probed steps
   churn              share of the probe rows' tokens whose first-choice expert changed since the last churn probe
   eval_maxvio        maxvio of the assignments over all the fixed validation batches, at each evaluation
+  domain_load/D/blocks.i.eK  with a data mixture: the load share of expert K over domain D's validation batches
 The Switch auxiliary loss and router z-loss themselves are logged by the loop as train/moe_aux_loss, train/moe_z_loss.
 """
 
@@ -196,11 +197,23 @@ class RouterProbe(Hook):
         objective = ctx.objective
         if not (self.routers and hasattr(objective, "val_batches") and hasattr(objective, "batch_ids")):
             return
-        inputs = [objective.batch_ids(b)[0].to(next(ctx.model.parameters()).device) for b in objective.val_batches()]
-        sums, _ = self._probe_forwards(ctx.model, inputs)
-        out = {f"{PREFIX}eval_maxvio/{layer}": maxvio(s[: self.n_experts[layer]]) for layer, s in sums.items()}
-        if out:
-            out[f"{PREFIX}eval_maxvio"] = sum(out.values()) / len(out)
+        device = next(ctx.model.parameters()).device
+        inputs = [objective.batch_ids(b)[0].to(device) for b in objective.val_batches()]
+        domains = objective.val_domains() if hasattr(objective, "val_domains") else [None] * len(inputs)
+        out: dict[str, float] = {}
+        total: dict[str, Tensor] = {}
+        for domain in dict.fromkeys(domains):
+            sums, _ = self._probe_forwards(ctx.model, [x for x, d in zip(inputs, domains) if d == domain])
+            for layer, s in sums.items():
+                counts = s[: self.n_experts[layer]]
+                total[layer] = total[layer] + counts if layer in total else counts
+                if domain is not None:
+                    shares = (counts / counts.sum().clamp_min(1)).tolist()
+                    out.update({f"{PREFIX}domain_load/{domain}/{layer}.e{k}": v for k, v in enumerate(shares)})
+        for layer, counts in total.items():
+            out[f"{PREFIX}eval_maxvio/{layer}"] = maxvio(counts)
+        if total:
+            out[f"{PREFIX}eval_maxvio"] = sum(out[f"{PREFIX}eval_maxvio/{layer}"] for layer in total) / len(total)
         ctx.metrics.update(out)
 
     # ---- resume ------------------------------------------------------------------------------------
