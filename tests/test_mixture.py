@@ -24,19 +24,25 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SHIFT = MixtureConfig(
     sources={"prose": "shakespeare", "sums": "synthetic:arithmetic"},
     weights={"sums": 0},
-    schedule=[{"step": 2, "weights": {"prose": 1, "sums": 1}}, {"step": 4, "weights": {"sums": 3}}],
+    schedule=[{"at": 0.2, "weights": {"prose": 1, "sums": 1}}, {"step": 4, "weights": {"sums": 3}}],
 )
 
 
 def test_weights_follow_the_schedule():
-    assert weights_at(SHIFT, 0).tolist() == [1.0, 0.0] == weights_at(SHIFT, 1).tolist()
-    assert weights_at(SHIFT, 2).tolist() == [0.5, 0.5] == weights_at(SHIFT, 3).tolist()
-    assert weights_at(SHIFT, 4).tolist() == [0.0, 1.0]  # a domain a schedule entry leaves out gets 0
+    assert weights_at(SHIFT, 0, 10).tolist() == [1.0, 0.0] == weights_at(SHIFT, 1, 10).tolist()
+    assert weights_at(SHIFT, 2, 10).tolist() == [0.5, 0.5] == weights_at(SHIFT, 3, 10).tolist()  # at 0.2 of 10
+    assert weights_at(SHIFT, 4, 10).tolist() == [0.0, 1.0]  # a domain a schedule entry leaves out gets 0
+    assert weights_at(SHIFT, 3, 20).tolist() == [1.0, 0.0]  # 0.2 of 20 steps: the shift comes at step 4
 
 
 def test_mixture_config_errors_name_the_problem():
     with pytest.raises(GlasslabError, match="not in sources"):
         resolve("smoke", overrides=['data.mixture.sources={a = "shakespeare"}', "data.mixture.weights={b = 1}"])
+    with pytest.raises(GlasslabError, match="exactly one of step"):
+        resolve(
+            "smoke",
+            overrides=['data.mixture.sources={a = "shakespeare"}', "data.mixture.schedule=[{weights = {a = 1}}]"],
+        )
     with pytest.raises(GlasslabError, match="increasing"):
         resolve(
             "smoke",
@@ -49,14 +55,14 @@ def test_mixture_config_errors_name_the_problem():
 
 def test_sampler_rows_come_from_the_scheduled_domains_and_resume():
     tokens = {"prose": np.full(100, 1, dtype=np.uint16), "sums": np.full(100, 2, dtype=np.uint16)}
-    sampler = MixtureSampler(tokens, SHIFT, batch_size=64, block_size=8, seed=0, grad_accum=1)
+    sampler = MixtureSampler(tokens, SHIFT, batch_size=64, block_size=8, seed=0, total_steps=10)
     firsts = [sampler.next_batch()[0][:, 0] for _ in range(5)]
     assert (firsts[0] == 1).all() and (firsts[1] == 1).all()
     assert 16 < int((firsts[2] == 2).sum()) < 48  # half and half, give or take
     assert (firsts[4] == 2).all()
     state = sampler.state_dict()
     expected = sampler.next_batch()
-    resumed = MixtureSampler(tokens, SHIFT, batch_size=64, block_size=8, seed=9)
+    resumed = MixtureSampler(tokens, SHIFT, batch_size=64, block_size=8, seed=9, total_steps=10)
     resumed.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(resumed.next_batch(), expected))
 
@@ -87,6 +93,7 @@ def objective() -> MixtureLanguageModeling:
         z_loss=0.0,
         seed=0,
         device=torch.device("cpu"),
+        total_steps=10,
     )
 
 

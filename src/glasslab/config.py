@@ -89,8 +89,23 @@ class TokenizerConfig(Section):
 
 
 class MixtureStep(Section):
-    step: int = Field(ge=0)  # from this pretraining step on (0-based count of steps done), the weights below
+    """From a pretraining step on (a count of steps done), new domain weights. Give `step`, or `at`: a fraction of
+    train.steps, which stays at the same point of the run when a study's --scale changes the steps."""
+
+    step: int | None = Field(None, ge=0)
+    at: float | None = Field(None, ge=0, lt=1)
     weights: dict[str, float]
+
+    @model_validator(mode="after")
+    def _one_of(self) -> MixtureStep:
+        if (self.step is None) == (self.at is None):
+            raise ValueError(
+                "a mixture schedule entry needs exactly one of step (a step) or at (a fraction of the run)"
+            )
+        return self
+
+    def start(self, total_steps: int) -> int:
+        return self.step if self.step is not None else round(self.at * total_steps)
 
 
 class MixtureConfig(Section):
@@ -107,7 +122,7 @@ class MixtureConfig(Section):
     def _domains(self) -> MixtureConfig:
         for where, weights in [
             ("weights", self.weights),
-            *((f"schedule step {s.step}", s.weights) for s in self.schedule),
+            *((f"schedule entry {i}", s.weights) for i, s in enumerate(self.schedule)),
         ]:
             unknown = sorted(set(weights) - set(self.sources))
             if unknown:
@@ -115,9 +130,10 @@ class MixtureConfig(Section):
             full = {d: weights.get(d, 1.0 if where == "weights" else 0.0) for d in self.sources}
             if min(full.values(), default=0) < 0 or (self.sources and not sum(full.values())):
                 raise ValueError(f"{where}: weights must be >= 0 and not all zero")
-        steps = [s.step for s in self.schedule]
-        if steps != sorted(set(steps)):
-            raise ValueError(f"schedule steps {steps} must be increasing")
+        for kind in ("step", "at"):
+            starts = [getattr(s, kind) for s in self.schedule if getattr(s, kind) is not None]
+            if starts != sorted(set(starts)):
+                raise ValueError(f"schedule entries' {kind} values {starts} must be increasing")
         return self
 
 

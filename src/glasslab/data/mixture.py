@@ -54,12 +54,13 @@ def mixture_documents(cfg: DataConfig) -> dict[str, list[str]]:
     return out
 
 
-def weights_at(cfg: MixtureConfig, step: int) -> np.ndarray:
-    """The normalised domain shares in force at `step` (steps done), in the order of cfg.sources: the initial
-    weights (a domain left out: 1), replaced by each schedule entry from its step on (a domain left out: 0)."""
+def weights_at(cfg: MixtureConfig, step: int, total_steps: int) -> np.ndarray:
+    """The normalised domain shares in force at `step` (steps done) of `total_steps`, in the order of cfg.sources:
+    the initial weights (a domain left out: 1), replaced by each schedule entry from its start on (a domain left
+    out: 0). Entries apply in start order."""
     weights = {d: cfg.weights.get(d, 1.0) for d in cfg.sources}
-    for entry in cfg.schedule:
-        if step >= entry.step:
+    for entry in sorted(cfg.schedule, key=lambda e: e.start(total_steps)):
+        if step >= entry.start(total_steps):
             weights = {d: entry.weights.get(d, 0.0) for d in cfg.sources}
     w = np.array(list(weights.values()), dtype=np.float64)
     return w / w.sum()
@@ -68,7 +69,7 @@ def weights_at(cfg: MixtureConfig, step: int) -> np.ndarray:
 class MixtureSampler:
     """Random (x, y) training windows whose rows each come from a domain drawn with the current weights;
     reproducible from a seed and resumable mid-run like BatchSampler. The step that picks the weights is the
-    number of batches drawn divided by grad_accum."""
+    number of batches drawn divided by grad_accum, of `total_steps` (train.steps, for schedule fractions)."""
 
     def __init__(
         self,
@@ -77,18 +78,20 @@ class MixtureSampler:
         batch_size: int,
         block_size: int,
         seed: int,
+        total_steps: int,
         grad_accum: int = 1,
     ) -> None:
         for t in tokens.values():
             _check_fits(t, block_size)
         self.tokens, self.cfg = list(tokens.values()), cfg
         self.batch_size, self.block_size, self.grad_accum, self.seed = batch_size, block_size, grad_accum, seed
+        self.total_steps = total_steps
         self.batches_drawn = 0
         self.rng = np.random.default_rng(seed)
         self._window = np.arange(block_size + 1)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        shares = weights_at(self.cfg, self.batches_drawn // self.grad_accum)
+        shares = weights_at(self.cfg, self.batches_drawn // self.grad_accum, self.total_steps)
         domains = self.rng.choice(len(self.tokens), size=self.batch_size, p=shares)
         self.batches_drawn += 1
         rows = [

@@ -34,13 +34,14 @@ class MixtureLanguageModeling(LanguageModeling):
         z_loss: float,
         seed: int,
         device: torch.device,
+        total_steps: int,
         grad_accum: int = 1,
     ) -> None:
         self.tokenizer, self.device, self.z_loss, self.seed = tokenizer, device, z_loss, seed
         self.sample_prompt, self.sample_tokens = "\n", 128
         self.bytes_per_token = {d: s.bytes_per_token for d, s in splits.items()}
         self.sampler = MixtureSampler(
-            {d: s.train for d, s in splits.items()}, mixture, batch_size, block_size, seed, grad_accum
+            {d: s.train for d, s in splits.items()}, mixture, batch_size, block_size, seed, total_steps, grad_accum
         )
         self.domain_val = {d: eval_batches(s.val, batch_size, block_size, eval_batches_n) for d, s in splits.items()}
         self.val = [b for batches in self.domain_val.values() for b in batches]

@@ -56,7 +56,7 @@ def pretrain(
     if by_domain:
         splits = {domain: split(d) for domain, d in by_domain.items()}
         objective = MixtureLanguageModeling(
-            splits, tokenizer, mixture=mixture, grad_accum=cfg.train.grad_accum, **common
+            splits, tokenizer, mixture=mixture, total_steps=cfg.train.steps, grad_accum=cfg.train.grad_accum, **common
         )
     else:
         objective = LanguageModeling(split(docs), tokenizer, **common)
