@@ -3,6 +3,8 @@ router probe's domain x expert load."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,10 @@ from glasslab.errors import GlasslabError
 from glasslab.model.gpt import GPT
 from glasslab.objectives.mixture import MixtureLanguageModeling
 from glasslab.probes.router import PREFIX, RouterProbe
+from glasslab.report.rundata import RunData, Series
+from glasslab.study.aggregate import metric_value
+from glasslab.study.plan import expand
+from glasslab.study.spec import MetricSpec, load_spec
 from glasslab.track.metrics import MetricStore, last_values
 from glasslab.track.rundir import RunDir
 from glasslab.train.loop import train
@@ -116,3 +122,31 @@ def test_validation_per_domain_and_the_router_load_by_domain(tmp_path):
         shares = [m[f"{PREFIX}domain_load/{domain}/blocks.0.e{k}"] for k in range(4)]
         assert sum(shares) == pytest.approx(1.0)
     assert "val/sums/bpb" in m and f"{PREFIX}eval_maxvio/blocks.0" in m
+
+
+# ---- the moe-balance study's measurements --------------------------------------------------------
+
+
+def test_study_window_and_recovery_against_a_hand_computation():
+    steps = np.arange(10, 101, 10)
+    values = np.array([1.0, 0.9, 0.8, 0.7, 0.6, 0.9, 0.6, 0.4, 0.2, 0.1])
+    run = RunData(Path("r"), {}, {}, "", {"pretrain": {"moe/maxvio": Series(steps, values, steps.astype(float))}})
+
+    def value(**kw) -> float:
+        return metric_value(run, MetricSpec(name="moe/maxvio", **kw), "pretrain")
+
+    assert value(reduce="mean", window=(0.3, 0.5)) == pytest.approx((0.8 + 0.7) / 2)  # steps 30, 40
+    assert value(reduce="mean", window=(0.8, 1.0)) == pytest.approx((0.4 + 0.2 + 0.1) / 3)  # 80..100, end included
+    assert value(reduce="recovery", window=(0.5, 1.0), threshold=0.3) == 40  # from step 50 to 90
+    assert value(reduce="recovery", window=(0.5, 1.0), threshold=0.05) == 50  # never: the window's length
+    with pytest.raises(ValueError, match="threshold"):
+        MetricSpec(name="x", reduce="recovery")
+
+
+def test_the_moe_balance_study_crosses_the_balancing_methods_and_keeps_the_shift_at_half():
+    plan = expand(load_spec("moe-balance"), scale=0.5)
+    assert len(plan.runs) == 12 and plan.levels("aux_loss") == [0.0, 0.01] and plan.levels("bias_rate") == [0.0, 0.001]
+    cfg = resolve("tiny-moe", overrides=plan.runs[-1].sets)
+    assert cfg.train.steps == 120 and cfg.model.moe.aux_loss == 0.01 and cfg.model.moe.bias_rate == 0.001
+    assert weights_at(cfg.data.mixture, 59, 120).tolist() == [1.0, 0.0]
+    assert weights_at(cfg.data.mixture, 60, 120).tolist() == [0.5, 0.5]

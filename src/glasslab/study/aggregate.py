@@ -49,14 +49,14 @@ def metric_value(run: RunData, m: MetricSpec, stage: str) -> float | None:
     per_name = []
     for n in names:
         steps, values = metrics[n].steps, metrics[n].values
-        start, end = 0.0, float(steps[-1]) + 1 if len(steps) else 0.0
+        start, stop = 0.0, float(steps[-1]) if len(steps) else 0.0
         if m.window is not None and len(steps):
-            start, end = m.window[0] * steps[-1], m.window[1] * steps[-1] + (m.window[1] == 1)
-            keep = (steps >= start) & (steps < end)
+            start, stop = m.window[0] * steps[-1], m.window[1] * steps[-1]
+            keep = (steps >= start) & ((steps < stop) | ((steps == stop) & (m.window[1] == 1)))
             steps, values = steps[keep], values[keep]
         if m.reduce == "recovery" and len(values):
-            below = np.flatnonzero(values < m.threshold)
-            per_name.append(float((steps[below[0]] if len(below) else end) - start))
+            below = np.flatnonzero(values < m.threshold)  # never below: the window's length (censored)
+            per_name.append(float((steps[below[0]] if len(below) else stop) - start))
         elif len(values) and (m.reduce == "last" or np.isfinite(values).any()):
             per_name.append(float(REDUCE[m.reduce](values)))
     if not per_name:
