@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 
-from glasslab.config import MixtureConfig, ModelConfig, MoEConfig, TrainConfig, resolve
+from glasslab.config import MixtureConfig, ModelConfig, MoEConfig, TrainConfig, build_config, resolve
 from glasslab.data.mixture import MixtureSampler, arithmetic_documents, weights_at
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.data.tokens import TokenSplits
@@ -150,3 +151,11 @@ def test_the_moe_balance_study_crosses_the_balancing_methods_and_keeps_the_shift
     assert cfg.train.steps == 120 and cfg.model.moe.aux_loss == 0.01 and cfg.model.moe.bias_rate == 0.001
     assert weights_at(cfg.data.mixture, 59, 120).tolist() == [1.0, 0.0]
     assert weights_at(cfg.data.mixture, 60, 120).tolist() == [0.5, 0.5]
+
+
+def test_a_config_with_a_schedule_round_trips_through_toml():
+    cfg = resolve(
+        "smoke",
+        overrides=['data.mixture.sources={a = "shakespeare"}', "data.mixture.schedule=[{at = 0.5, weights = {a = 1}}]"],
+    )
+    assert build_config(tomllib.loads(cfg.to_toml())) == cfg

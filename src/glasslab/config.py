@@ -326,8 +326,14 @@ class Config(Section):
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
-    """TOML has no null; a missing key means the default None."""
-    return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+    """TOML has no null; a missing key means the default None (in tables inside lists too: a mixture schedule)."""
+    return {k: _without_none(v) for k, v in d.items() if v is not None}
+
+
+def _without_none(v: Any) -> Any:
+    if isinstance(v, dict):
+        return _drop_none(v)
+    return [_without_none(x) for x in v] if isinstance(v, list) else v
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any], model: type[BaseModel] | None = None) -> dict[str, Any]:
