@@ -127,7 +127,8 @@ class MoE(nn.Module):
         y = dispatch(x, r, self.experts, self.cfg.n_experts)
         if self.shared is not None:
             y = y + self.shared(x)
-        if self.training and torch.is_grad_enabled():
+        cfg = self.cfg
+        if self.training and torch.is_grad_enabled() and (cfg.bias_rate or cfg.aux_loss or cfg.z_loss):
             self._keep_for_training(r)
         return y.view(shape)
 
