@@ -361,11 +361,13 @@ def test_report_moe_section_shows_the_router_metrics():
     metrics = {f"{PREFIX}load/blocks.0.e{k}": series([0.5 if k == 0 else 0.5 / 3] * 3) for k in range(4)}
     metrics |= {f"{PREFIX}maxvio/blocks.0": series([1.0, 1.0, 1.0]), f"{PREFIX}dead/blocks.0": series([0, 1, 2])}
     metrics |= {"train/moe_aux_loss": series([1.2, 1.1, 1.0]), "train/loss": series([3.0, 2.9, 2.8])}
+    metrics |= {f"{PREFIX}domain_load/sums/blocks.0.e{k}": series([0.25] * 3) for k in range(4)}
     run = RunData(Path("r"), {}, {}, "", {"pretrain": metrics})
     claims = Claims()
     section = moe_section(run, claims)
     titles = [item.get("title", "") for item in section.items]
     assert "Load share per expert (pretrain)" in titles and "MaxVio per batch (pretrain)" in titles
+    assert "Load share per expert by data domain (pretrain)" in titles
     heat = next(item for item in section.items if item.get("title") == "Load share per expert (pretrain)")
     assert heat["rows"] == [f"blocks.0.e{k}" for k in range(4)] and heat["z"][0] == [0.5] * 3
     summary = next(item["html"] for item in section.items if item["type"] == "html")

@@ -54,6 +54,12 @@ def moe_section(run: RunData, claims: Claims) -> Section | None:
             rows = _layer_rows(m, family)
             if rows:
                 sec.figure(F.lines(f"{title} ({stage})", rows, note=meaning))
+        by_domain = _layer_rows(m, "domain_load")
+        if by_domain:
+            note = "rows: domain/layer.expert; share of each domain's validation tokens sent to the expert"
+            sec.figure(
+                F.heatmap(f"Load share per expert by data domain ({stage})", by_domain, log=False, vmin=0.0, note=note)
+            )
         bias = _layer_rows(m, "bias")
         if bias and any(np.nanmax(np.abs(v)) > 0 for _, _, v in bias):
             sec.figure(F.heatmap(f"Selection bias per expert ({stage})", bias, log=False, note="rows: layer.expert"))
