@@ -94,10 +94,10 @@ class Experts(nn.Module):
         self.down = nn.Parameter(torch.empty(n_experts, hidden, n_embd))
 
     def forward(self, rows: Tensor, counts: list[int]) -> Tensor:
-        """rows (M, C) grouped by expert, counts[e] of them for expert e -> (M, C): one matmul per expert and layer."""
-        h = torch.cat([part @ w for part, w in zip(rows.split(counts), self.up)])
-        h = self.act(h)
-        return torch.cat([part @ w for part, w in zip(h.split(counts), self.down)])
+        """rows (M, C) grouped by expert, counts[e] of them for expert e -> (M, C): one matmul per expert and layer,
+        each expert's block carried through both layers before the one concatenation."""
+        parts = zip(rows.split(counts), self.up, self.down)
+        return torch.cat([self.act(part @ up) @ down for part, up, down in parts])
 
 
 class MoE(nn.Module):
@@ -137,7 +137,8 @@ class MoE(nn.Module):
         if self.cfg.bias_rate:
             self.load = counts if self.load is None else self.load + counts
         if self.cfg.aux_loss or self.cfg.z_loss:
-            self.balance_terms.append((switch_loss(r, counts), router_z_loss(r.logits)))
+            z = router_z_loss(r.logits) if self.cfg.z_loss else r.logits.new_zeros(())
+            self.balance_terms.append((switch_loss(r, counts), z))
 
 
 def dispatch(x: Tensor, r: Routing, experts: Experts, n_experts: int) -> Tensor:
@@ -183,7 +184,8 @@ def moe_layers(model: nn.Module) -> dict[str, MoE]:
 def add_router_losses(model: nn.Module, loss: Tensor, parts: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
     """The objective's loss plus aux_loss · (Switch loss) + z_loss · (router z-loss) of the training forwards since
     the last call, each summed over layers and averaged over the forwards (an RL step may run more than one);
-    `parts` gains their values as train/moe_aux_loss and train/moe_z_loss. A dense model returns both unchanged."""
+    `parts` gains their values as train/moe_aux_loss and (when z_loss > 0) train/moe_z_loss. A dense model
+    returns both unchanged."""
     aux, z = [], []
     for layer in moe_layers(model).values():
         if layer.balance_terms:
@@ -196,5 +198,5 @@ def add_router_losses(model: nn.Module, loss: Tensor, parts: dict[str, float]) -
     cfg = next(iter(moe_layers(model).values())).cfg
     aux_sum, z_sum = torch.stack(aux).sum(), torch.stack(z).sum()
     values = torch.stack([aux_sum, z_sum]).tolist()
-    parts = {**parts, "train/moe_aux_loss": values[0], "train/moe_z_loss": values[1]}
+    parts = {**parts, "train/moe_aux_loss": values[0]} | ({"train/moe_z_loss": values[1]} if cfg.z_loss else {})
     return loss + cfg.aux_loss * aux_sum + cfg.z_loss * z_sum, parts
