@@ -268,7 +268,7 @@ def test_logged_instruments_match_transformers_eager_attention(tmp_path, one_thr
     from glasslab.interop.hf_export import export_run
     from glasslab.objectives.lm import LanguageModeling
     from glasslab.probes.positions import bucket_name, position_buckets
-    from glasslab.stages.common import cache_dir, documents
+    from glasslab.stages.common import documents
     from glasslab.track.metrics import read_metrics
 
     run, cfg = glasslab_run(tmp_path / "runs" / "lm", {"mlp": "swiglu"}, steps=3)
@@ -285,7 +285,7 @@ def test_logged_instruments_match_transformers_eager_attention(tmp_path, one_thr
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "export", attn_implementation="recording_eager").eval()
 
     tok = Tokenizer.load(run.tokenizer_path)
-    splits = build_token_splits(documents(cfg), tok, cache_dir(run), cfg.data.val_fraction, cfg.seed)
+    splits = build_token_splits(documents(cfg), tok, run.token_cache_dir, cfg.data.val_fraction, cfg.seed)
     objective = LanguageModeling(
         splits, tok, batch_size=cfg.train.batch_size, block_size=cfg.model.block_size,
         eval_batches_n=cfg.train.eval_batches, z_loss=0.0, seed=cfg.seed, device=torch.device("cpu"),

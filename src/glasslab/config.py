@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from glasslab.errors import GlasslabError
 
-PRESETS = ("smoke", "tiny", "small", "gpt2-124m")
+PRESETS = ("smoke", "tiny", "tiny-moe", "small", "gpt2-124m", "small-moe")
 
 
 class Section(BaseModel):
@@ -34,6 +34,33 @@ class RopeScaling(Section):
     low_freq_factor: float = Field(gt=0)
     high_freq_factor: float = Field(gt=0)
     original_context: int = Field(ge=1)
+
+
+class MoEConfig(Section):
+    """`[model.moe]`: a mixture-of-experts MLP in place of the dense one (model/moe.py). n_experts = 0: dense.
+    Balancing methods combine freely: aux_loss > 0 (Switch), bias_rate > 0 (DeepSeek-V3's auxiliary-loss-free
+    bias), z_loss > 0 (router z-loss); all zero is no balancing."""
+
+    n_experts: int = Field(0, ge=0)
+    top_k: int = Field(1, ge=1)
+    # Hidden width of each routed expert; None: the dense MLP's width / (top_k + shared), so the active
+    # parameters per token match the dense model's (fine-grained experts: more experts, narrower).
+    hidden: int | None = Field(None, ge=1)
+    shared: int = Field(0, ge=0)  # shared experts (of width `hidden`) every token goes through
+    score: Literal["softmax", "sigmoid"] = "softmax"  # sigmoid: DeepSeek-V3's independent per-expert scores
+    # Divide the top-k gates by their sum when top_k > 1 (at top_k = 1 the gate would be 1 and the router untrained).
+    renormalize: bool = True
+    layers: list[int] | None = None  # the blocks that get an MoE MLP (others stay dense); None: every block
+    capacity_factor: float | None = Field(None, gt=0)  # None: dropless; else assignments over capacity are dropped
+    aux_loss: float = Field(0.0, ge=0)  # coefficient of the Switch auxiliary load-balancing loss, summed over layers
+    bias_rate: float = Field(0.0, ge=0)  # γ of the bias update after each optimizer step; 0: no bias balancing
+    z_loss: float = Field(0.0, ge=0)  # coefficient of the router z-loss, summed over layers
+
+    @model_validator(mode="after")
+    def _fits(self) -> MoEConfig:
+        if self.n_experts and self.top_k > self.n_experts:
+            raise ValueError(f"top_k ({self.top_k}) cannot exceed n_experts ({self.n_experts})")
+        return self
 
 
 class ModelConfig(Section):
@@ -56,6 +83,7 @@ class ModelConfig(Section):
     attn_bias: bool = False  # biases on the q, k, v projections (Qwen2)
     norm_eps: float | None = None  # RMSNorm epsilon; None: torch's default (the dtype's machine epsilon)
     rope_scaling: RopeScaling | None = None
+    moe: MoEConfig = MoEConfig()
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
@@ -64,6 +92,11 @@ class ModelConfig(Section):
             raise ValueError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) unless head_dim is set, "
                 f"and n_head by n_kv_head ({kv})"
+            )
+        outside = [i for i in self.moe.layers or [] if not 0 <= i < self.n_layer]
+        if outside:
+            raise ValueError(
+                f"moe.layers {outside} are not blocks of a {self.n_layer}-layer model: use 0..{self.n_layer - 1}"
             )
         return self
 
@@ -86,11 +119,61 @@ class TokenizerConfig(Section):
         return self
 
 
+class MixtureStep(Section):
+    """From a pretraining step on (a count of steps done), new domain weights. Give `step`, or `at`: a fraction of
+    train.steps, which stays at the same point of the run when a study's --scale changes the steps."""
+
+    step: int | None = Field(None, ge=0)
+    at: float | None = Field(None, ge=0, lt=1)
+    weights: dict[str, float]
+
+    @model_validator(mode="after")
+    def _one_of(self) -> MixtureStep:
+        if (self.step is None) == (self.at is None):
+            raise ValueError(
+                "a mixture schedule entry needs exactly one of step (a step) or at (a fraction of the run)"
+            )
+        return self
+
+    def start(self, total_steps: int) -> int:
+        return self.step if self.step is not None else round(self.at * total_steps)
+
+
+class MixtureConfig(Section):
+    """`[data.mixture]`: pretraining data from named domains (data/mixture.py), each row of a batch drawn from one
+    domain with probability given by the weights in force at that step; validation loss is also reported per
+    domain. Empty `sources`: no mixture, `data.source` alone."""
+
+    # domain -> source: "shakespeare", a path as for data.source, or a generated one: "synthetic:arithmetic"
+    sources: dict[str, str] = {}
+    weights: dict[str, float] = {}  # share of rows per domain at the start (a domain left out: 1)
+    schedule: list[MixtureStep] = []  # later weights, e.g. [{ step = 300, weights = { arithmetic = 1 } }]
+
+    @model_validator(mode="after")
+    def _domains(self) -> MixtureConfig:
+        for where, weights in [
+            ("weights", self.weights),
+            *((f"schedule entry {i}", s.weights) for i, s in enumerate(self.schedule)),
+        ]:
+            unknown = sorted(set(weights) - set(self.sources))
+            if unknown:
+                raise ValueError(f"{where} names domains {unknown} that are not in sources {sorted(self.sources)}")
+            full = {d: weights.get(d, 1.0 if where == "weights" else 0.0) for d in self.sources}
+            if min(full.values(), default=0) < 0 or (self.sources and not sum(full.values())):
+                raise ValueError(f"{where}: weights must be >= 0 and not all zero")
+        for kind in ("step", "at"):
+            starts = [getattr(s, kind) for s in self.schedule if getattr(s, kind) is not None]
+            if starts != sorted(set(starts)):
+                raise ValueError(f"schedule entries' {kind} values {starts} must be increasing")
+        return self
+
+
 class DataConfig(Section):
     source: str | None = None  # None: the embedded Shakespeare corpus
     text_field: str = "text"
     val_fraction: float = 0.05
     max_chars: int | None = None  # keep only the first documents up to this many characters (quick experiments)
+    mixture: MixtureConfig = MixtureConfig()
 
 
 class TrainConfig(Section):
@@ -148,6 +231,10 @@ class ProbesConfig(Section):
     spike_loss_floor: float = Field(0.01, ge=0)
     spike_history: int = Field(8, ge=0)  # preceding steps kept in a dossier
     spike_topk: int = Field(8, ge=1)  # batch rows and token positions listed in a dossier
+    # MoE models only (probes/router.py): load, MaxVio, entropy, gates and biases per layer from the training batch
+    router_every: int = Field(1, ge=0)
+    router_churn_every: int = Field(25, ge=0)  # first-choice churn on the fixed probe rows (one small forward)
+    router_dead_window: int = Field(100, ge=1)  # probed steps without an assignment that make an expert dead
 
 
 class SFTConfig(Section):
@@ -287,8 +374,14 @@ def _other_algo(algo: str) -> str:
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
-    """TOML has no null; a missing key means the default None."""
-    return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+    """TOML has no null; a missing key means the default None (in tables inside lists too: a mixture schedule)."""
+    return {k: _without_none(v) for k, v in d.items() if v is not None}
+
+
+def _without_none(v: Any) -> Any:
+    if isinstance(v, dict):
+        return _drop_none(v)
+    return [_without_none(x) for x in v] if isinstance(v, list) else v
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any], model: type[BaseModel] | None = None) -> dict[str, Any]:

@@ -47,6 +47,19 @@ def load_documents(source: str | None, text_field: str = "text") -> list[str]:
     return docs
 
 
+def keep_chars(docs: list[str], max_chars: int | None) -> list[str]:
+    """The first documents up to `max_chars` characters in all (the last one cut); None: all of them."""
+    if max_chars is None:
+        return docs
+    kept, total = [], 0
+    for d in docs:
+        kept.append(d[: max_chars - total])
+        total += len(kept[-1])
+        if total >= max_chars:
+            break
+    return kept
+
+
 def corpus_fingerprint(docs: list[str]) -> str:
     """A stable sha256 of the documents and their boundaries, used as a cache key for token shards."""
     h = hashlib.sha256()

@@ -1,8 +1,11 @@
 """A whole modern GPT in one file: RoPE (optionally Llama 3-scaled), RMSNorm, optional QK-norm, GQA, optional
 q/k/v biases, GELU/SwiGLU/ReLU² MLPs, tied or untied embeddings and soft-capped logits. Attention runs through `F.scaled_dot_product_attention`.
 
+With `[model.moe]`, chosen blocks have a mixture-of-experts MLP instead of the dense one (model/moe.py).
+
 The forward pass carries no instrumentation: probes attach forward hooks to named submodules
-(`blocks.i.attn.core` sees q, k, v after RoPE and QK-norm; `blocks.i` sees the residual stream).
+(`blocks.i.attn.core` sees q, k, v after RoPE and QK-norm; `blocks.i` sees the residual stream;
+`blocks.i.mlp.router` sees each MoE layer's routing).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from glasslab.config import ModelConfig, RopeScaling
+from glasslab.model.moe import MoE
 
 
 class Rotary(nn.Module):
@@ -119,12 +123,17 @@ ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], int]] = {
 }
 
 
+def mlp_hidden(cfg: ModelConfig) -> int:
+    """The dense MLP's hidden width: `mlp_hidden` when given (an imported model), else from `mlp_ratio`. SwiGLU has
+    three matrices: its width shrinks by 2/3 to keep the parameters."""
+    return cfg.mlp_hidden or int(cfg.mlp_ratio * cfg.n_embd * (2 / 3 if ACTIVATIONS[cfg.mlp][1] == 2 else 1))
+
+
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None) -> None:
         super().__init__()
         self.act, width = ACTIVATIONS[cfg.mlp]
-        # SwiGLU has three matrices: shrink its hidden width by 2/3 to keep the parameter count.
-        hidden = cfg.mlp_hidden or int(cfg.mlp_ratio * cfg.n_embd * (2 / 3 if width == 2 else 1))
+        hidden = hidden or mlp_hidden(cfg)
         self.up = nn.Linear(cfg.n_embd, width * hidden, bias=False)
         self.down = nn.Linear(hidden, cfg.n_embd, bias=False)
 
@@ -132,11 +141,22 @@ class MLP(nn.Module):
         return self.down(self.act(self.up(x)))
 
 
+def feed_forward(cfg: ModelConfig, layer: int) -> MLP | MoE:
+    """Block `layer`'s MLP: dense, or a mixture of experts when [model.moe] has experts and names this block."""
+    moe = cfg.moe
+    if not moe.n_experts or (moe.layers is not None and layer not in moe.layers):
+        return MLP(cfg)
+    act, width = ACTIVATIONS[cfg.mlp]
+    hidden = moe.hidden or max(1, mlp_hidden(cfg) // (moe.top_k + moe.shared))
+    shared = MLP(cfg, hidden * moe.shared) if moe.shared else None
+    return MoE(cfg.n_embd, hidden, act, width, moe, shared)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.norm1, self.attn = nn.RMSNorm(cfg.n_embd, cfg.norm_eps), Attention(cfg)
-        self.norm2, self.mlp = nn.RMSNorm(cfg.n_embd, cfg.norm_eps), MLP(cfg)
+        self.norm2, self.mlp = nn.RMSNorm(cfg.n_embd, cfg.norm_eps), feed_forward(cfg, layer)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: CacheLayer | None) -> Tensor:
@@ -152,7 +172,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -161,16 +181,18 @@ class GPT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 init: N(0, 0.02), residual projections shrunk by √(2·n_layer) so the stream's variance stays flat;
-        norm gains one, biases zero."""
+        """GPT-2 init: N(0, 0.02), residual projections shrunk by √(2·n_layer) so the stream's variance stays flat
+        (every expert's down projection and the shared experts' too); norm gains one, biases zero. MoE router biases
+        (buffers) start at 0."""
         residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        residual = ("attn.o.weight", "mlp.down.weight", "mlp.experts.down", "mlp.shared.down.weight")
         for name, p in self.named_parameters():
             if name.endswith(".bias"):
                 nn.init.zeros_(p)
             elif p.dim() == 1:
                 nn.init.ones_(p)
             else:
-                nn.init.normal_(p, std=residual_std if name.endswith(("attn.o.weight", "mlp.down.weight")) else 0.02)
+                nn.init.normal_(p, std=residual_std if name.endswith(residual) else 0.02)
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

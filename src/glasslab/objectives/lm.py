@@ -29,6 +29,26 @@ def lm_loss(
     return ce + z_loss * z, {"train/loss": ce.item(), "train/z_loss": z.item()}
 
 
+@torch.no_grad()
+def score_windows(
+    model: nn.Module, batches: list[tuple[Tensor, Tensor]], token_bytes: Tensor, device: torch.device
+) -> tuple[float, float]:
+    """(loss, bpb) of fixed (inputs, targets) windows. loss: mean nats over every target. bpb: the nats of the
+    targets that are text, / ln 2, / the UTF-8 bytes of exactly those targets (`token_bytes`, from
+    Tokenizer.token_bytes). Targets that are special tokens (a window's <|bos|> where a document starts) count 0
+    bytes and are left out of both sums: bpb is the cost of the text alone, comparable across tokenizers and with
+    byte- or char-level models."""
+    nats = text_nats = n_bytes = 0.0
+    for x, y in batches:
+        losses = F.cross_entropy(model(x.to(device)).flatten(0, 1), y.to(device).flatten(), reduction="none")
+        losses = losses.double().cpu()
+        counts = token_bytes[y.flatten()]
+        nats += losses.sum().item()
+        text_nats += losses[counts > 0].sum().item()
+        n_bytes += counts.sum().item()
+    return nats / sum(y.numel() for _, y in batches), text_nats / math.log(2) / n_bytes
+
+
 class LanguageModeling:
     """Random windows of the training tokens; validation on a fixed set of windows so curves are comparable."""
 
@@ -107,27 +127,9 @@ class LanguageModeling:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """val/loss: mean nats over every target of the fixed windows. val/bpb: the nats of the targets that are
-        text, / ln 2, / the UTF-8 bytes of exactly those targets (Tokenizer.token_bytes). Targets that are
-        special tokens (a window's <|bos|> where a document starts) count 0 bytes and are left out of both sums:
-        bpb is the cost of the text alone, comparable across tokenizers and with byte- or char-level models."""
         model.eval()
-        nats = text_nats = n_bytes = 0.0
-        for x, y in self.val:
-            losses = F.cross_entropy(
-                model(x.to(self.device)).flatten(0, 1), y.to(self.device).flatten(), reduction="none"
-            )
-            losses = losses.double().cpu()
-            counts = self.token_bytes[y.flatten()]
-            nats += losses.sum().item()
-            text_nats += losses[counts > 0].sum().item()
-            n_bytes += counts.sum().item()
-        loss = nats / sum(y.numel() for _, y in self.val)
-        return {
-            "val/loss": loss,
-            "val/bpb": text_nats / math.log(2) / n_bytes,
-            "val/ppl": math.exp(min(loss, 50.0)),
-        }
+        loss, bpb = score_windows(model, self.val, self.token_bytes, self.device)
+        return {"val/loss": loss, "val/bpb": bpb, "val/ppl": math.exp(min(loss, 50.0))}
 
     def samples(self, model: nn.Module) -> list[dict]:
         prompt = [self.tokenizer.bos_id, *self.tokenizer.encode(self.sample_prompt)]

@@ -5,6 +5,7 @@
     attention.py      entropy, max logit and mass on <|bos|> per layer and head
     activations.py    per-block output RMS / max / kurtosis, output-logit max and log Z
     positions.py    validation loss by log-spaced token position bucket with 95% intervals
+    router.py       MoE routing: load per expert, MaxVio, router entropy, gates, biases, dead experts, churn
     spikes.py       loss / grad-norm spike detector, spike dossiers, first non-finite module
     view.py         the `glasslab probes RUN` terminal view
 
@@ -30,6 +31,7 @@ def build_probes(cfg: Config, run: RunDir, tokenizer: Tokenizer | None = None) -
     from glasslab.probes.forward import ForwardProbe
     from glasslab.probes.grads import GradProbe
     from glasslab.probes.positions import LossByPosition
+    from glasslab.probes.router import RouterProbe
     from glasslab.probes.spikes import SpikeProbe
 
     p = cfg.probes
@@ -41,6 +43,8 @@ def build_probes(cfg: Config, run: RunDir, tokenizer: Tokenizer | None = None) -
                 "grads_every": 1,
                 "attention_every": 1,
                 "activations_every": 1,
+                "router_every": 1,
+                "router_churn_every": 1,
                 "loss_by_position": True,
                 "spikes": True,
             }
@@ -55,4 +59,6 @@ def build_probes(cfg: Config, run: RunDir, tokenizer: Tokenizer | None = None) -
         hooks.append(ForwardProbe(p.attention_every, p.activations_every, **ids))
     if p.loss_by_position:
         hooks.append(LossByPosition(p.position_every, p.position_windows))
+    if cfg.model.moe.n_experts and p.router_every:
+        hooks.append(RouterProbe(p.router_every, p.router_churn_every, p.router_dead_window))
     return hooks

@@ -24,9 +24,11 @@ from glasslab.track.layout import (
     GRAD_NORM,
     LOSS_BY_POS,
     LOSS_BY_POS_CI95,
+    MOE_FAMILY,
     UPDATE_RATIO,
     WEIGHT_NORM,
     family_of,
+    metric,
 )
 from glasslab.track.metrics import read_metrics
 from glasslab.track.rundir import RunDir
@@ -42,7 +44,12 @@ BLOCK_COLUMNS = [
     ATTN_BOS,
     *ACTIVATION_FAMILIES,
 ]
+PREFIX = metric(MOE_FAMILY, "")  # "moe/"
 HEAD = re.compile(r".+\.h\d+")  # attention metrics per head: attn_entropy/blocks.2.h1
+# MoE router metrics per layer (probes/router.py, names under PREFIX "moe/"), and per expert (load, bias)
+ROUTER_COLUMNS = ["maxvio", "cv", "dropped", "entropy", "entropy_mean", "diversity", "top1_gate", "dead", "churn"]
+ROUTER_COLUMNS += ["eval_maxvio"]
+EXPERT = re.compile(r"(?P<layer>.+)\.e(?P<expert>\d+)")
 GLOBAL_METRICS = [
     "optim/grad_norm",
     "optim/clipped",
@@ -73,6 +80,16 @@ def probe_summary(run_path: Path) -> dict:
             heads.setdefault(target, {})[kind] = entry
     by_pos = {n.partition("/")[2]: e for n, e in latest.items() if family_of(n) == LOSS_BY_POS}
     ci95 = {n.partition("/")[2]: e for n, e in latest.items() if family_of(n) == LOSS_BY_POS_CI95}
+    router: dict[str, dict] = {}
+    for name, entry in latest.items():
+        kind, _, target = name.removeprefix(PREFIX).partition("/")
+        if not name.startswith(PREFIX) or not target:
+            continue
+        if kind in ROUTER_COLUMNS:
+            router.setdefault(target, {})[kind] = entry
+        elif kind in ("load", "bias") and (m := EXPERT.fullmatch(target)):
+            experts = router.setdefault(m["layer"], {}).setdefault(kind, {})
+            experts[int(m["expert"])] = entry
     spikes = [json.loads(p.read_text()) for _, p in run.spike_files()]
     return {
         "run": str(run_path),
@@ -80,6 +97,7 @@ def probe_summary(run_path: Path) -> dict:
         "heads": {h: heads[h] for h in sorted(heads, key=natural_key)},
         "loss_by_pos": {k: by_pos[k] for k in sorted(by_pos)},
         "loss_by_pos_ci95": {k: ci95[k] for k in sorted(ci95)},  # half-widths of the 95% intervals
+        "router": {layer: router[layer] for layer in sorted(router, key=natural_key)},
         "global": {n: latest[n] for n in GLOBAL_METRICS if n in latest},
         "spikes": spikes,
     }
@@ -88,11 +106,13 @@ def probe_summary(run_path: Path) -> dict:
 def render(summary: dict, spike_step: int | None = None) -> None:
     """Rich tables on the console: blocks, loss by position, dossiers, and one dossier in full."""
     chosen = pick_dossier(summary, spike_step) if summary["spikes"] or spike_step is not None else None
-    if not summary["blocks"] and not summary["spikes"]:
+    if not summary["blocks"] and not summary["spikes"] and not summary["router"]:
         console.print(f"no probe metrics in {summary['run']} yet (probes off, or the run has not logged a probe step)")
         return
     if summary["blocks"]:
         _blocks_table(summary)
+    if summary["router"]:
+        _router_table(summary)
     if summary["loss_by_pos"]:
         step = next(iter(summary["loss_by_pos"].values()))["step"]
         table = Table("positions", *summary["loss_by_pos"], title=f"validation loss by position, step {step}")
@@ -130,6 +150,28 @@ def _blocks_table(summary: dict) -> None:
     table = Table("block", *(f"{c}\n@{steps[c]}" for c in columns), title=f"latest probe values: {summary['run']}")
     for block, metrics in summary["blocks"].items():
         table.add_row(block, *(_fmt(metrics.get(c)) for c in columns))
+    console.print(table)
+
+
+def _router_table(summary: dict) -> None:
+    """The latest router metrics, one row per MoE layer; then each expert's load share and bias per layer."""
+    layers = summary["router"]
+    columns = [c for c in ROUTER_COLUMNS if any(c in m for m in layers.values())]
+    table = Table("layer", *(c.replace("_", "\n") for c in columns), title="MoE routing (latest values)")
+    for layer, metrics in layers.items():
+        table.add_row(layer, *(_fmt(metrics.get(c)) for c in columns))
+    console.print(table)
+    n_experts = max((len(m.get("load", {})) for m in layers.values()), default=0)
+    if not n_experts:
+        return
+    table = Table("layer", *(f"e{k}" for k in range(n_experts)), title="load share (and bias) per expert")
+    for layer, metrics in layers.items():
+        load, bias = metrics.get("load", {}), metrics.get("bias", {})
+        cells = [
+            f"{load[k]['value']:.2f}" + (f" ({bias[k]['value']:+.3f})" if k in bias else "") if k in load else ""
+            for k in range(n_experts)
+        ]
+        table.add_row(layer, *cells)
     console.print(table)
 
 

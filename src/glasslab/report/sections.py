@@ -646,6 +646,8 @@ def other_section(run: RunData, claims: Claims) -> Section | None:
 
 def build_sections(run: RunData) -> list[Section]:
     """All sections in reading order, empty ones left out."""
+    from glasslab.report.moe import moe_section  # it builds on this module's Section and Claims
+
     claims = Claims()
     sections: list[Section | None] = [overview(run), config_section(run)]
     sections += [stage_section(run, stage, claims) for stage in run.stages]
@@ -655,6 +657,7 @@ def build_sections(run: RunData) -> list[Section]:
         attention_section(run, claims),
         activations_section(run, claims),
         positions_section(run, claims),
+        moe_section(run, claims),
         spikes_section(run, claims),
         timing_section(run, claims),
         events_section(run),

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from glasslab.config import Config, SystemConfig
-from glasslab.data.corpus import load_documents
+from glasslab.data.corpus import keep_chars, load_documents
 from glasslab.data.tokenizer import Tokenizer, load_tokenizer
 from glasslab.errors import GlasslabError
 from glasslab.model.gpt import GPT
@@ -54,16 +54,7 @@ def tokenizer_for(run: RunDir, cfg: Config, docs: list[str]) -> Tokenizer:
 
 
 def documents(cfg: Config) -> list[str]:
-    docs = load_documents(cfg.data.source, cfg.data.text_field)
-    if cfg.data.max_chars is None:
-        return docs
-    kept, total = [], 0
-    for d in docs:
-        kept.append(d[: cfg.data.max_chars - total])
-        total += len(kept[-1])
-        if total >= cfg.data.max_chars:
-            break
-    return kept
+    return keep_chars(load_documents(cfg.data.source, cfg.data.text_field), cfg.data.max_chars)
 
 
 @contextlib.contextmanager

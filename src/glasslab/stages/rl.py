@@ -24,6 +24,7 @@ from glasslab.stages.common import load_weights, setup_runtime, stage_run, stage
 from glasslab.track.checkpoint import latest_checkpoint
 from glasslab.track.layout import SFT
 from glasslab.track.rundir import RunDir
+from glasslab.train.balance import balancing_hooks
 from glasslab.train.distributed import rank
 from glasslab.train.loop import Hook, train
 
@@ -84,7 +85,7 @@ def rl(
     with stage_run(run, objective.stage) as store:
         if latest_checkpoint(run.checkpoints_dir, objective.stage) is None:
             store.log(0, objective.stage, objective.evaluate(model))  # the curves start at the SFT model
-        all_hooks = [*stage_hooks, *hooks, *build_probes(cfg, run, tok)]
+        all_hooks = [*stage_hooks, *hooks, *balancing_hooks(cfg.model), *build_probes(cfg, run, tok)]
         try:
             train(
                 model,

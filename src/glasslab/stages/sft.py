@@ -24,6 +24,7 @@ from glasslab.stages.common import documents, load_weights, setup_runtime, stage
 from glasslab.track.checkpoint import latest_checkpoint
 from glasslab.track.layout import PRETRAIN, SFT
 from glasslab.track.rundir import RunDir
+from glasslab.train.balance import balancing_hooks
 from glasslab.train.distributed import rank
 from glasslab.train.loop import Hook, train
 
@@ -141,7 +142,7 @@ def sft(
             run,
             store,
             arch=cfg.model.model_dump(),
-            hooks=[*hooks, *build_probes(cfg, run, tok)],
+            hooks=[*hooks, *balancing_hooks(cfg.model), *build_probes(cfg, run, tok)],
             progress=progress,
             system=cfg.system,
         )

@@ -43,13 +43,22 @@ class RunResult:
 
 
 def metric_value(run: RunData, m: MetricSpec, stage: str) -> float | None:
-    """`reduce` over the steps of each matching metric of `stage`, then `across` the matches (then log10)."""
+    """`reduce` over the steps (in `window`, if given) of each matching metric of `stage`, then `across` the
+    matches (then log10)."""
     metrics = run.metrics.get(stage, {})
     names = [n for n in metrics if fnmatchcase(n, m.name)] if m.is_glob else [m.name] if m.name in metrics else []
     per_name = []
     for n in names:
-        values = metrics[n].values
-        if len(values) and (m.reduce == "last" or np.isfinite(values).any()):
+        steps, values = metrics[n].steps, metrics[n].values
+        start, stop = 0.0, float(steps[-1]) if len(steps) else 0.0
+        if m.window is not None and len(steps):
+            start, stop = m.window[0] * steps[-1], m.window[1] * steps[-1]
+            keep = (steps >= start) & ((steps < stop) | ((steps == stop) & (m.window[1] == 1)))
+            steps, values = steps[keep], values[keep]
+        if m.reduce == "recovery" and len(values):
+            below = np.flatnonzero(values < m.threshold)  # never below: the window's length (censored)
+            per_name.append(float((steps[below[0]] if len(below) else stop) - start))
+        elif len(values) and (m.reduce == "last" or np.isfinite(values).any()):
             per_name.append(float(REDUCE[m.reduce](values)))
     if not per_name:
         return None

@@ -7,6 +7,7 @@ so a typo in a spec fails before anything trains.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -48,9 +49,12 @@ class Plan:
 
 
 def toml_literal(value: Any) -> str:
-    """A scalar or list as `--set` reads it back (a TOML literal, on one line). Tables are flattened first."""
+    """A scalar or list as `--set` reads it back (a TOML literal, on one line). Tables are flattened first; those
+    inside a list (a list of tables, such as a mixture schedule) are written inline."""
     if isinstance(value, list):
         return "[" + ", ".join(toml_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_literal(v)}" for k, v in value.items()) + "}"
     return tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
 
 

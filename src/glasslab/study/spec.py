@@ -66,9 +66,21 @@ class MetricSpec(_Strict):
     name: str
     label: str | None = None
     stage: str | None = None  # default: the study's last stage
-    reduce: Literal["last", "max", "min", "mean"] = "last"
+    # "recovery": steps from the window's start until the value is first below `threshold` (the window's length
+    # when it never is), e.g. how long MoE load imbalance takes to settle after a data shift
+    reduce: Literal["last", "max", "min", "mean", "recovery"] = "last"
     across: Literal["mean", "max", "min"] = "mean"
     log: bool = False
+    window: tuple[float, float] | None = None  # only the steps in [from, to) x the stage's last step, e.g. (0.5, 1)
+    threshold: float | None = None  # for reduce = "recovery"
+
+    @model_validator(mode="after")
+    def _recovery(self) -> MetricSpec:
+        if (self.reduce == "recovery") != (self.threshold is not None):
+            raise ValueError(f"metric '{self.name}': reduce = 'recovery' and a threshold go together")
+        if self.window is not None and not 0 <= self.window[0] < self.window[1] <= 1:
+            raise ValueError(f"metric '{self.name}': window {list(self.window)} must be fractions 0 <= from < to <= 1")
+        return self
 
     @property
     def is_glob(self) -> bool:

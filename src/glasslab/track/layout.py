@@ -113,6 +113,7 @@ class Manifest(TypedDict, total=False):
     wall_time_s: float  # the main job's wall time, summed over resumed sessions
     peak_rss_mb: float  # the main job's peak resident memory
     report: str  # the path of report.html once built
+    source: str  # import-hf: the Hugging Face checkpoint directory the run was imported from
 
 
 MANIFEST_KEYS = tuple(Manifest.__annotations__)
@@ -128,6 +129,7 @@ SPIKE_FAMILY = "spike"  # spike detector scores
 TIME_FAMILY = "time"  # seconds per step and per part of a step
 THROUGHPUT_FAMILY = "throughput"  # tokens per second
 LOGITS_FAMILY = "logits"  # output-logit max and log-partition
+MOE_FAMILY = "moe"  # MoE routing: moe/<kind>/blocks.i[.e<k>] (probes/router.py)
 LOSS_BY_POS = "loss_by_pos"  # validation loss per position bucket: loss_by_pos/004-007
 LOSS_BY_POS_CI95 = "loss_by_pos_ci95"  # half-width of its 95% interval over windows
 # Probe families per parameter or module: <family>/blocks.3.attn.q, <family>/blocks.3, attention also per head.

@@ -1,7 +1,7 @@
 """The one training loop. Every stage (pretrain, SFT, GRPO, DPO) is an `Objective` run through `train()`;
 probes and other plug-ins are `Hook`s called at fixed points of each step, never inside the model.
 
-A step: objective.next_batch -> objective.loss -> backward -> hooks.on_backward (raw gradients) -> clip ->
+A step: objective.next_batch -> objective.loss (+ MoE balancing losses) -> backward -> hooks.on_backward (raw gradients) -> clip ->
 optimizer.step -> hooks.on_optimizer_step (the update just made) -> log. Evaluation, samples and checkpoints
 happen between steps, so a checkpoint always holds a consistent state, hooks' state included, and a resumed run
 repeats the uninterrupted run step for step: the same metrics and the same events.
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from glasslab.config import ModelConfig, SystemConfig, TrainConfig
 from glasslab.errors import GlasslabError
+from glasslab.model.moe import add_router_losses
 from glasslab.track.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from glasslab.track.metrics import MetricStore
 from glasslab.track.rundir import RunDir
@@ -214,8 +215,10 @@ def _set_rng_state(state: dict[str, Tensor]) -> None:
 
 
 def check_architecture(saved: dict, current: dict, path: Path) -> None:
-    """Refuse a checkpoint whose model config differs; a key the checkpoint predates counts as its default."""
-    saved = {**ModelConfig().model_dump(), **saved}
+    """Refuse a checkpoint whose model config differs; a key either side lacks (a checkpoint that predates it)
+    counts as its default."""
+    defaults = ModelConfig().model_dump()
+    saved, current = {**defaults, **saved}, {**defaults, **current}
     diff = [
         f"{k}: {saved.get(k)!r} vs {current.get(k)!r}"
         for k in sorted(set(saved) | set(current))
@@ -305,7 +308,7 @@ def train(
             for _ in range(cfg.grad_accum):
                 with torch.autocast(device_type, dtype=amp, enabled=amp is not None):
                     ctx.batch = objective.next_batch(model)
-                    loss, parts = objective.loss(forward, ctx.batch)
+                    loss, parts = add_router_losses(model, *objective.loss(forward, ctx.batch))
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
                 tokens += objective.batch_tokens(ctx.batch)

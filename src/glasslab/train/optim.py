@@ -1,7 +1,7 @@
 """Optimisers and learning-rate schedules.
 
 AdamW is torch's own (fused on CUDA, foreach elsewhere). Muon orthogonalises the momentum of each hidden weight
-matrix with a Newton-Schulz iteration; embeddings, the output head and the norm gains stay on AdamW, inside the
+matrix (each expert's own, for stacked MoE expert weights) with a Newton-Schulz iteration; embeddings, the output head and the norm gains stay on AdamW, inside the
 same optimizer object so one state_dict checkpoints both. Both keep AdamW moments under torch's names
 (`exp_avg`, `exp_avg_sq`) so the update probes read them the same way.
 """
@@ -68,7 +68,7 @@ class Muon(torch.optim.Optimizer):
                 buf.mul_(group["momentum"]).add_(p.grad)
                 nesterov.append(p.grad.add(buf, alpha=group["momentum"]))
             for p, update in zip(params, orthogonalised(nesterov) if nesterov else []):
-                p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+                p.add_(update, alpha=-group["lr"] * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
 
     @staticmethod
     def _adamw(p: Tensor, state: dict, group: dict) -> None:
