@@ -150,7 +150,9 @@ def test_binary_data_and_corrupt_checkpoint_are_clear_errors(reference_run: Path
     binary.write_bytes(b"\x00\x01\x02" * 100)
     proc = glasslab("pretrain", "--preset", "smoke", "--data", str(binary), cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()  # refused before anything was created
     copy = tmp_path / "runs" / "copy"
+    copy.parent.mkdir()
     subprocess.run(["cp", "-r", str(reference_run), str(copy)], check=True)
     (copy / "checkpoints" / "pretrain" / "step-0000040" / "model.safetensors").write_bytes(b"garbage")
     proc = glasslab("sample", str(copy), cwd=tmp_path, check=False)

@@ -15,9 +15,16 @@ from glasslab.data.tokenizer import Tokenizer
 from glasslab.envs import get_env
 from glasslab.errors import GlasslabError
 from glasslab.model.gpt import GPT
-from glasslab.stages.common import cache_dir, documents, load_model, load_run_config, setup_runtime
+from glasslab.stages.common import (
+    cache_dir,
+    checkpoint_info,
+    choose_checkpoint,
+    documents,
+    load_model,
+    load_run_config,
+    setup_runtime,
+)
 from glasslab.track.atomic import write_text_atomic
-from glasslab.track.checkpoint import latest_checkpoint
 from glasslab.track.metrics import MetricStore
 from glasslab.track.rundir import RunDir
 from glasslab.train.evaluate import EvalResult, evaluate_env
@@ -44,12 +51,16 @@ def evaluate_run(
     temperature: float,
     max_new_tokens: int,
     text: bool,
+    stage: str | None = None,
+    step: int | None = None,
 ) -> TaskEvaluation:
+    """Evaluate the checkpoint choose_checkpoint picks for `stage` and `step` (default: the newest); its metrics
+    are logged at that checkpoint's step."""
     env = get_env(task, cfg.envs.get(task, {}))
+    ckpt = choose_checkpoint(run, stage, step)
     device = setup_runtime(cfg.system, seed)
-    model, tok, _ = load_model(run, device)
-    ckpt = latest_checkpoint(run.checkpoints_dir)
-    step = json.loads((ckpt / "state.json").read_text())["step"]
+    model, tok, _ = load_model(run, device, checkpoint=ckpt)
+    step = checkpoint_info(ckpt)["step"]
     result = evaluate_env(
         model,
         tok,

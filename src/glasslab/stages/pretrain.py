@@ -23,11 +23,13 @@ def pretrain(
     init: Path | None = None,
     hooks: list[Hook] = (),
     progress: Any = None,  # type: ignore[assignment]
+    docs: list[str] | None = None,
 ) -> GPT:
-    """`init` is accepted for the common stage signature; pretraining starts from scratch."""
+    """`init` is accepted for the common stage signature; pretraining starts from scratch. `docs`: the documents
+    the command's input checks already loaded (None: load them)."""
     device = setup_runtime(cfg.system, cfg.seed)
     run.update_manifest(device=str(device), seed=cfg.seed, world_size=world_size())
-    docs = documents(cfg)
+    docs = documents(cfg) if docs is None else docs
     tokenizer = tokenizer_for(run, cfg, docs)
     cfg.model.vocab_size = tokenizer.vocab_size
     save_config(run, cfg)
