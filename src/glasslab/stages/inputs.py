@@ -12,7 +12,7 @@ from pathlib import Path
 
 from glasslab.chat.conversations import load_conversations, read_conversations
 from glasslab.config import Config
-from glasslab.data.tokenizer import Tokenizer
+from glasslab.data.tokenizer import Tokenizer, check_vocab_size
 from glasslab.envs import get_env
 from glasslab.objectives.rollouts import check_reward_weights
 from glasslab.stages.common import check_device, documents
@@ -27,12 +27,13 @@ class Inputs:
 
 
 def check_inputs(cfg: Config, stages: list[str], tokenizer: Path | None = None) -> Inputs:
-    """Raise a GlasslabError for the first bad input of `stages`: device, data source, SFT tasks and file, RL
+    """Raise a GlasslabError for the first bad input of `stages`: device, vocabulary size and data source, SFT tasks and file, RL
     environments and reward weights. `tokenizer`: the tokenizer the run will use, when it exists already (then an
     SFT file's conversations are also checked to fit the context)."""
     check_device(cfg.system)
     inputs = Inputs()
     if "pretrain" in stages:
+        check_vocab_size(cfg.tokenizer.kind, cfg.tokenizer.vocab_size)
         inputs.docs = documents(cfg)
     if "sft" in stages:
         for task in cfg.sft.tasks:
