@@ -20,6 +20,7 @@ CASES = [
         "model.n_embd (100)",
     ),
     ("bpe-vocab-too-small", ["pretrain", *TINY, "--set", "tokenizer.vocab_size=100"], "tokenizer.vocab_size"),
+    ("misspelt-key", ["pretrain", *TINY, "--set", "train.lrr=1"], "did you mean 'train.lr'"),
     ("missing-data", ["pretrain", *TINY, "--data", "missing.txt"], "missing.txt"),
     ("binary-data", ["pretrain", *TINY, "--data", "binary.bin"], "--data"),
     ("name-escapes", ["pretrain", *TINY, "--name", "../escape"], "--name"),

@@ -19,7 +19,7 @@ def chat(
     top_p: Annotated[float | None, typer.Option(help="nucleus sampling mass, in (0, 1]")] = 0.95,
     top_k: Annotated[int | None, typer.Option(min=1, help="keep the k most likely tokens")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens per answer")] = 64,
-    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="sampling seed")] = 0,
     stage: CheckpointStage = None,
     step: CheckpointStep = None,
     json_: Json = False,

@@ -49,6 +49,8 @@ def eval_(
         pass_k = [int(x) for x in k.split(",")] if k else cfg.eval.pass_k
     except ValueError:
         raise GlasslabError(f"--k '{k}' is not a list of integers: write it like --k 1,4") from None
+    if min(pass_k, default=1) < 1:
+        raise GlasslabError(f"--k '{k}' has a value below 1: pass@k needs k >= 1, e.g. --k 1,4")
     seed = cfg.seed if seed is None else seed
     done = evaluate_run(
         run,

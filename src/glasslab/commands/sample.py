@@ -18,7 +18,7 @@ def sample(
     top_k: Annotated[int | None, typer.Option(min=1, help="keep the k most likely tokens")] = None,
     top_p: Annotated[float | None, typer.Option(help="nucleus sampling mass, in (0, 1]")] = 0.95,
     n: Annotated[int, typer.Option(min=1, help="number of samples")] = 1,
-    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="sampling seed")] = 0,
     stage: CheckpointStage = None,
     step: CheckpointStep = None,
     json_: Json = False,

@@ -60,7 +60,7 @@ def evaluate_run(
     ckpt = choose_checkpoint(run, stage, step)
     device = setup_runtime(cfg.system, seed)
     model, tok, _ = load_model(run, device, checkpoint=ckpt)
-    step = checkpoint_info(ckpt)["step"]
+    at = int(checkpoint_info(ckpt)["step"])
     result = evaluate_env(
         model,
         tok,
@@ -75,12 +75,12 @@ def evaluate_run(
     )
     text_metrics = held_out_text(run, model, tok, device) if text else {}
     with MetricStore(run.metrics_db_path) as store:
-        store.log(step, "eval", result.metrics() | {f"eval/text/{name}": v for name, v in text_metrics.items()})
+        store.log(at, "eval", result.metrics() | {f"eval/text/{name}": v for name, v in text_metrics.items()})
         store.compact(run.metrics_parquet_path)
     table = run.path / "eval" / f"{task.replace(':', '-').replace('/', '-')}-seed{seed}.jsonl"
     table.parent.mkdir(exist_ok=True)
     write_text_atomic(table, "".join(json.dumps(r) + "\n" for r in result.records))
-    return TaskEvaluation(result, text_metrics, ckpt, step, table)
+    return TaskEvaluation(result, text_metrics, ckpt, at, table)
 
 
 def held_out_text(run: RunDir, model: GPT, tok: Tokenizer, device: torch.device) -> dict[str, float]:
