@@ -93,3 +93,18 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing_behind(lab: Path, args:
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
     assert names in lines[0]
     assert snapshot(lab) == before
+
+
+def test_a_new_run_failing_before_training_is_removed_and_one_failing_in_training_kept(tmp_path: Path):
+    """The safety net for input that only the stage can check (a task's conversations longer than the context)."""
+    from glasslab.commands.common import removed_if_untrained
+    from glasslab.errors import GlasslabError
+    from glasslab.track.rundir import RunDir
+
+    for trained in (False, True):
+        run = RunDir.create(tmp_path / f"trained-{trained}")
+        if trained:
+            run.metrics_db_path.write_bytes(b"")  # the stage's metric store: training had begun
+        with pytest.raises(GlasslabError), removed_if_untrained(run):
+            raise GlasslabError("bad input")
+        assert run.path.exists() == trained

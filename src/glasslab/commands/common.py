@@ -19,9 +19,7 @@ from glasslab.ui import console, emit_json
 def config_from_options(preset: str, config_file: Path | None, sets: list[str] | None, seed: int | None) -> Config:
     from glasslab.train.distributed import init_from_env
 
-    cfg = resolve(preset, config_file, sets)
-    if seed is not None:
-        cfg.seed = seed
+    cfg = resolve(preset, config_file, [*(sets or []), *([f"seed={seed}"] if seed is not None else [])])
     init_from_env(cfg.system.device)  # under torchrun: join the process group before touching the run
     return cfg
 

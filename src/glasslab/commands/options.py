@@ -7,12 +7,16 @@ import typer
 
 from glasslab.errors import GlasslabError
 
-Preset = Annotated[str, typer.Option(help="smoke | tiny | small | gpt2-124m")]
-ConfigFile = Annotated[Path | None, typer.Option("--config", help="a TOML file layered over the preset")]
-Sets = Annotated[list[str] | None, typer.Option("--set", help="override a config key: --set train.lr=3e-3")]
-Name = Annotated[str | None, typer.Option(help="the run's name (default: stage-preset-time)")]
-RunsDir = Annotated[Path, typer.Option("--runs-dir", help="where runs live")]
-Seed = Annotated[int | None, typer.Option(min=0, max=2**32 - 1, help="random seed (overrides the config)")]
+Preset = Annotated[str, typer.Option(metavar="NAME", help="smoke | tiny | small | gpt2-124m")]
+ConfigFile = Annotated[
+    Path | None, typer.Option("--config", metavar="FILE", help="a TOML file layered over the preset")
+]
+Sets = Annotated[
+    list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="override a config key: --set train.lr=3e-3")
+]
+Name = Annotated[str | None, typer.Option(metavar="NAME", help="the run's name (default: stage-preset-time)")]
+RunsDir = Annotated[Path, typer.Option("--runs-dir", metavar="DIR", help="where runs live")]
+Seed = Annotated[int | None, typer.Option(min=0, metavar="INT", help="random seed (overrides the config)")]
 Json = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
 Overwrite = Annotated[bool, typer.Option(help="replace an existing run of that name")]
 Resume = Annotated[bool, typer.Option(help="continue an existing run of that name")]
