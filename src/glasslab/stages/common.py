@@ -165,7 +165,7 @@ def load_model(
 def checkpoint_info(path: Path) -> dict[str, str | int]:
     """What `--json` reports of the checkpoint a command used: its directory, stage and step."""
     state = json.loads((path / "state.json").read_text())
-    return {"checkpoint": str(path), "stage": state["stage"], "step": state["step"]}
+    return {"checkpoint": str(path.resolve()), "stage": state["stage"], "step": state["step"]}
 
 
 def stage_tokenizer(cfg: Config, run: RunDir, command: str) -> Tokenizer:
