@@ -77,9 +77,8 @@ class DataConfig(Section):
     source: str | None = None  # None: the embedded Shakespeare corpus
     text_field: str = "text"
     val_fraction: float = Field(0.05, gt=0, lt=1)
-    max_chars: int | None = Field(
-        None, ge=1
-    )  # keep only the first documents up to this many characters (quick experiments)
+    # keep only the first documents up to this many characters (quick experiments)
+    max_chars: int | None = Field(None, ge=1)
 
 
 class TrainConfig(Section):

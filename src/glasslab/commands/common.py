@@ -48,8 +48,8 @@ def new_run(path: Path, overwrite: bool) -> RunDir:
 
 @contextlib.contextmanager
 def removed_if_untrained(run: RunDir) -> Iterator[None]:
-    """A new run whose stage fails on its input before training began (no metric store yet: an SFT file's
-    conversation longer than the context, known only once the tokenizer exists) is removed, so the same command
+    """A new run whose stage fails on its input before training began (no metric store yet: a task's
+    conversations longer than the context, found when the stage builds its data) is removed, so the same command
     can run again once the input is fixed. A failure during training keeps the run, its checkpoints and status."""
     from glasslab.train.distributed import is_main
 
