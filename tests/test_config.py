@@ -85,7 +85,7 @@ def test_set_replaces_a_table_and_files_layer_sections(tmp_path: Path):
         (["model.n_head=4", "model.n_kv_head=3"], "model.n_head (4) must be divisible by model.n_kv_head (3)"),
         (["model.n_embd=12", "model.n_head=4"], "model.n_embd (12) / model.n_head (4)"),
         (["sft.tasks=[]"], "sft.tasks ([]) and sft.data (None) are both empty"),
-        (["rl.env={arithmetic=0}"], "rl.env ({'arithmetic': 0.0}) as a mix"),
+        (["rl.env={arithmetic=0}"], "rl.env ({'arithmetic': 0.0}): a mix of environments"),
     ],
 )
 def test_cross_field_errors_name_the_fields_and_values_not_the_section(overrides: list[str], message: str):

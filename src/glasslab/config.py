@@ -232,7 +232,7 @@ class RLConfig(Section):
     def _mix(self) -> RLConfig:
         if isinstance(self.env, dict) and (not self.env or min(self.env.values()) < 0 or not sum(self.env.values())):
             raise Mismatch(
-                "{env} as a mix needs at least one environment, with weights >= 0 and not all zero: fix the weights",
+                "{env}: a mix of environments needs at least one, with weights >= 0, not all zero: fix the weights",
                 self,
                 "env",
             )
