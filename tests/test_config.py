@@ -126,3 +126,30 @@ def test_a_config_saved_with_flat_rl_keys_loads_into_the_sections():
     old = {"rl": {"algo": "dpo", "beta": 0.05, "loss_type": "grpo", "dpo_beta": 0.3, "group_size": 4}}
     cfg = build_config(old)
     assert (cfg.rl.grpo.beta, cfg.rl.grpo.loss_type, cfg.rl.dpo.beta, cfg.rl.group_size) == (0.05, "grpo", 0.3, 4)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.n_embd=100", "model.n_head=3"], "model.n_embd (100) must be divisible by model.n_head (3)"),
+        (["model.n_head=4", "model.n_kv_head=3"], "model.n_head (4) must be divisible by model.n_kv_head (3)"),
+        (["model.n_embd=12", "model.n_head=4"], "model.n_embd (12) / model.n_head (4)"),
+        (["sft.tasks=[]"], "sft.tasks ([]) and sft.data (None) are both empty"),
+        (["rl.env={arithmetic=0}"], "rl.env ({'arithmetic': 0.0}): a mix of environments"),
+    ],
+)
+def test_cross_field_errors_name_the_fields_and_values_not_the_section(overrides: list[str], message: str):
+    with pytest.raises(GlasslabError) as err:
+        resolve("tiny", overrides=overrides)
+    assert message in str(err.value) and "\n" not in str(err.value) and "'n_layer'" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["train.steps=0", "sft.train.batch_size=0", "train.lr=-1", "rl.train.lr=0", "data.val_fraction=1", "seed=-1"]
+    + ["model.dropout=1", "eval.temperature=-0.5", "eval.pass_k=[0]", "system.threads=0", "train.keep_last=0"],
+)
+def test_numbers_out_of_range_are_refused_by_key(override: str):
+    key = override.split("=")[0]
+    with pytest.raises(GlasslabError, match=f"config key '{key}"):
+        resolve("tiny", overrides=[override])

@@ -13,6 +13,8 @@ from glasslab.envs import get_env
 from glasslab.errors import GlasslabError
 from glasslab.model.generate import Generation
 from glasslab.model.gpt import GPT
+from glasslab.stages.common import choose_checkpoint
+from glasslab.track.rundir import RunDir
 from glasslab.train.evaluate import completion_text, evaluate_env, pass_at_k, prompt_tokens
 
 
@@ -123,3 +125,20 @@ def test_tool_call_runs_during_evaluation(tok):
         == f"<|tool_call|>{expr}<|end|><|tool|>{p.answer}<|end|><|assistant|>{p.answer}<|end|>"
     )
     assert r.accuracy == 1.0 and r.rewards["format"] == 1.0
+
+
+def test_choose_checkpoint_by_stage_and_step_lists_what_the_run_has(tmp_path):
+    run = RunDir.create(tmp_path / "run")
+    for stage, step in (("pretrain", 10), ("pretrain", 20), ("sft", 5)):
+        (run.checkpoints_dir / stage / f"step-{step:07d}").mkdir(parents=True)
+        (run.checkpoints_dir / stage / f"step-{step:07d}" / "COMPLETE").write_text("ok\n")
+    (run.checkpoints_dir / "sft" / "step-0000009").mkdir()  # an unfinished save: no COMPLETE marker
+    assert choose_checkpoint(run).name == "step-0000005"  # the newest of the latest stage
+    assert choose_checkpoint(run, "pretrain").name == "step-0000020"
+    assert choose_checkpoint(run, "pretrain", 10).name == "step-0000010"
+    with pytest.raises(GlasslabError, match="no rl checkpoint: use --stage pretrain or sft"):
+        choose_checkpoint(run, "rl")
+    with pytest.raises(GlasslabError, match="at step 9: use --step 5"):
+        choose_checkpoint(run, "sft", 9)
+    with pytest.raises(GlasslabError, match="--stage 'eval' is not a training stage"):
+        choose_checkpoint(run, "eval")

@@ -35,3 +35,22 @@ def test_run_smoke_chains_every_stage_into_one_run_directory(tmp_path: Path):
     html = (run / "report.html").read_text()
     assert "runs/main · completed ·" in html  # the report is built after the run is marked completed
     assert "<script" in html and "http://" not in html.split("<body", 1)[1][:200]
+
+    # one run, each stage's checkpoint evaluated, sampled and chatted with in place (--stage, --step)
+    def used(*args: str) -> dict:
+        out = subprocess.run(
+            [sys.executable, "-m", "glasslab", *args, "--json"], cwd=tmp_path, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout)
+
+    for stage in ("sft", "rl"):
+        newest = max((run / "checkpoints" / stage).iterdir())
+        result = used("eval", "runs/main", "--task", "arithmetic", "--stage", stage, "--n", "4", "--samples", "0")
+        assert (result["stage"], Path(result["checkpoint"])) == (stage, newest) and result["n"] == 4
+    oldest = min((run / "checkpoints" / "sft").iterdir())
+    step = int(oldest.name.removeprefix("step-"))
+    sample = used("sample", "runs/main", "--stage", "sft", "--step", str(step), "--max-new-tokens", "4")
+    assert (sample["stage"], sample["step"], Path(sample["checkpoint"])) == ("sft", step, oldest)
+    reply = used("chat", "runs/main", "--stage", "pretrain", "--prompt", "2+2", "--max-new-tokens", "4")
+    assert reply["stage"] == "pretrain"

@@ -273,7 +273,11 @@ def test_sft_eval_and_chat_commands(tmp_path, tok):
         "eval", run.path, "--task", "arithmetic", "--n", "6", "--seed", "7", "--k", "1,2", "--samples", "2", "--json"
     )
     result = json.loads(out.stdout)
-    assert set(result) == {"task", "n", "seed", "accuracy", "pass_at_k", "by_difficulty", "rewards", "diagnostics"}
+    assert set(result) == {"task", "n", "seed", "accuracy", "pass_at_k", "by_difficulty", "rewards", "diagnostics"} | {
+        "checkpoint",
+        "stage",
+        "step",
+    }
     assert "place/units" in result["diagnostics"]
     assert result["n"] == 6 and result["seed"] == 7 and set(result["pass_at_k"]) == {"1", "2"}
     assert len((run.path / "eval" / "arithmetic-seed7.jsonl").read_text().splitlines()) == 6
@@ -283,7 +287,7 @@ def test_sft_eval_and_chat_commands(tmp_path, tok):
     assert isinstance(unknown, GlasslabError) and "arithmetic, countdown, calculator" in str(unknown)
 
     said = invoke("chat", run.path, "--prompt", "1+2=", "--max-new-tokens", "3", "--json")
-    assert set(json.loads(said.stdout)) == {"prompt", "reply"}
+    assert set(json.loads(said.stdout)) == {"prompt", "reply", "checkpoint", "stage", "step"}
     bad = invoke("sft", base.path, "--data", tmp_path / "missing.jsonl", "--name", "x", "--runs-dir", tmp_path)
     assert isinstance(bad.exception, GlasslabError) and "not found" in str(bad.exception)
 

@@ -17,6 +17,7 @@ from glasslab.track.atomic import append_jsonl, read_jsonl, write_bytes_atomic, 
 from glasslab.track.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from glasslab.track.metrics import SCHEMA, MetricStore, read_metrics
 from glasslab.track.rundir import RunDir, list_runs
+from glasslab.track.runname import check_run_name
 
 # ---- atomic ------------------------------------------------------------------------------------
 
@@ -436,3 +437,14 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(path)
     with pytest.raises(GlasslabError, match="no checkpoint at"):
         load_checkpoint(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [("", "empty"), ("..", "relative"), (".", "relative"), ("a/b", "separator"), ("a\\b", "separator")]
+    + [("-x", "starts with '-'"), ("a\tb", "control character")],
+)
+def test_a_run_name_is_one_path_component(name: str, why: str):
+    with pytest.raises(GlasslabError, match=why):
+        check_run_name(name)
+    assert check_run_name("lr=3e-3_seed.0") == "lr=3e-3_seed.0"

@@ -10,7 +10,7 @@ import copy
 import difflib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import tomli_w
 import tomllib
@@ -63,35 +63,54 @@ class MoEConfig(Section):
         return self
 
 
+class Mismatch(ValueError):
+    """A cross-field config error. `text` names each field as {field}; the message shows it as `section.field
+    (value)`, so the user sees which keys to change rather than the whole section."""
+
+    def __init__(self, text: str, section: BaseModel, *fields: str) -> None:
+        super().__init__(text.format(**{f: f"{f} ({getattr(section, f)!r})" for f in fields}))
+        self.text, self.values = text, {f: getattr(section, f) for f in fields}
+
+    def qualified(self, prefix: str) -> str:
+        return self.text.format(**{f: f"{prefix}{f} ({v!r})" for f, v in self.values.items()})
+
+
 class ModelConfig(Section):
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int | None = None  # None: same as n_head; fewer heads = grouped-query attention
-    n_embd: int = 128
-    block_size: int = 128
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_kv_head: int | None = Field(None, ge=1)  # None: same as n_head; fewer heads = grouped-query attention
+    n_embd: int = Field(128, ge=2)
+    block_size: int = Field(128, ge=2)
     mlp: Literal["gelu", "swiglu", "relu2"] = "relu2"
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = Field(4.0, gt=0)
     qk_norm: bool = True
     tie_embeddings: bool = True
-    logit_softcap: float | None = None
-    rope_theta: float = 10000.0
-    dropout: float = 0.0
-    vocab_size: int | None = None  # filled from the tokenizer
+    logit_softcap: float | None = Field(None, gt=0)
+    rope_theta: float = Field(10000.0, gt=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    vocab_size: int | None = Field(None, ge=1)  # filled from the tokenizer
     # Options an imported model may need (import-hf); the defaults are glasslab's own architecture.
-    head_dim: int | None = None  # None: n_embd // n_head
-    mlp_hidden: int | None = None  # the MLP's hidden width; None: from mlp_ratio
+    head_dim: int | None = Field(None, ge=2)  # None: n_embd // n_head
+    mlp_hidden: int | None = Field(None, ge=1)  # the MLP's hidden width; None: from mlp_ratio
     attn_bias: bool = False  # biases on the q, k, v projections (Qwen2)
-    norm_eps: float | None = None  # RMSNorm epsilon; None: torch's default (the dtype's machine epsilon)
+    norm_eps: float | None = Field(None, gt=0)  # RMSNorm epsilon; None: torch's default (the dtype's machine epsilon)
     rope_scaling: RopeScaling | None = None
     moe: MoEConfig = MoEConfig()
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
-        kv = self.n_kv_head or self.n_head
-        if (self.head_dim is None and self.n_embd % self.n_head) or self.n_head % kv:
-            raise ValueError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) unless head_dim is set, "
-                f"and n_head by n_kv_head ({kv})"
+        if self.head_dim is None and self.n_embd % self.n_head:
+            raise Mismatch("{n_embd} must be divisible by {n_head}: change one of them", self, "n_embd", "n_head")
+        if self.n_head % (self.n_kv_head or self.n_head):
+            raise Mismatch("{n_head} must be divisible by {n_kv_head}: change one of them", self, "n_head", "n_kv_head")
+        if self.head_dim is not None and self.head_dim % 2:
+            raise Mismatch("{head_dim} must be even for rotary embeddings", self, "head_dim")
+        if self.head_dim is None and (self.n_embd // self.n_head) % 2:
+            raise Mismatch(
+                "{n_embd} / {n_head} (the head width) must be even for rotary embeddings: change one of them",
+                self,
+                "n_embd",
+                "n_head",
             )
         outside = [i for i in self.moe.layers or [] if not 0 <= i < self.n_layer]
         if outside:
@@ -103,7 +122,8 @@ class ModelConfig(Section):
 
 class TokenizerConfig(Section):
     kind: Literal["bpe", "char", "hf"] = "bpe"  # hf: an imported model's tokenizer.json, kept as it is
-    vocab_size: int = 2048  # hf: the model's embedding rows (may exceed the tokenizer's own ids)
+    # bpe: at least 256 bytes + the special tokens (checked when trained); hf: the model's embedding rows
+    vocab_size: int = Field(2048, ge=1)
     # hf only, read from the model's tokenizer_config.json at import: its chat template (Jinja) and the tokens
     # that start a document, end a turn (where generation stops) and pad batches
     chat_template: str | None = None
@@ -171,42 +191,43 @@ class MixtureConfig(Section):
 class DataConfig(Section):
     source: str | None = None  # None: the embedded Shakespeare corpus
     text_field: str = "text"
-    val_fraction: float = 0.05
-    max_chars: int | None = None  # keep only the first documents up to this many characters (quick experiments)
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    # keep only the first documents up to this many characters (quick experiments)
+    max_chars: int | None = Field(None, ge=1)
     mixture: MixtureConfig = MixtureConfig()
 
 
 class TrainConfig(Section):
     """One stage's optimisation: steps, batch, optimiser, schedule, and how often to evaluate and save."""
 
-    steps: int = 1000
-    batch_size: int = 16
-    grad_accum: int = 1
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
     optimizer: Literal["adamw", "muon"] = "adamw"
-    lr: float = 3e-3
-    muon_lr: float = 0.02  # for the hidden matrices when optimizer = "muon"; AdamW (lr) does the rest
-    muon_momentum: float = 0.95
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float | None = 1.0
+    lr: float = Field(3e-3, gt=0)
+    muon_lr: float = Field(0.02, gt=0)  # for the hidden matrices when optimizer = "muon"; AdamW (lr) does the rest
+    muon_momentum: float = Field(0.95, ge=0, lt=1)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float | None = Field(1.0, ge=0)  # None or 0: no clipping
     schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1
-    decay_fraction: float = 0.2  # wsd: the share of steps spent decaying at the end
-    z_loss: float = 0.0
-    eval_every: int = 100
-    eval_batches: int = 8
-    sample_every: int = 0  # 0: only at the end of the stage
-    checkpoint_every: int = 200
-    keep_last: int = 2
+    warmup_steps: int = Field(50, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    decay_fraction: float = Field(0.2, ge=0, le=1)  # wsd: the share of steps spent decaying at the end
+    z_loss: float = Field(0.0, ge=0)
+    eval_every: int = Field(100, ge=0)  # 0: only at the end of the stage
+    eval_batches: int = Field(8, ge=1)
+    sample_every: int = Field(0, ge=0)  # 0: only at the end of the stage
+    checkpoint_every: int = Field(200, ge=1)
+    keep_last: int = Field(2, ge=1)
 
 
 class SystemConfig(Section):
     device: str = "auto"  # auto: cuda when available, else cpu
     compile: bool = False
-    threads: int | None = None  # None: torch's default
+    threads: int | None = Field(None, ge=1)  # None: torch's default
     # Training matmuls under bfloat16 autocast (weights, optimizer state and evaluation stay float32).
     # auto: on where the hardware has fast bf16 (CUDA with bf16, a CPU with AVX512-BF16 or AMX), else off.
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -259,11 +280,21 @@ class SFTConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> SFTConfig:
         if not self.tasks and not self.data:
-            raise ValueError("give sft.tasks or sft.data (or both): there is nothing to train on")
+            raise Mismatch(
+                "{tasks} and {data} are both empty: give one or both, to have something to train on",
+                self,
+                "tasks",
+                "data",
+            )
         if any(w < 0 for w in self.weights.values()) or (
             self.tasks and not sum(self.weights.get(t, 1.0) for t in self.tasks)
         ):
-            raise ValueError("task weights must be >= 0, and not all zero for the tasks in sft.tasks")
+            raise Mismatch(
+                "{weights} must be >= 0 and not all zero for the tasks in {tasks}: fix the weights",
+                self,
+                "weights",
+                "tasks",
+            )
         return self
 
 
@@ -282,7 +313,7 @@ class GRPOConfig(Section):
     loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = "dapo"
     mask_truncated: bool = True  # completions cut at max_new_tokens get no gradient
     drop_zero_std: bool = True  # train only on groups whose rewards vary
-    entropy_coef: float = 0.0  # > 0: entropy bonus
+    entropy_coef: float = Field(0.0, ge=0)  # > 0: entropy bonus
 
 
 class DPOConfig(Section):
@@ -335,20 +366,24 @@ class RLConfig(Section):
     @model_validator(mode="after")
     def _mix(self) -> RLConfig:
         if isinstance(self.env, dict) and (not self.env or min(self.env.values()) < 0 or not sum(self.env.values())):
-            raise ValueError("a mix of environments needs at least one, with weights >= 0, not all zero")
+            raise Mismatch(
+                "{env}: a mix of environments needs at least one, with weights >= 0, not all zero: fix the weights",
+                self,
+                "env",
+            )
         return self
 
 
 class EvalConfig(Section):
     n: int = Field(200, ge=1)
-    pass_k: list[int] = [1, 4]
+    pass_k: list[Annotated[int, Field(ge=1)]] = [1, 4]
     samples: int = Field(4, ge=0)  # sampled answers per problem for pass@k (0: greedy only)
     temperature: float = Field(1.0, ge=0)
     max_new_tokens: int = Field(32, ge=1)  # per answer, tool results included
 
 
 class Config(Section):
-    seed: int = 1337
+    seed: int = Field(1337, ge=0, lt=2**32)  # numpy's seeds are unsigned 32-bit
     model: ModelConfig = ModelConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     data: DataConfig = DataConfig()
@@ -472,8 +507,13 @@ def _explain(err: ValidationError, model: type[BaseModel]) -> str:
         paths = " or ".join(f"'{'.'.join(loc[:-1] + [n])}'" for n in near)
         fix = f"did you mean {paths}?" if near else f"valid keys here: {', '.join(valid)}"
         return f"unknown config key '{key}': {fix}"
-    got = e.get("input")
-    return f"bad value for config key '{key}' ({got!r}): {e['msg']}"
+    cause = e.get("ctx", {}).get("error")
+    if isinstance(cause, Mismatch):
+        return cause.qualified(key + "." if key else "")
+    if isinstance(e.get("input"), dict) and e["type"] == "value_error":  # another cross-field check: no dict dump
+        return f"bad config section '{key}': {e['msg'].removeprefix('Value error, ')}"
+    msg = e["msg"][:1].lower() + e["msg"][1:]
+    return f"bad value for config key '{key}' ({e.get('input')!r}): {msg}: fix it, e.g. --set {key}=VALUE"
 
 
 def _section_keys(annotation: Any) -> list[str]:

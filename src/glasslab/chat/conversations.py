@@ -39,6 +39,21 @@ def parse_conversation(obj: object) -> list[Message]:
 
 def load_conversations(path: Path, tok: Tokenizer, max_tokens: int) -> list[list[Message]]:
     """Every conversation of a JSONL file, checked to parse and to fit in `max_tokens` rendered tokens."""
+    out = []
+    for n, messages in read_conversations(path):
+        length = len(render(messages, tok)[0])
+        if length > max_tokens:
+            raise GlasslabError(
+                f"{path}, line {n}: the conversation is {length} tokens, more than the {max_tokens} that fit "
+                "the model's context (model.block_size + 1): shorten or split it"
+            )
+        out.append(messages)
+    return out
+
+
+def read_conversations(path: Path) -> list[tuple[int, list[Message]]]:
+    """(line number, conversation) for every non-blank line of a JSONL file, checked to parse. Needs no
+    tokenizer, so a command can check the file before the run that trains its tokenizer exists."""
     path = Path(path)
     if not path.is_file():
         raise GlasslabError(f"conversation file '{path}' not found: pass --data with a JSONL file of conversations")
@@ -54,13 +69,7 @@ def load_conversations(path: Path, tok: Tokenizer, max_tokens: int) -> list[list
             messages = parse_conversation(json.loads(line))
         except ValueError as e:  # JSONDecodeError is a ValueError
             raise GlasslabError(f"{path}, line {n}: {e}: fix that line") from None
-        length = len(render(messages, tok)[0])
-        if length > max_tokens:
-            raise GlasslabError(
-                f"{path}, line {n}: the conversation is {length} tokens, more than the {max_tokens} that fit "
-                "the model's context (model.block_size + 1): shorten or split it"
-            )
-        out.append(messages)
+        out.append((n, messages))
     if not out:
         raise GlasslabError(f"conversation file '{path}' has no conversations: add one JSON object per line")
     return out

@@ -2,35 +2,63 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 from glasslab.config import Config, resolve
+from glasslab.errors import GlasslabError
 from glasslab.track.rundir import RunDir
+from glasslab.track.runname import check_run_name
 from glasslab.ui import console, emit_json
 
 
 def config_from_options(preset: str, config_file: Path | None, sets: list[str] | None, seed: int | None) -> Config:
     from glasslab.train.distributed import init_from_env
 
-    cfg = resolve(preset, config_file, sets)
-    if seed is not None:
-        cfg.seed = seed
+    cfg = resolve(preset, config_file, [*(sets or []), *([f"seed={seed}"] if seed is not None else [])])
     init_from_env(cfg.system.device)  # under torchrun: join the process group before touching the run
     return cfg
 
 
-def new_run(runs_dir: Path, name: str | None, default: str, overwrite: bool, resume: bool) -> tuple[RunDir, bool]:
+def run_path(runs_dir: Path, name: str | None, default: str) -> Path:
+    """Where the command's run lives: runs_dir/<name>, the name checked to be one path component."""
+    if name is not None:
+        check_run_name(name)
+    return runs_dir / (name or f"{default}-{datetime.now():%Y%m%d-%H%M%S}")
+
+
+def resuming(path: Path, resume: bool) -> RunDir | None:
+    """The existing run at `path` when --resume asks to continue it (its own config then applies)."""
+    return RunDir.open(path) if resume and (path / "manifest.json").exists() else None
+
+
+def new_run(path: Path, overwrite: bool) -> RunDir:
+    """Create the run directory; call it only once every input is checked (stages/inputs.py)."""
     from glasslab.train.distributed import barrier, is_main
 
-    path = runs_dir / (name or f"{default}-{datetime.now():%Y%m%d-%H%M%S}")
-    if resume and RunDir(path).exists():
-        return RunDir.open(path), True
     if is_main():
         run = RunDir.create(path, overwrite=overwrite)
     barrier()  # other ranks open the run rank 0 made
-    return (run if is_main() else RunDir.open(path)), False
+    return run if is_main() else RunDir.open(path)
+
+
+@contextlib.contextmanager
+def removed_if_untrained(run: RunDir) -> Iterator[None]:
+    """A new run whose stage fails on its input before training began (no metric store yet: a task's
+    conversations longer than the context, found when the stage builds its data) is removed, so the same command
+    can run again once the input is fixed. A failure during training keeps the run, its checkpoints and status."""
+    from glasslab.train.distributed import is_main
+
+    try:
+        yield
+    except GlasslabError:
+        if is_main() and not run.metrics_db_path.exists():
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
 
 
 def summary(run: RunDir) -> dict:

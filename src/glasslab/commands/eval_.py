@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from glasslab.commands.options import Json, RunArg, Sets
+from glasslab.commands.options import CheckpointStage, CheckpointStep, Json, RunArg, Sets
 from glasslab.errors import GlasslabError
 from glasslab.ui import console, emit_json
 
@@ -14,27 +14,32 @@ from glasslab.ui import console, emit_json
 def eval_(
     run_dir: RunArg,
     task: Annotated[str, typer.Option(help="task environment: arithmetic, countdown, calculator or module:Class")],
-    n: Annotated[int | None, typer.Option(help="held-out problems (default: the run's eval.n)")] = None,
+    n: Annotated[int | None, typer.Option(min=1, help="held-out problems (default: the run's eval.n)")] = None,
     seed: Annotated[
-        int | None, typer.Option(help="which held-out set (default: the run's seed, as in training)")
+        int | None, typer.Option(min=0, help="which held-out set (default: the run's seed, as in training)")
     ] = None,
     k: Annotated[str | None, typer.Option(help="pass@k values, comma-separated (default: eval.pass_k)")] = None,
     samples: Annotated[
-        int | None, typer.Option(help="sampled answers per problem for pass@k (default: eval.samples)")
+        int | None, typer.Option(min=0, help="sampled answers per problem for pass@k (default: eval.samples)")
     ] = None,
-    temperature: Annotated[float | None, typer.Option(help="sampling temperature for pass@k")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="tokens per answer (default: eval.max_new_tokens)")] = None,
+    temperature: Annotated[float | None, typer.Option(min=0, help="sampling temperature for pass@k")] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(min=1, help="tokens per answer (default: eval.max_new_tokens)")
+    ] = None,
     text: Annotated[
         bool, typer.Option("--text", help="also loss and bits per byte on the pretraining's held-out text")
     ] = False,
+    stage: CheckpointStage = None,
+    step: CheckpointStep = None,
     set_: Sets = None,
     json_: Json = False,
 ) -> None:
-    """Accuracy, pass@k and per-difficulty accuracy of a run's newest checkpoint on held-out problems."""
+    """Accuracy, pass@k and per-difficulty accuracy of a run's checkpoint (the newest, or --stage/--step) on
+    held-out problems."""
     from rich.table import Table
 
     from glasslab.config import resolve
-    from glasslab.stages.common import load_run_config
+    from glasslab.stages.common import checkpoint_info, load_run_config
     from glasslab.stages.evaluate import evaluate_run
     from glasslab.track.rundir import RunDir
 
@@ -44,6 +49,8 @@ def eval_(
         pass_k = [int(x) for x in k.split(",")] if k else cfg.eval.pass_k
     except ValueError:
         raise GlasslabError(f"--k '{k}' is not a list of integers: write it like --k 1,4") from None
+    if min(pass_k, default=1) < 1:
+        raise GlasslabError(f"--k '{k}' has a value below 1: pass@k needs k >= 1, e.g. --k 1,4")
     seed = cfg.seed if seed is None else seed
     done = evaluate_run(
         run,
@@ -56,10 +63,12 @@ def eval_(
         temperature=cfg.eval.temperature if temperature is None else temperature,
         max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens,
         text=text,
+        stage=stage,
+        step=step,
     )
     result, text_metrics, step = done.result, done.text, done.step
     if json_:
-        emit_json(result.as_dict() | ({"text": text_metrics} if text else {}))
+        emit_json(result.as_dict() | checkpoint_info(done.checkpoint) | ({"text": text_metrics} if text else {}))
         return
     table = Table(
         title=f"{task} on {result.n} held-out problems (seed {seed}), {done.checkpoint.parent.name} step {step}"

@@ -7,7 +7,15 @@ from typing import Annotated, Literal
 
 import typer
 
-from glasslab.commands.common import config_from_options, finish, new_run, resume_run
+from glasslab.commands.common import (
+    config_from_options,
+    finish,
+    new_run,
+    removed_if_untrained,
+    resume_run,
+    resuming,
+    run_path,
+)
 from glasslab.commands.options import ConfigFile, Json, Name, Overwrite, Preset, Resume, RunsDir, Seed, Sets
 
 
@@ -28,6 +36,7 @@ def pretrain(
     json_: Json = False,
 ) -> None:
     """Pretrain a GPT on the embedded Shakespeare corpus or your own text."""
+    from glasslab.stages.inputs import check_inputs
     from glasslab.stages.pretrain import pretrain as run_pretrain
     from glasslab.ui import progress
 
@@ -36,12 +45,14 @@ def pretrain(
         cfg.data.source = data
     if probes is not None:
         cfg.probes.mode = probes
-    run, resumed = new_run(runs_dir, name, f"pretrain-{preset}", overwrite, resume)
-    if resumed:
-        resume_run(run, json_)
+    path = run_path(runs_dir, name, f"pretrain-{preset}")
+    if existing := resuming(path, resume):
+        resume_run(existing, json_)
         return
+    inputs = check_inputs(cfg, ["pretrain"])
+    run = new_run(path, overwrite)
     run.update_manifest(pipeline=["pretrain"], preset=preset)
-    with progress() as bar:
-        run_pretrain(cfg, run, progress=bar)
+    with removed_if_untrained(run), progress() as bar:
+        run_pretrain(cfg, run, progress=bar, docs=inputs.docs)
     run.set_status("completed")
     finish(run, json_)

@@ -12,7 +12,7 @@ from glasslab.commands.options import Json, RunArg
 def probes(
     run_dir: RunArg,
     spike: Annotated[
-        int | None, typer.Option(help="show only the dossier of this step (default: all, the latest in full)")
+        int | None, typer.Option(min=0, help="show only the dossier of this step (default: all, the latest in full)")
     ] = None,
     json_: Json = False,
 ) -> None:

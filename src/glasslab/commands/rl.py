@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from glasslab.commands.common import config_from_options, finish, new_run, resume_run
+from glasslab.commands.common import (
+    config_from_options,
+    finish,
+    new_run,
+    removed_if_untrained,
+    resume_run,
+    resuming,
+    run_path,
+)
 from glasslab.commands.options import ConfigFile, Json, Name, Overwrite, Preset, Resume, RunArg, RunsDir, Seed, Sets
 from glasslab.errors import GlasslabError
 
@@ -31,10 +39,9 @@ def rl(
     json_: Json = False,
 ) -> None:
     """Improve a chat model with rewards from a task environment: GRPO with a KL-anchored reference, or DPO."""
-    from glasslab.objectives.rollouts import check_reward_weights
     from glasslab.stages.common import load_run_config, save_config
+    from glasslab.stages.inputs import check_inputs
     from glasslab.stages.rl import rl as run_rl
-    from glasslab.stages.rl import rl_env
     from glasslab.track.checkpoint import latest_checkpoint
     from glasslab.track.layout import PRETRAIN, stage_of_checkpoint
     from glasslab.track.rundir import RunDir
@@ -42,17 +49,20 @@ def rl(
 
     overrides = [*(set_ or []), *([f'rl.algo="{algo}"'] if algo else []), *([f'rl.env="{env}"'] if env else [])]
     cfg = config_from_options(preset, config, overrides, seed)
-    check_reward_weights(rl_env(cfg), cfg.rl.reward_weights)  # mistakes fail before a run directory exists
     base = RunDir.open(parent)
     init = latest_checkpoint(base.checkpoints_dir)
-    if init is None:
-        raise GlasslabError(f"run {parent} has no checkpoint to start from: train it first (e.g. `glasslab sft`)")
-    run, resumed = new_run(runs_dir, name, f"rl-{cfg.rl.algo}", overwrite, resume)
-    if resumed:
-        resume_run(run, json_)
+    if init is None or not base.tokenizer_path.exists():
+        raise GlasslabError(
+            f"run {parent} has no checkpoint (or tokenizer) to start from: train it first (e.g. `glasslab sft`)"
+        )
+    path = run_path(runs_dir, name, f"rl-{cfg.rl.algo}")
+    if existing := resuming(path, resume):
+        resume_run(existing, json_)
         return
     parent_cfg = load_run_config(base)
     cfg.model, cfg.tokenizer = parent_cfg.model, parent_cfg.tokenizer
+    check_inputs(cfg, ["rl"])
+    run = new_run(path, overwrite)
     shutil.copyfile(base.tokenizer_path, run.tokenizer_path)
     run.update_manifest(command="rl", pipeline=["rl"], preset=preset, init=str(init), parent=str(base.path))
     save_config(run, cfg)
@@ -63,7 +73,7 @@ def rl(
         )
         run.log_event("notice", note, step=0, stage="rl")
         console.print(f"[yellow]notice[/] {note}", highlight=False)
-    with progress() as bar:
+    with removed_if_untrained(run), progress() as bar:
         run_rl(cfg, run, init=init, progress=bar)
     run.set_status("completed")
     finish(run, json_)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from glasslab.commands.common import config_from_options, new_run
+from glasslab.commands.common import config_from_options, new_run, removed_if_untrained, resuming, run_path
 from glasslab.commands.options import ConfigFile, Json, Name, Overwrite, Preset, Resume, RunsDir, Seed, Sets
 from glasslab.errors import GlasslabError
 
@@ -32,6 +33,7 @@ def run(
 ) -> None:
     """Run the whole pipeline (or the listed stages) in one run directory, evaluate, and write the report."""
     from glasslab.stages.common import load_run_config, save_config
+    from glasslab.stages.inputs import check_inputs
     from glasslab.stages.pipeline import finalize, run_pipeline
     from glasslab.track.checkpoint import latest_checkpoint
     from glasslab.track.layout import PIPELINE
@@ -44,13 +46,18 @@ def run(
         raise GlasslabError(
             f"unknown stage '{','.join(unknown)}' in --stages: use some of {','.join(PIPELINE)}, in that order"
         )
+    if order != [s for s in PIPELINE if s in order]:
+        raise GlasslabError(
+            f"--stages '{stages}' is out of order or repeats a stage: use some of {','.join(PIPELINE)}, in that order"
+        )
     cfg = config_from_options(preset, config, set_, seed)
     parent = RunDir.open(from_) if from_ else None
     init = latest_checkpoint(parent.checkpoints_dir) if parent else None
-    if parent and init is None:
-        raise GlasslabError(f"run {from_} has no checkpoint to start from: train it first")
-    run_dir, resumed = new_run(runs_dir, name, f"run-{preset}", overwrite, resume)
-    if resumed:
+    if parent and (init is None or not parent.tokenizer_path.exists()):
+        raise GlasslabError(f"run {from_} has no checkpoint (or tokenizer) to start from: train it first")
+    path = run_path(runs_dir, name, f"run-{preset}")
+    docs, cleanup = None, contextlib.nullcontext()
+    if run_dir := resuming(path, resume):
         cfg = load_run_config(run_dir)
         manifest = run_dir.read_manifest()
         order, init = manifest["pipeline"], Path(manifest["init"]) if manifest.get("init") else None
@@ -58,6 +65,10 @@ def run(
         if parent:
             base = load_run_config(parent)
             cfg.model, cfg.tokenizer = base.model, base.tokenizer
+        docs = check_inputs(cfg, order, tokenizer=parent.tokenizer_path if parent else None).docs
+        run_dir = new_run(path, overwrite)
+        cleanup = removed_if_untrained(run_dir)
+        if parent:
             shutil.copyfile(parent.tokenizer_path, run_dir.tokenizer_path)
         run_dir.update_manifest(
             command="run",
@@ -69,8 +80,8 @@ def run(
         )
         save_config(run_dir, cfg)
     t0 = time.time()
-    with progress() as bar:
-        run_pipeline(cfg, run_dir, order, init=init, progress=bar)
+    with cleanup, progress() as bar:
+        run_pipeline(cfg, run_dir, order, init=init, progress=bar, docs=docs)
     result = finalize(cfg, run_dir, report=report, started=t0)
     if json_:
         emit_json(result)

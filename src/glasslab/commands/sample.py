@@ -6,27 +6,33 @@ from typing import Annotated
 
 import typer
 
-from glasslab.commands.options import Json, RunArg
+from glasslab.commands.options import CheckpointStage, CheckpointStep, Json, RunArg
 from glasslab.ui import console, emit_json
 
 
 def sample(
     run_dir: RunArg,
     prompt: Annotated[str, typer.Option(help="text to continue")] = "\n",
-    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 200,
-    temperature: Annotated[float, typer.Option(help="0 for greedy")] = 0.8,
-    top_k: Annotated[int | None, typer.Option(help="keep the k most likely tokens")] = None,
-    top_p: Annotated[float | None, typer.Option(help="nucleus sampling mass")] = 0.95,
-    n: Annotated[int, typer.Option(help="number of samples")] = 1,
-    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens to generate")] = 200,
+    temperature: Annotated[float, typer.Option(min=0, help="0 for greedy")] = 0.8,
+    top_k: Annotated[int | None, typer.Option(min=1, help="keep the k most likely tokens")] = None,
+    top_p: Annotated[float | None, typer.Option(help="nucleus sampling mass, in (0, 1]")] = 0.95,
+    n: Annotated[int, typer.Option(min=1, help="number of samples")] = 1,
+    seed: Annotated[int, typer.Option(min=0, help="sampling seed")] = 0,
+    stage: CheckpointStage = None,
+    step: CheckpointStep = None,
     json_: Json = False,
 ) -> None:
-    """Generate text from a run's newest checkpoint."""
+    """Generate text from a run's checkpoint: the newest, or --stage/--step."""
+    from glasslab.commands.options import check_top_p
     from glasslab.model.generate import generate
-    from glasslab.stages.common import load_model
+    from glasslab.stages.common import checkpoint_info, choose_checkpoint, load_model
     from glasslab.track.rundir import RunDir
 
-    model, tok, _ = load_model(RunDir.open(run_dir))
+    check_top_p(top_p)
+    run = RunDir.open(run_dir)
+    checkpoint = choose_checkpoint(run, stage, step)
+    model, tok, _ = load_model(run, checkpoint=checkpoint)
     ids = [tok.bos_id, *tok.encode(prompt)]
     out = generate(
         model,
@@ -41,7 +47,9 @@ def sample(
     )
     texts = [prompt + tok.decode(t, skip_special=True) for t in out.tokens]
     if json_:
-        emit_json({"run": str(run_dir), "prompt": prompt, "seed": seed, "samples": texts})
+        emit_json(
+            {"run": str(run_dir), **checkpoint_info(checkpoint), "prompt": prompt, "seed": seed, "samples": texts}
+        )
         return
     for i, text in enumerate(texts):
         if n > 1:

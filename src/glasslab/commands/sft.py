@@ -49,10 +49,15 @@ def sft(
         config_from_options,
         finish,
         new_run,
+        removed_if_untrained,
         resume_run,
+        resuming,
+        run_path,
     )
     from glasslab.config import build_config
     from glasslab.stages.common import load_run_config
+    from glasslab.stages.inputs import check_inputs
+    from glasslab.stages.sft import sft as run_sft
     from glasslab.track.checkpoint import latest_checkpoint
     from glasslab.track.rundir import RunDir
     from glasslab.ui import progress
@@ -73,15 +78,15 @@ def sft(
     if show_example:
         _show_examples(cfg, base_run.tokenizer_path, json_)
         return
-    run, resumed = new_run(runs_dir, name, f"sft-{base_run.name}", overwrite, resume)
-    if resumed:
-        resume_run(run, json_)
+    path = run_path(runs_dir, name, f"sft-{base_run.name}")
+    if existing := resuming(path, resume):
+        resume_run(existing, json_)
         return
+    check_inputs(cfg, ["sft"], tokenizer=base_run.tokenizer_path)
+    run = new_run(path, overwrite)
     shutil.copyfile(base_run.tokenizer_path, run.tokenizer_path)
     run.update_manifest(pipeline=["sft"], preset=preset, init=str(init.resolve()), parent=str(base_run.path.resolve()))
-    from glasslab.stages.sft import sft as run_sft
-
-    with progress() as bar:
+    with removed_if_untrained(run), progress() as bar:
         run_sft(cfg, run, init=init, progress=bar)
     run.set_status("completed")
     finish(run, json_)

@@ -12,10 +12,10 @@ from glasslab.commands.options import Json
 
 def study(
     spec: Annotated[str, typer.Argument(help="a built-in study (kl-ablation, qk-norm-lr, zloss) or a study .toml")],
-    workers: Annotated[int, typer.Option(help="runs in parallel; each gets cores // workers threads")] = 1,
+    workers: Annotated[int, typer.Option(min=1, help="runs in parallel; each gets cores // workers threads")] = 1,
     dir_: Annotated[Path | None, typer.Option("--dir", help="study directory (default: studies/<name>)")] = None,
     scale: Annotated[float, typer.Option(help="multiply every stage's steps, e.g. 4 for a larger study")] = 1.0,
-    seeds: Annotated[int | None, typer.Option(help="use seeds 0..N-1 instead of the spec's")] = None,
+    seeds: Annotated[int | None, typer.Option(min=1, help="use seeds 0..N-1 instead of the spec's")] = None,
     retry_failed: Annotated[
         bool, typer.Option(help="rerun runs that failed (e.g. diverged) instead of keeping them as results")
     ] = False,

@@ -151,12 +151,17 @@ def load_tokenizer(path: str | Path, cfg: "TokenizerConfig") -> "Tokenizer":
     return Tokenizer.load(path)
 
 
-def _train_bpe(docs: list[str], vocab_size: int) -> HFTokenizer:
-    if vocab_size < MIN_BPE_VOCAB:
+def check_vocab_size(kind: Kind, vocab_size: int) -> None:
+    """Byte-level BPE needs every byte and special token in its vocabulary (char ignores vocab_size)."""
+    if kind == "bpe" and vocab_size < MIN_BPE_VOCAB:
         raise GlasslabError(
-            f"vocab_size {vocab_size} is too small for byte-level BPE: use at least {MIN_BPE_VOCAB} "
+            f"tokenizer.vocab_size {vocab_size} is too small for byte-level BPE: use at least {MIN_BPE_VOCAB} "
             f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
         )
+
+
+def _train_bpe(docs: list[str], vocab_size: int) -> HFTokenizer:
+    check_vocab_size("bpe", vocab_size)
     hf = HFTokenizer(models.BPE())
     # one token per digit, so the model sees the positional structure that arithmetic needs
     hf.pre_tokenizer = pre_tokenizers.Sequence(

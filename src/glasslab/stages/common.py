@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,11 +34,24 @@ def setup_runtime(system: SystemConfig, seed: int) -> torch.device:
         return distributed
     if system.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if system.device.startswith("cuda") and not torch.cuda.is_available():
+    return check_device(system)
+
+
+def check_device(system: SystemConfig) -> torch.device | None:
+    """The device `system.device` names (None for auto), refusing a misspelt one or CUDA on a machine without it."""
+    if system.device == "auto":
+        return None
+    try:
+        device = torch.device(system.device)
+    except RuntimeError:
+        raise GlasslabError(
+            f"system.device '{system.device}' is not a device: use --set system.device=auto, cpu, cuda or cuda:N"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise GlasslabError(
             f"system.device is '{system.device}' but no CUDA device is visible: use --set system.device=cpu"
         )
-    return torch.device(system.device)
+    return device
 
 
 def save_config(run: RunDir, cfg: Config) -> None:
@@ -90,20 +104,54 @@ def load_run_config(run: RunDir) -> Config:
     return build_config(load_toml(run.config_path))
 
 
-def load_model(
-    run: RunDir, device: torch.device | None = None, stage: str | None = None
-) -> tuple[GPT, Tokenizer, Config]:
-    """The newest checkpoint of a run (of `stage`, if given) as a ready model, with its tokenizer and config."""
-    from glasslab.track.checkpoint import latest_checkpoint
+def choose_checkpoint(run: RunDir, stage: str | None = None, step: int | None = None) -> Path:
+    """The checkpoint a command reads (`--stage`, `--step`): the newest of the latest stage, or of `stage`, or the
+    one of that stage at `step`; the errors list what the run has."""
+    from glasslab.track.checkpoint import STAGE_ORDER, latest_checkpoint, stage_checkpoints
 
+    if stage is not None and stage not in STAGE_ORDER:
+        raise GlasslabError(f"--stage '{stage}' is not a training stage: use one of {', '.join(STAGE_ORDER)}")
+    with_checkpoints = [s for s in STAGE_ORDER if stage_checkpoints(run.checkpoints_dir, s)]
+    if not with_checkpoints:
+        raise GlasslabError(f"run {run.path} has no checkpoint yet: train it first")
+    if stage is None:
+        stage = latest_checkpoint(run.checkpoints_dir).parent.name
+    steps = stage_checkpoints(run.checkpoints_dir, stage)
+    if not steps:
+        raise GlasslabError(
+            f"run {run.path} has no {stage} checkpoint: use --stage {' or '.join(with_checkpoints)}, which have"
+        )
+    if step is None:
+        return steps[max(steps)]
+    if step not in steps:
+        raise GlasslabError(
+            f"run {run.path} has no {stage} checkpoint at step {step}: use --step {' or '.join(map(str, steps))}"
+        )
+    return steps[step]
+
+
+def load_model(
+    run: RunDir,
+    device: torch.device | None = None,
+    stage: str | None = None,
+    step: int | None = None,
+    *,
+    checkpoint: Path | None = None,
+) -> tuple[GPT, Tokenizer, Config]:
+    """A run's checkpoint as a ready model, with its tokenizer and config: `checkpoint` (a directory
+    choose_checkpoint returned), or the one choose_checkpoint picks for `stage` and `step`."""
     cfg = load_run_config(run)
-    path = latest_checkpoint(run.checkpoints_dir, stage)
-    if path is None:
-        raise GlasslabError(f"run {run.path} has no checkpoint{f' for {stage}' if stage else ''} yet: train it first")
+    path = checkpoint or choose_checkpoint(run, stage, step)
     model = GPT(cfg.model)
     load_weights(model, path, cfg)
     model.to(device or torch.device("cpu")).eval()
     return model, load_tokenizer(run.tokenizer_path, cfg.tokenizer), cfg
+
+
+def checkpoint_info(path: Path) -> dict[str, str | int]:
+    """What `--json` reports of the checkpoint a command used: its directory, stage and step."""
+    state = json.loads((path / "state.json").read_text())
+    return {"checkpoint": str(path.resolve()), "stage": state["stage"], "step": state["step"]}
 
 
 def stage_tokenizer(cfg: Config, run: RunDir, command: str) -> Tokenizer:

@@ -15,9 +15,15 @@ from glasslab.data.tokenizer import Tokenizer
 from glasslab.envs import get_env
 from glasslab.errors import GlasslabError
 from glasslab.model.gpt import GPT
-from glasslab.stages.common import documents, load_model, load_run_config, setup_runtime
+from glasslab.stages.common import (
+    checkpoint_info,
+    choose_checkpoint,
+    documents,
+    load_model,
+    load_run_config,
+    setup_runtime,
+)
 from glasslab.track.atomic import write_text_atomic
-from glasslab.track.checkpoint import checkpoint_step, latest_checkpoint
 from glasslab.track.layout import EVAL, EVAL_FAMILY, PRETRAIN, VAL_FAMILY, metric
 from glasslab.track.metrics import MetricStore
 from glasslab.track.rundir import RunDir
@@ -45,12 +51,16 @@ def evaluate_run(
     temperature: float,
     max_new_tokens: int,
     text: bool,
+    stage: str | None = None,
+    step: int | None = None,
 ) -> TaskEvaluation:
+    """Evaluate the checkpoint choose_checkpoint picks for `stage` and `step` (default: the newest); its metrics
+    are logged at that checkpoint's step."""
     env = get_env(task, cfg.envs.get(task, {}))
+    ckpt = choose_checkpoint(run, stage, step)
     device = setup_runtime(cfg.system, seed)
-    model, tok, _ = load_model(run, device)
-    ckpt = latest_checkpoint(run.checkpoints_dir)
-    step = checkpoint_step(ckpt)
+    model, tok, _ = load_model(run, device, checkpoint=ckpt)
+    at = int(checkpoint_info(ckpt)["step"])
     result = evaluate_env(
         model,
         tok,
@@ -66,12 +76,12 @@ def evaluate_run(
     text_metrics = held_out_text(run, model, tok, device) if text else {}
     with MetricStore(run.metrics_db_path) as store:
         text_values = {metric(EVAL_FAMILY, "text", name): v for name, v in text_metrics.items()}
-        store.log(step, EVAL, result.metrics() | text_values)
+        store.log(at, EVAL, result.metrics() | text_values)
         store.compact(run.metrics_parquet_path)
     table = run.eval_table_path(task, seed)
     table.parent.mkdir(exist_ok=True)
     write_text_atomic(table, "".join(json.dumps(r) + "\n" for r in result.records))
-    return TaskEvaluation(result, text_metrics, ckpt, step, table)
+    return TaskEvaluation(result, text_metrics, ckpt, at, table)
 
 
 def held_out_text(run: RunDir, model: GPT, tok: Tokenizer, device: torch.device) -> dict[str, float]:

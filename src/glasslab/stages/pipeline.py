@@ -23,13 +23,22 @@ from glasslab.track.rundir import RunDir
 
 
 def run_pipeline(
-    cfg: Config, run: RunDir, stages: list[str], *, init: Path | None = None, progress: Any = None
+    cfg: Config,
+    run: RunDir,
+    stages: list[str],
+    *,
+    init: Path | None = None,
+    progress: Any = None,
+    docs: list[str] | None = None,
 ) -> None:
-    """Run the stages not yet done; `init` (a checkpoint dir) starts the first stage when it is not pretraining."""
+    """Run the stages not yet done; `init` (a checkpoint dir) starts the first stage when it is not pretraining.
+    `docs`: the pretraining documents, when the command's input checks loaded them."""
     done = run.read_manifest().get("stages_done", [])
     for i, stage in enumerate(stages):
-        if stage not in done:
-            get_stage(stage)(cfg, run, init=init if i == 0 else None, progress=progress)
+        if stage in done:
+            continue
+        extra = {"docs": docs} if stage == "pretrain" else {}
+        get_stage(stage)(cfg, run, init=init if i == 0 else None, progress=progress, **extra)
 
 
 def final_evaluation(cfg: Config, run: RunDir) -> dict[str, dict]:

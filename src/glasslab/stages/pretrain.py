@@ -27,13 +27,17 @@ def pretrain(
     init: Path | None = None,
     hooks: list[Hook] = (),
     progress: Any = None,  # type: ignore[assignment]
+    docs: list[str] | None = None,
 ) -> GPT:
-    """`init` is accepted for the common stage signature; pretraining starts from scratch."""
+    """`init` is accepted for the common stage signature; pretraining starts from scratch. `docs`: the documents
+    the command's input checks already loaded (None: load them)."""
     device = setup_runtime(cfg.system, cfg.seed)
     run.update_manifest(device=str(device), seed=cfg.seed, world_size=world_size())
-    mixture = cfg.data.mixture
-    by_domain = mixture_documents(cfg.data) if mixture.sources else {}
-    docs = [d for domain in by_domain.values() for d in domain] if by_domain else documents(cfg)
+    by_domain = mixture_documents(cfg.data) if cfg.data.mixture.sources else {}
+    if by_domain:
+        docs = [d for domain in by_domain.values() for d in domain]
+    elif docs is None:
+        docs = documents(cfg)
     tokenizer = tokenizer_for(run, cfg, docs)
     cfg.model.vocab_size = tokenizer.vocab_size
     save_config(run, cfg)
@@ -56,7 +60,12 @@ def pretrain(
     if by_domain:
         splits = {domain: split(d) for domain, d in by_domain.items()}
         objective = MixtureLanguageModeling(
-            splits, tokenizer, mixture=mixture, total_steps=cfg.train.steps, grad_accum=cfg.train.grad_accum, **common
+            splits,
+            tokenizer,
+            mixture=cfg.data.mixture,
+            total_steps=cfg.train.steps,
+            grad_accum=cfg.train.grad_accum,
+            **common,
         )
     else:
         objective = LanguageModeling(split(docs), tokenizer, **common)

@@ -11,6 +11,10 @@ from typing import Any
 
 
 def default_dir(name: str, scale: float) -> Path:
+    """studies/<name>: the spec's name is checked to be one path component, so it stays inside studies/."""
+    from glasslab.track.runname import check_run_name
+
+    check_run_name(name, "study name")
     return Path("studies") / (name if scale == 1.0 else f"{name}-x{scale:g}")
 
 

@@ -143,6 +143,11 @@ def latest_checkpoint(ckpt_root: Path, stage: str | None = None) -> Path | None:
     return max(candidates, key=lambda d: (order.get(d.parent.name, -1), checkpoint_step(d)), default=None)
 
 
+def stage_checkpoints(ckpt_root: Path, stage: str) -> dict[int, Path]:
+    """Step -> complete checkpoint dir of one stage, in step order."""
+    return {checkpoint_step(d): d for d in sorted(_step_dirs(Path(ckpt_root) / stage), key=checkpoint_step)}
+
+
 def _step_dirs(stage_dir: Path) -> list[Path]:
     """Complete checkpoint dirs of one stage (a dir is only renamed to step-* once COMPLETE is written)."""
     if not stage_dir.is_dir():
