@@ -110,7 +110,18 @@ class ProbesConfig(Section):
     position_buckets: int = Field(8, ge=1)
     spikes: bool = True  # spike detector + dossiers, and naming the first non-finite module on divergence
     spike_window: int = Field(50, ge=8)  # steps in the rolling median/MAD band
-    spike_threshold: float = Field(6.0, gt=0)  # robust z-score (MAD scaled to a σ) that counts as a spike
+    # Robust z-score (MAD scaled to a σ) above which the loss or the gradient norm counts as a spike. High enough
+    # that the heavy tails of healthy runs (SFT's rare hard batches, GRPO's noisy gradients) stay below it; the
+    # faults it must catch measure far above (bench/spike_detection.py, README).
+    spike_threshold: float = Field(8.0, gt=0)
+    spike_grad_threshold: float = Field(8.0, gt=0)  # the same for the gradient norm (its log, with spike_log_grad)
+    spike_log_grad: bool = True  # score the log of the gradient norm: it varies by factors, not by amounts
+    spike_grad_floor: float = Field(0.01, ge=0)  # with spike_log_grad: the log band's σ is at least this
+    # Compare a step with the trend line of its window rather than its median: a falling loss is not flat, and a
+    # median lags it while the trend widens the MAD.
+    spike_detrend: bool = True
+    spike_skip_warmup: bool = True  # neither score nor keep the steps of learning-rate warm-up (the norm moves then)
+    spike_quiet: int = Field(5, ge=1)  # steps in a row below threshold that end an episode (one event per episode)
     # The loss band's σ is at least this (nats): near zero loss, one wrong token in a batch is not a spike.
     spike_loss_floor: float = Field(0.01, ge=0)
     spike_history: int = Field(8, ge=0)  # preceding steps kept in a dossier
