@@ -109,12 +109,12 @@ class ProbesConfig(Section):
     loss_by_position: bool = True  # at every evaluation
     position_buckets: int = Field(8, ge=1)
     spikes: bool = True  # spike detector + dossiers, and naming the first non-finite module on divergence
-    spike_window: int = Field(50, ge=8)  # steps in the rolling median/MAD band
-    # Robust z-score (MAD scaled to a σ) above which the loss or the gradient norm counts as a spike. High enough
-    # that the heavy tails of healthy runs (SFT's rare hard batches, GRPO's noisy gradients) stay below it; the
-    # faults it must catch measure far above (bench/spike_detection.py, README).
-    spike_threshold: float = Field(8.0, gt=0)
-    spike_grad_threshold: float = Field(8.0, gt=0)  # the same for the gradient norm (its log, with spike_log_grad)
+    spike_window: int = Field(50, ge=8)  # steps in the rolling band (median or trend line, and MAD)
+    # Robust z-score (MAD scaled to a σ) above which the loss counts as a spike, and the same for the gradient
+    # norm. High enough that the tails of healthy runs (SFT's rare hard batches) stay below them, low enough for
+    # the injected faults of bench/spike_detection.py; the gradient norm's tail is the heavier of the two.
+    spike_threshold: float = Field(7.0, gt=0)
+    spike_grad_threshold: float = Field(8.0, gt=0)  # (of its log, with spike_log_grad)
     spike_log_grad: bool = True  # score the log of the gradient norm: it varies by factors, not by amounts
     spike_grad_floor: float = Field(0.01, ge=0)  # with spike_log_grad: the log band's σ is at least this
     # Compare a step with the trend line of its window rather than its median: a falling loss is not flat, and a

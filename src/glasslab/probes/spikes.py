@@ -2,10 +2,12 @@
 
 Every step costs one fused norm over the gradients, one copy of the weights and one fused difference (the
 measured update), all cheap next to a training step (bench/probe_overhead.py). A spike is a robust z-score
-above the threshold against the rolling median/MAD of the previous `spike_window` steps. At its onset a
-*dossier* goes to runs/<name>/spikes/step-NNNNNNN.json: the per-block gradient and update norms of that step
-and the preceding ones, which block left its own band first, and the batch rows and tokens with the highest
-loss. On NaN/inf, the batch is re-run with a hook on every module to name the first non-finite output.
+above threshold against the band of the previous `spike_window` steps (`SpikeRule`); consecutive spike steps
+are one episode. At an episode's onset a *dossier* goes to runs/<name>/spikes/step-NNNNNNN.json: the per-block
+gradient and update norms of that step and the preceding ones, which block left its own band first, and the
+batch rows and tokens with the highest loss. On NaN/inf, the batch is re-run with a hook on every module to
+name the first non-finite output. How the rule was chosen, by false alarms and injected faults:
+bench/spike_detection.py.
 """
 
 from __future__ import annotations
@@ -102,18 +104,6 @@ def first_nonfinite_module(model: nn.Module, run_forward: Callable[[], Any]) -> 
     return found[0] if found else None
 
 
-def rule_of(cfg: ProbesConfig) -> SpikeRule:
-    """The rule the `probes` config describes (its warm-up is set per stage, by the probe)."""
-    return SpikeRule(
-        cfg.spike_window,
-        {"loss": cfg.spike_threshold, "grad_norm": cfg.spike_grad_threshold},
-        {"loss": cfg.spike_loss_floor, "grad_norm": cfg.spike_grad_floor if cfg.spike_log_grad else 1e-12},
-        frozenset({"grad_norm"}) if cfg.spike_log_grad else frozenset(),
-        quiet=cfg.spike_quiet,
-        detrend=cfg.spike_detrend,
-    )
-
-
 class SpikeRule:
     """The detector's decision, apart from the training loop: fed each step's loss and gradient norm, it returns
     their scores and the signals above threshold, and says when a spike *episode* starts. Its state is plain
@@ -122,8 +112,9 @@ class SpikeRule:
     A step is scored against the steps before it of the same batch kind, once `window // 2` of them are kept.
     Signals listed in `log_signals` are scored on their logarithm: a gradient norm varies by factors, and a band
     of logs does not let the upper tail of a skewed series look like a departure. Steps up to `warmup` are
-    neither scored nor kept: during learning-rate warm-up the norm moves for a known reason. An episode starts
-    with a step above threshold and ends after `quiet` steps in a row below it; only its onset is an event."""
+    neither scored nor kept: during learning-rate warm-up the norm moves for a known reason. With `detrend` the
+    band is centred on the window's trend line (`trend_band`), not its median. An episode starts with a step
+    above threshold and ends after `quiet` steps in a row below it; only its onset is an event."""
 
     def __init__(
         self,
@@ -171,6 +162,7 @@ class SpikeRule:
         return scored, onset
 
     def fired(self, scored: dict[str, dict]) -> dict[str, dict]:
+        """The signals of `observe`'s scores that are above their threshold."""
         return {k: v for k, v in scored.items() if v["score"] > self.thresholds[k]}
 
     def state_dict(self) -> dict:
@@ -186,9 +178,22 @@ class SpikeRule:
         self.in_episode, self.quiet_steps = bool(state["in_episode"]), int(state["quiet_steps"])
 
 
+def rule_of(cfg: ProbesConfig) -> SpikeRule:
+    """The rule the `probes` config describes (its warm-up is set per stage, by the probe)."""
+    return SpikeRule(
+        cfg.spike_window,
+        {"loss": cfg.spike_threshold, "grad_norm": cfg.spike_grad_threshold},
+        {"loss": cfg.spike_loss_floor, "grad_norm": cfg.spike_grad_floor if cfg.spike_log_grad else 1e-12},
+        frozenset({"grad_norm"}) if cfg.spike_log_grad else frozenset(),
+        quiet=cfg.spike_quiet,
+        detrend=cfg.spike_detrend,
+    )
+
+
 class SpikeProbe(Hook):
     """Spike detector (`SpikeRule`), spike dossiers and the non-finite diagnosis. Logs `spike/loss_score` and
-    `spike/grad_norm_score` every step once the window holds half its steps.
+    `spike/grad_norm_score` every step after the stage's warm-up once the window holds half its steps. One probe
+    serves one stage (build_probes makes one per stage); its state_dict carries it across a resume.
 
     When the objective sorts its batches into kinds (`batch_kind`, e.g. SFT's length buckets), each kind has its
     own window: a batch is compared with recent batches of its kind, so a harder kind of batch is not a spike."""
