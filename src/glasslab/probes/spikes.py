@@ -132,9 +132,9 @@ class SpikeRule:
         self.in_episode, self.quiet_steps = False, 0
 
     def observe(self, step: int, kind: str, values: dict[str, float]) -> tuple[dict[str, dict], bool]:
-        """Score one step's signals: ({signal: {value, score, median, scale}} for every scored signal, is this
-        step the onset of an episode). `median` and `scale` are in the signal's own units (a log signal's are
-        exp'd back, the scale as a factor). The fired signals are those whose score is above their threshold."""
+        """Score one step's signals: ({signal: {value, score, expected, scale}} for every scored signal, is this
+        step the onset of an episode). `expected` is the band's centre (its median, or its trend line's value at
+        this step), in the signal's own units like `scale` (a log signal's are exp'd back, the scale as a factor)."""
         scored = {}
         if step > self.warmup:
             for name, value in values.items():
@@ -145,12 +145,12 @@ class SpikeRule:
                 if len(past) >= self.window // 2:
                     band_of = trend_band if self.detrend else robust_band
                     if name in self.log_signals:
-                        median, scale = band_of(past, self.floors.get(name, 1e-12), relative=0.0)
-                        band = {"median": math.exp(median), "scale": math.exp(scale)}
+                        centre, scale = band_of(past, self.floors.get(name, 1e-12), relative=0.0)
+                        band = {"expected": math.exp(centre), "scale": math.exp(scale)}
                     else:
-                        median, scale = band_of(past, self.floors.get(name, 1e-12))
-                        band = {"median": median, "scale": scale}
-                    scored[name] = {"value": value, "score": (x - median) / scale, **band}
+                        centre, scale = band_of(past, self.floors.get(name, 1e-12))
+                        band = {"expected": centre, "scale": scale}
+                    scored[name] = {"value": value, "score": (x - centre) / scale, **band}
                 past.append(x)
         fired = any(v["score"] > self.thresholds[k] for k, v in scored.items())
         onset = fired and not self.in_episode
@@ -313,7 +313,7 @@ class SpikeProbe(Hook):
         )
         signal, info = max(found["signals"].items(), key=lambda kv: kv[1]["score"])
         of = f" of {info['batch_kind']} batches" if "batch_kind" in info else ""
-        message = f"{signal} spike at step {ctx.step}: {info['value']:.4g} vs median {info['median']:.4g}{of} (score {info['score']:.1f})"
+        message = f"{signal} spike at step {ctx.step}: {info['value']:.4g} vs expected {info['expected']:.4g}{of} (score {info['score']:.1f})"
         if found.get("top_rows"):
             message += f"; worst rows {', '.join(str(r['row']) for r in found['top_rows'][:3])}"
         if moved:

@@ -468,8 +468,8 @@ def spikes_section(run: RunData, claims: Claims) -> Section | None:
     sec = Section(
         "spikes",
         "Spikes",
-        intro="A spike is a robust z-score (against the rolling median and MAD of recent steps) of the loss or "
-        "gradient norm above the threshold. Each one leaves a dossier: what every block did in the steps "
+        intro="A spike is a robust z-score (against the trend and MAD of recent steps) of the loss or the log "
+        "gradient norm above the threshold. Each episode leaves a dossier: what every block did in the steps "
         "before, which block departed first, and which rows and tokens carried the loss.",
     )
     for stage in run.stages:
