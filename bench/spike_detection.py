@@ -11,8 +11,9 @@ run's config, which fixes the batch order. A run's own events.jsonl is counted t
 the rule the run trained with can be checked against what it recorded.
 
 `faults` trains short pretraining runs (`--preset`, smoke by default: its model is small enough to give the
-number of faults a rate needs on a shared CPU; `--steps` and `--warmup`, cosine schedule), one per seed and fault kind, through the real loop with the real `SpikeProbe`, injecting a fault at each of
-`--at` (by hooks and an objective wrapper defined here, not in the library):
+number of faults a rate needs on a shared CPU; `--steps` and `--warmup`, cosine schedule), one per seed and
+fault kind, through the real loop with the real `SpikeProbe`, injecting a fault at each of `--at` (by hooks
+and an objective wrapper defined here, not in the library):
     lr       the learning rate LR_FACTOR x its peak (train.lr) for LR_STEPS steps
     repeat   BAD_ROWS rows of the batch become one token repeated
     random   BAD_ROWS rows of the batch become uniformly random tokens
@@ -20,13 +21,14 @@ number of faults a rate needs on a shared CPU; `--steps` and `--warmup`, cosine 
 A fault is caught if a spike event starts 0-5 steps after the fault's first step. Its attribution is right if
 the dossier's `first_departure` names the corrupted block (grad), its top rows are the corrupted rows (repeat,
 random), or it is caught at all (lr: no block or row is at fault). Events outside those windows are false alarms.
-Finished fault runs are reused (delete bench/results/spike_detection/ to retrain); `--replay` scores the
-logged series of those runs with the --set rule instead of reading the probe's events (catch and delay only).
+Finished fault runs are reused when they were trained with the same rule and settings (else retrained);
+`--replay` scores the logged series of existing runs with the --set rule instead, without training (catch and
+delay only: no dossiers).
 
 Prints JSON. healthy: {"rule": {...}, "runs": [{"run", "stage", "steps", "events", "event_steps", "logged"}],
 "total_events"}. faults: {"rule", "faults": [{"kind", "seed", "at", "caught", "delay", "attributed", "event_step",
 "named"}], "by_kind": {kind: {"n", "caught", "attributed"}}, "n", "caught_within_5", "caught_and_attributed",
-"false_alarms"}.
+"false_alarms"}; with --replay, attribution is null. Delays are in steps after the fault's first step.
 """
 
 from __future__ import annotations
@@ -192,8 +194,18 @@ def fault_blocks(seed: int, n: int, n_layer: int) -> list[int]:
 
 
 def fault_run(path: Path, kind: str, seed: int, args: argparse.Namespace, probes: ProbesConfig) -> None:
-    """Train one pretraining run with `kind` faults at args.at, unless a finished one is there already."""
-    if (path / "done").exists():
+    """Train one pretraining run with `kind` faults at args.at, unless one with the same settings and rule is
+    there already."""
+    marker = {
+        "kind": kind,
+        "seed": seed,
+        "at": args.at,
+        "steps": args.steps,
+        "preset": args.preset,
+        "warmup": args.warmup,
+        "rule": probes.model_dump(),
+    }
+    if (path / "done").exists() and json.loads((path / "done").read_text()) == marker:
         return
     cfg = fault_config(args)
     cfg.seed = seed
@@ -222,7 +234,7 @@ def fault_run(path: Path, kind: str, seed: int, args: argparse.Namespace, probes
     hooks = [Fault(kind, args.at, fault_blocks(seed, len(args.at), cfg.model.n_layer)), SpikeProbe(probes, run, tok)]
     with MetricStore(run.metrics_db_path) as store:
         train(model, objective, cfg.train, run, store, arch={}, hooks=hooks)
-    (path / "done").write_text(json.dumps({"kind": kind, "seed": seed, "at": args.at, "steps": args.steps}))
+    (path / "done").write_text(json.dumps(marker))
 
 
 def judge(kind: str, seed: int, at: int, block: int, events: list[dict], run: Path | None) -> dict[str, Any]:
@@ -270,7 +282,7 @@ def faults(args: argparse.Namespace) -> dict[str, Any]:
         kind: {
             "n": sum(r["kind"] == kind for r in results),
             "caught": sum(r["kind"] == kind and r["caught"] for r in results),
-            "attributed": sum(r["kind"] == kind and bool(r["attributed"]) for r in results),
+            "attributed": None if args.replay else sum(r["kind"] == kind and bool(r["attributed"]) for r in results),
         }
         for kind in args.kinds
     }
@@ -280,7 +292,7 @@ def faults(args: argparse.Namespace) -> dict[str, Any]:
         "by_kind": by_kind,
         "n": len(results),
         "caught_within_5": sum(r["caught"] for r in results),
-        "caught_and_attributed": sum(bool(r["attributed"]) for r in results),
+        "caught_and_attributed": None if args.replay else sum(bool(r["attributed"]) for r in results),
         "false_alarms": false_alarms,
     }
 
