@@ -20,7 +20,7 @@ from glasslab.probes.attention import attention_probs, attention_stats
 from glasslab.probes.forward import ForwardProbe, probe_forward
 from glasslab.probes.grads import GradProbe
 from glasslab.probes.positions import LossByPosition, bucket_stats, position_buckets
-from glasslab.probes.spikes import SpikeProbe, departures, robust_band
+from glasslab.probes.spikes import SpikeProbe, SpikeRule, departures, robust_band, rule_of
 from glasslab.track.checkpoint import latest_checkpoint, load_checkpoint
 from glasslab.track.metrics import MetricStore, last_values
 from glasslab.track.rundir import RunDir
@@ -372,7 +372,8 @@ class TwoKinds(Poisoned):
 
 @pytest.mark.parametrize("tell", [True, False])
 def test_batch_kinds_are_compared_with_their_own_kind(tmp_path, tok, tell):
-    """Told the kinds, the detector flags only the poisoned easy batch; not told, the hard kind's batches fire too."""
+    """Told the kinds, the detector flags only the poisoned easy batch. Not told, the hard kind's batches fire,
+    every 4th step, which is one episode that never goes quiet: the poisoned batch is lost inside it."""
     probes = ProbesConfig(spike_window=16, spike_history=4, spike_topk=4)
     objective = TwoKinds(objective_for(tok), at=63, tell=tell)
     run, _ = run_train(
@@ -383,7 +384,7 @@ def test_batch_kinds_are_compared_with_their_own_kind(tmp_path, tok, tell):
         assert steps == [63]
         assert "of easy batches" in next(e for e in run.events() if e["kind"] == "spike")["message"]
     else:
-        assert 63 in steps and len([s for s in steps if s % 4 == 0]) >= 3
+        assert steps and all(s % 4 == 0 for s in steps) and 63 not in steps
 
 
 def test_loss_floor_keeps_near_zero_loss_noise_out_of_the_spikes():
@@ -395,6 +396,111 @@ def test_loss_floor_keeps_near_zero_loss_noise_out_of_the_spikes():
     assert (0.009 - median) / scale > 6.0  # without the floor: a "spike"
     median, scale = robust_band(quiet, ProbesConfig().spike_loss_floor)
     assert (0.009 - median) / scale < 1.0 and (0.5 - median) / scale > 6.0
+
+
+def healthy_series(n: int, seed: int = 0, spread: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """A loss falling with Gaussian noise, and a gradient norm with multiplicative (log-normal) noise, skewed
+    as a norm is: nothing in it is a fault."""
+    rng = np.random.default_rng(seed)
+    loss = 4.0 - np.linspace(0, 1, n) + 0.05 * rng.standard_normal(n)
+    grad = 0.5 * np.exp(spread * rng.standard_normal(n))
+    return loss, grad
+
+
+def onsets(rule: SpikeRule, loss, grad, start: int = 0) -> list[int]:
+    out = []
+    for i, (x, g) in enumerate(zip(loss, grad), start=start + 1):
+        if rule.observe(i, "", {"loss": float(x), "grad_norm": float(g)})[1]:
+            out.append(i)
+    return out
+
+
+def test_spike_rule_is_quiet_on_a_healthy_noisy_series_and_scoring_the_norm_linearly_is_not():
+    loss, grad = healthy_series(3000, seed=1)
+    assert onsets(rule_of(ProbesConfig()), loss, grad) == []
+    linear = ProbesConfig(spike_log_grad=False)
+    assert len(onsets(rule_of(linear), loss, grad)) > 3  # the upper tail of a skewed norm looks like departures
+
+
+def test_spike_rule_fires_once_per_episode_at_its_onset():
+    loss, grad = healthy_series(400, seed=1, spread=0.15)
+    grad[200:204] *= 20  # steps 201-204: one episode of four steps...
+    grad[206] *= 20  # ...that flickers back within spike_quiet steps: still the same episode
+    loss[300] += 3.0  # a second one, much later, in the loss alone
+    assert onsets(rule_of(ProbesConfig()), loss, grad) == [201, 301]
+    assert onsets(rule_of(ProbesConfig(spike_quiet=1)), loss, grad) == [201, 207, 301]
+
+
+def test_spike_rule_skips_warmup_steps():
+    loss, grad = healthy_series(200, seed=2)
+    grad[:40] *= np.linspace(20, 1, 40)  # the norm falls steeply while the learning rate warms up
+    rule = rule_of(ProbesConfig())
+    rule.warmup = 40
+    assert onsets(rule, loss, grad) == []
+    assert rule.observe(201, "", {"loss": 3.0, "grad_norm": 0.5})[0]  # scored after warm-up
+
+
+def test_spike_rule_state_dict_resumes_exactly():
+    loss, grad = healthy_series(300, seed=3, spread=0.15)
+    grad[150:153] *= 30
+    loss[151] += 2.0
+    first, second = rule_of(ProbesConfig()), rule_of(ProbesConfig())
+    onsets(first, loss[:149], grad[:149])
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    for i in range(149, 300):
+        values = {"loss": float(loss[i]), "grad_norm": float(grad[i])}
+        assert first.observe(i + 1, "", values) == second.observe(i + 1, "", values)
+    assert first.in_episode == second.in_episode and first.state_dict() == second.state_dict()
+
+
+class Relay(Hook):
+    """Runs probe `a` throughout and, from step `at` on, also probe `b`, restored from `a`'s state_dict (through
+    JSON) just before: both must score every later step alike and write the same events and dossiers."""
+
+    def __init__(self, a: SpikeProbe, make_b, at: int) -> None:
+        self.a, self.b, self.make_b, self.at, self.scores = a, None, make_b, at, []
+
+    def on_train_start(self, ctx: StepContext) -> None:
+        self.a.on_train_start(ctx)
+
+    def on_step_start(self, ctx: StepContext) -> None:
+        if ctx.step + 1 == self.at:
+            self.b = self.make_b()
+            self.b.on_train_start(ctx)
+            self.b.load_state_dict(json.loads(json.dumps(self.a.state_dict())))
+
+    def on_backward(self, ctx: StepContext) -> None:
+        for probe in (self.a, self.b):
+            if probe is not None:
+                ctx.metrics = {}
+                probe.on_backward(ctx)
+                self.scores.append((ctx.step + 1, probe is self.a, dict(ctx.metrics)))
+
+    def on_optimizer_step(self, ctx: StepContext) -> None:
+        for probe in (self.a, self.b):
+            if probe is not None:
+                probe.on_optimizer_step(ctx)
+
+
+def test_spike_probe_restored_from_state_dict_scores_and_reports_as_the_original(tmp_path, tok):
+    probes = ProbesConfig(spike_window=16, spike_history=4, spike_topk=4)
+    run_a, run_b = RunDir.create(tmp_path / "a"), RunDir.create(tmp_path / "b")
+    relay = Relay(SpikeProbe(probes, run_a, tok), lambda: SpikeProbe(probes, run_b, tok), at=30)
+    objective = Poisoned(objective_for(tok), at=33, rows=[2, 5])  # a spike 3 steps after the hand-over
+    run_train(tmp_path, model_for(tok), objective, [relay], steps=36, lr=1e-2)
+    a = {step: m for step, is_a, m in relay.scores if is_a and step >= 30}
+    b = {step: m for step, is_a, m in relay.scores if not is_a}
+    assert a == b and any(a.values())
+    events_a = [e for e in run_a.events() if e["kind"] == "spike" and e["step"] >= 30]
+    events_b = [e for e in run_b.events() if e["kind"] == "spike"]
+    assert [e["step"] for e in events_a] == [33]
+    drop = ("time", "dossier")
+    assert [{k: v for k, v in e.items() if k not in drop} for e in events_a] == [
+        {k: v for k, v in e.items() if k not in drop} for e in events_b
+    ]
+    dossier_a = json.loads((run_a.spikes_dir / "step-0000033.json").read_text())
+    assert dossier_a == json.loads((run_b.spikes_dir / "step-0000033.json").read_text())
+    assert dossier_a["history"][0]["step"] == 29  # the dossier reaches back before the hand-over
 
 
 def test_first_departure_is_the_block_that_left_its_band_first():

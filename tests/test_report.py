@@ -283,6 +283,31 @@ def test_report_has_every_section_and_embeds_figure_data(run: Path) -> None:
     assert "After rl" in html and "by_difficulty" in html  # eval/final.json
 
 
+def test_spike_events_are_grouped_into_bursts_and_a_lone_one_keeps_its_row(run: Path) -> None:
+    """Twelve spike events 10 steps apart in SFT are one row with their count and the highest-scoring message;
+    the lone pretraining spike keeps its own row; the overview counts events and bursts."""
+    t0 = json.loads((run / "events.jsonl").read_text().splitlines()[0])["time"]
+    burst = [
+        {
+            "time": t0 + 300 + step,
+            "kind": "spike",
+            "message": f"grad_norm spike at step {step}",
+            "step": step,
+            "stage": "sft",
+            "signals": {"grad_norm": {"score": 20.0 if step == 150 else 9.0}},
+        }
+        for step in range(100, 220, 10)
+    ]
+    with (run / "events.jsonl").open("a") as f:
+        f.writelines(json.dumps(e) + "\n" for e in burst)
+    html = build_report(run).read_text()
+    assert "Warnings recorded: 13 spike (in 2 bursts), 1 hacking" in html
+    events = html.split('<section id="events">')[1].split("</section>")[0]
+    assert events.count("<tr") - 1 == 3  # header excluded: the pretraining spike, the SFT burst, the hacking event
+    assert "12 spike events at steps 100-210; highest score: grad_norm spike at step 150" in events
+    assert "loss spike at step 120" in events
+
+
 def test_report_of_an_empty_run_has_only_overview(tmp_path: Path) -> None:
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "manifest.json").write_text(json.dumps({"status": "created"}))

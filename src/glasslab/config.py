@@ -246,8 +246,19 @@ class ProbesConfig(Section):
     position_windows: int = Field(512, ge=1)  # pretraining windows it reads (SFT: its validation set), so the
     # intervals are narrower than the differences between buckets
     spikes: bool = True  # spike detector + dossiers, and naming the first non-finite module on divergence
-    spike_window: int = Field(50, ge=8)  # steps in the rolling median/MAD band
-    spike_threshold: float = Field(6.0, gt=0)  # robust z-score (MAD scaled to a σ) that counts as a spike
+    spike_window: int = Field(50, ge=8)  # steps in the rolling band (median or trend line, and MAD)
+    # Robust z-score (MAD scaled to a σ) above which the loss counts as a spike, and the same for the gradient
+    # norm. High enough that the tails of healthy runs (SFT's rare hard batches) stay below them, low enough for
+    # the injected faults of bench/spike_detection.py; the gradient norm's tail is the heavier of the two.
+    spike_threshold: float = Field(7.0, gt=0)
+    spike_grad_threshold: float = Field(8.0, gt=0)  # (of its log, with spike_log_grad)
+    spike_log_grad: bool = True  # score the log of the gradient norm: it varies by factors, not by amounts
+    spike_grad_floor: float = Field(0.01, ge=0)  # with spike_log_grad: the log band's σ is at least this
+    # Compare a step with the trend line of its window rather than its median: a falling loss is not flat, and a
+    # median lags it while the trend widens the MAD.
+    spike_detrend: bool = True
+    spike_skip_warmup: bool = True  # neither score nor keep the steps of learning-rate warm-up (the norm moves then)
+    spike_quiet: int = Field(5, ge=1)  # steps in a row below threshold that end an episode (one event per episode)
     # The loss band's σ is at least this (nats): near zero loss, one wrong token in a batch is not a spike.
     spike_loss_floor: float = Field(0.01, ge=0)
     spike_history: int = Field(8, ge=0)  # preceding steps kept in a dossier

@@ -7,6 +7,7 @@ so a metric family added later is still on the page before anyone writes a secti
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -23,6 +24,9 @@ from glasslab.report.rundata import RunData, Series
 from glasslab.track import layout
 
 COLLAPSE_THRESHOLD = 0.15  # normalised attention entropy below this = a collapsed head
+# Spike events of one stage this many steps apart or fewer are one burst in the report: the detector's own
+# episodes end sooner, and a training instability that keeps returning reads better as one line with a count.
+SPIKE_BURST_GAP = 50
 
 # How the probe families of glasslab.track.layout are shown: one entry per family, in the order shown.
 GRADIENT_TITLES = {
@@ -150,7 +154,11 @@ def overview(run: RunData) -> Section:
         sec.html("<h3>Final values</h3>" + table(["stage", "metric", "step", "value"], headline))
     warnings = [e for e in run.events if e.get("kind") in ("hacking", "spike", "nonfinite", "diverged")]
     if warnings:
-        text = ", ".join(f"{n} {k}" for k, n in Counter(e["kind"] for e in warnings).items())
+        bursts = len(spike_bursts(run.events))
+        text = ", ".join(
+            f"{n} {k}" + (f" (in {bursts} bursts)" if k == "spike" and bursts < n else "")
+            for k, n in Counter(e["kind"] for e in warnings).items()
+        )
         sec.html(f'<p class="warn">Warnings recorded: {escape(text)}. See <a href="#events">Events</a>.</p>')
     return sec
 
@@ -488,8 +496,8 @@ def spikes_section(run: RunData, claims: Claims) -> Section | None:
     sec = Section(
         "spikes",
         "Spikes",
-        intro="A spike is a robust z-score (against the rolling median and MAD of recent steps) of the loss or "
-        "gradient norm above the threshold. Each one leaves a dossier: what every block did in the steps "
+        intro="A spike is a robust z-score (against the trend and MAD of recent steps) of the loss or the log "
+        "gradient norm above the threshold. Each episode leaves a dossier: what every block did in the steps "
         "before, which block departed first, and which rows and tokens carried the loss.",
     )
     for stage in run.stages:
@@ -575,19 +583,55 @@ def _histories(value: Any) -> dict[str, tuple[np.ndarray, dict[str, np.ndarray]]
     return {}
 
 
+def spike_bursts(events: list[dict]) -> list[list[dict]]:
+    """Spike events in bursts: a spike event joins the last burst of its stage when it comes within
+    SPIKE_BURST_GAP steps of that burst's latest event. Bursts are ordered by their first event."""
+    bursts: list[list[dict]] = []
+    latest: dict[Any, list[dict]] = {}
+    for e in events:
+        if e.get("kind") != "spike":
+            continue
+        burst = latest.get(e.get("stage"))
+        step, last = e.get("step"), burst[-1].get("step") if burst else None
+        if burst and isinstance(step, int) and isinstance(last, int) and step - last <= SPIKE_BURST_GAP:
+            burst.append(e)
+        else:
+            latest[e.get("stage")] = [e]
+            bursts.append(latest[e.get("stage")])
+    return bursts
+
+
+def _spike_score(e: dict) -> float:
+    signals = e.get("signals")
+    scores = [s.get("score") for s in signals.values() if isinstance(s, dict)] if isinstance(signals, dict) else []
+    return max((x for x in scores if isinstance(x, (int, float))), default=-math.inf)
+
+
 def events_section(run: RunData) -> Section | None:
+    """One row per event, except that a burst of spike events is one row: how many, over which steps, and the
+    message of its highest-scoring one, so a lone spike is not lost among dozens."""
     if not run.events:
         return None
     sec = Section("events", "Events", intro="Warnings and notices the run recorded (events.jsonl).")
     rows, classes = [], []
+    first_of = {id(b[0]): b for b in spike_bursts(run.events)}
     for e in run.events:
+        if e.get("kind") == "spike" and id(e) not in first_of:
+            continue  # shown in its burst's row
+        burst = first_of.get(id(e), [e])
         when = (
             datetime.fromtimestamp(e["time"], timezone.utc).strftime("%H:%M:%S")
             if isinstance(e.get("time"), (int, float))
             else ""
         )
-        extra = {k: v for k, v in e.items() if k not in ("time", "kind", "message", "step", "stage")}
-        rows.append((when, e.get("kind"), e.get("stage"), e.get("step"), e.get("message"), extra or ""))
+        if len(burst) > 1:
+            top = max(burst, key=_spike_score)
+            steps = [b.get("step") for b in burst]
+            message = f"{len(burst)} spike events at steps {steps[0]}-{steps[-1]}; highest score: {top.get('message')}"
+            rows.append((when, "spike", e.get("stage"), f"{steps[0]}-{steps[-1]}", message, {"steps": steps}))
+        else:
+            extra = {k: v for k, v in e.items() if k not in ("time", "kind", "message", "step", "stage")}
+            rows.append((when, e.get("kind"), e.get("stage"), e.get("step"), e.get("message"), extra or ""))
         classes.append("warnrow" if e.get("kind") in ("hacking", "spike", "nonfinite", "diverged") else "")
     sec.html(table(["time (UTC)", "kind", "stage", "step", "message", "details"], rows, row_classes=classes))
     return sec
