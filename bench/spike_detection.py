@@ -54,7 +54,7 @@ from glasslab.stages.common import documents, setup_runtime  # noqa: E402
 from glasslab.stages.sft import build_objective  # noqa: E402
 from glasslab.track.metrics import MetricStore, read_metrics  # noqa: E402
 from glasslab.track.rundir import RunDir  # noqa: E402
-from glasslab.train.lm import LanguageModeling  # noqa: E402
+from glasslab.objectives.lm import LanguageModeling  # noqa: E402
 from glasslab.train.loop import Hook, StepContext, train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "spike_detection"

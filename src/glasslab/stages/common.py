@@ -107,11 +107,12 @@ def load_run_config(run: RunDir) -> Config:
 def choose_checkpoint(run: RunDir, stage: str | None = None, step: int | None = None) -> Path:
     """The checkpoint a command reads (`--stage`, `--step`): the newest of the latest stage, or of `stage`, or the
     one of that stage at `step`; the errors list what the run has."""
-    from glasslab.track.checkpoint import STAGE_ORDER, latest_checkpoint, stage_checkpoints
+    from glasslab.track.checkpoint import latest_checkpoint, stage_checkpoints
+    from glasslab.track.layout import PIPELINE
 
-    if stage is not None and stage not in STAGE_ORDER:
-        raise GlasslabError(f"--stage '{stage}' is not a training stage: use one of {', '.join(STAGE_ORDER)}")
-    with_checkpoints = [s for s in STAGE_ORDER if stage_checkpoints(run.checkpoints_dir, s)]
+    if stage is not None and stage not in PIPELINE:
+        raise GlasslabError(f"--stage '{stage}' is not a training stage: use one of {', '.join(PIPELINE)}")
+    with_checkpoints = [s for s in PIPELINE if stage_checkpoints(run.checkpoints_dir, s)]
     if not with_checkpoints:
         raise GlasslabError(f"run {run.path} has no checkpoint yet: train it first")
     if stage is None:
