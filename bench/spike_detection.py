@@ -49,12 +49,12 @@ from glasslab.config import Config, ProbesConfig, build_config, load_toml, resol
 from glasslab.data.tokenizer import Tokenizer  # noqa: E402
 from glasslab.data.tokens import build_token_splits  # noqa: E402
 from glasslab.model.gpt import GPT  # noqa: E402
+from glasslab.objectives.lm import LanguageModeling  # noqa: E402
 from glasslab.probes.spikes import SpikeProbe, rule_of  # noqa: E402
 from glasslab.stages.common import documents, setup_runtime  # noqa: E402
 from glasslab.stages.sft import build_objective  # noqa: E402
 from glasslab.track.metrics import MetricStore, read_metrics  # noqa: E402
 from glasslab.track.rundir import RunDir  # noqa: E402
-from glasslab.objectives.lm import LanguageModeling  # noqa: E402
 from glasslab.train.loop import Hook, StepContext, train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "spike_detection"
