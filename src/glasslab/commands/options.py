@@ -1,7 +1,11 @@
 """Options shared by every command, so each command spells them the same way."""
 
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -35,3 +39,50 @@ def check_top_p(top_p: float | None) -> None:
     """Nucleus sampling keeps a share of the probability mass: in (0, 1] (typer's bounds are closed)."""
     if top_p is not None and not 0 < top_p <= 1:
         raise GlasslabError(f"--top-p {top_p} is out of range: use a value in (0, 1], e.g. --top-p 0.95")
+
+
+@dataclass
+class StageOptions:
+    """The options every stage command (pretrain, sft, rl, run) takes, as `stage_command` hands them over."""
+
+    preset: str
+    config: Path | None
+    sets: list[str] | None
+    name: str | None
+    runs_dir: Path
+    seed: int | None
+    overwrite: bool
+    resume: bool
+    json: bool
+
+
+# (parameter, StageOptions field, type, default), in the order `--help` lists them after a command's own options
+_STAGE_OPTIONS = [
+    ("preset", "preset", Preset, "tiny"),
+    ("config", "config", ConfigFile, None),
+    ("set_", "sets", Sets, None),
+    ("name", "name", Name, None),
+    ("runs_dir", "runs_dir", RunsDir, Path("runs")),
+    ("seed", "seed", Seed, None),
+    ("overwrite", "overwrite", Overwrite, False),
+    ("resume", "resume", Resume, False),
+    ("json_", "json", Json, False),
+]
+
+
+def stage_command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a stage command the shared options once: typer sees them in the command's signature after its own
+    parameters, and the command receives them as one keyword argument `opts: StageOptions`."""
+    own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "opts"]
+    shared = [
+        inspect.Parameter(p, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a) for p, _, a, d in _STAGE_OPTIONS
+    ]
+
+    @functools.wraps(fn)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        opts = StageOptions(**{field: kwargs.pop(p) for p, field, _, _ in _STAGE_OPTIONS})
+        return fn(*args, opts=opts, **kwargs)
+
+    command.__signature__ = inspect.Signature([*own, *shared])  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
+    return command

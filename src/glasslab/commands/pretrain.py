@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
@@ -16,43 +15,37 @@ from glasslab.commands.common import (
     resuming,
     run_path,
 )
-from glasslab.commands.options import ConfigFile, Json, Name, Overwrite, Preset, Resume, RunsDir, Seed, Sets
+from glasslab.commands.options import StageOptions, stage_command
 
 
+@stage_command
 def pretrain(
-    preset: Preset = "tiny",
-    config: ConfigFile = None,
     data: Annotated[str | None, typer.Option(help="text file, directory, .jsonl, .parquet or datasets dir")] = None,
-    set_: Sets = None,
-    name: Name = None,
-    runs_dir: RunsDir = Path("runs"),
-    seed: Seed = None,
-    overwrite: Overwrite = False,
-    resume: Resume = False,
     probes: Annotated[
         Literal["off", "default", "full"] | None,
         typer.Option(help="probes: off | default cadences | full (every step)"),
     ] = None,
-    json_: Json = False,
+    *,
+    opts: StageOptions,
 ) -> None:
     """Pretrain a GPT on the embedded Shakespeare corpus or your own text."""
     from glasslab.stages.inputs import check_inputs
     from glasslab.stages.pretrain import pretrain as run_pretrain
     from glasslab.ui import progress
 
-    cfg = config_from_options(preset, config, set_, seed)
+    cfg = config_from_options(opts.preset, opts.config, opts.sets, opts.seed)
     if data is not None:
         cfg.data.source = data
     if probes is not None:
         cfg.probes.mode = probes
-    path = run_path(runs_dir, name, f"pretrain-{preset}")
-    if existing := resuming(path, resume):
-        resume_run(existing, json_)
+    path = run_path(opts.runs_dir, opts.name, f"pretrain-{opts.preset}")
+    if existing := resuming(path, opts.resume):
+        resume_run(existing, opts.json)
         return
     inputs = check_inputs(cfg, ["pretrain"])
-    run = new_run(path, overwrite)
-    run.update_manifest(pipeline=["pretrain"], preset=preset)
+    run = new_run(path, opts.overwrite)
+    run.update_manifest(pipeline=["pretrain"], preset=opts.preset)
     with removed_if_untrained(run), progress() as bar:
         run_pretrain(cfg, run, progress=bar, docs=inputs.docs)
     run.set_status("completed")
-    finish(run, json_)
+    finish(run, opts.json)

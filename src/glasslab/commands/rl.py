@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -17,10 +16,11 @@ from glasslab.commands.common import (
     resuming,
     run_path,
 )
-from glasslab.commands.options import ConfigFile, Json, Name, Overwrite, Preset, Resume, RunArg, RunsDir, Seed, Sets
+from glasslab.commands.options import RunArg, StageOptions, stage_command
 from glasslab.errors import GlasslabError
 
 
+@stage_command
 def rl(
     parent: RunArg,
     algo: Annotated[str | None, typer.Option(help="grpo | dpo (default: the config's rl.algo)")] = None,
@@ -28,15 +28,8 @@ def rl(
         str | None,
         typer.Option(help="arithmetic | countdown | calculator | module:Class (a mix: rl.env as a table of weights)"),
     ] = None,
-    preset: Preset = "tiny",
-    config: ConfigFile = None,
-    set_: Sets = None,
-    name: Name = None,
-    runs_dir: RunsDir = Path("runs"),
-    seed: Seed = None,
-    overwrite: Overwrite = False,
-    resume: Resume = False,
-    json_: Json = False,
+    *,
+    opts: StageOptions,
 ) -> None:
     """Improve a chat model with rewards from a task environment: GRPO with a KL-anchored reference, or DPO."""
     from glasslab.stages.common import load_run_config, save_config
@@ -47,24 +40,24 @@ def rl(
     from glasslab.track.rundir import RunDir
     from glasslab.ui import console, progress
 
-    overrides = [*(set_ or []), *([f'rl.algo="{algo}"'] if algo else []), *([f'rl.env="{env}"'] if env else [])]
-    cfg = config_from_options(preset, config, overrides, seed)
+    overrides = [*(opts.sets or []), *([f'rl.algo="{algo}"'] if algo else []), *([f'rl.env="{env}"'] if env else [])]
+    cfg = config_from_options(opts.preset, opts.config, overrides, opts.seed)
     base = RunDir.open(parent)
     init = latest_checkpoint(base.checkpoints_dir)
     if init is None or not base.tokenizer_path.exists():
         raise GlasslabError(
             f"run {parent} has no checkpoint (or tokenizer) to start from: train it first (e.g. `glasslab sft`)"
         )
-    path = run_path(runs_dir, name, f"rl-{cfg.rl.algo}")
-    if existing := resuming(path, resume):
-        resume_run(existing, json_)
+    path = run_path(opts.runs_dir, opts.name, f"rl-{cfg.rl.algo}")
+    if existing := resuming(path, opts.resume):
+        resume_run(existing, opts.json)
         return
     parent_cfg = load_run_config(base)
     cfg.model, cfg.tokenizer = parent_cfg.model, parent_cfg.tokenizer
     check_inputs(cfg, ["rl"])
-    run = new_run(path, overwrite)
+    run = new_run(path, opts.overwrite)
     shutil.copyfile(base.tokenizer_path, run.tokenizer_path)
-    run.update_manifest(command="rl", pipeline=["rl"], preset=preset, init=str(init), parent=str(base.path))
+    run.update_manifest(command="rl", pipeline=["rl"], preset=opts.preset, init=str(init), parent=str(base.path))
     save_config(run, cfg)
     if stage_of_checkpoint(init) == PRETRAIN:
         note = (
@@ -76,4 +69,4 @@ def rl(
     with removed_if_untrained(run), progress() as bar:
         run_rl(cfg, run, init=init, progress=bar)
     run.set_status("completed")
-    finish(run, json_)
+    finish(run, opts.json)

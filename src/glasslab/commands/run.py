@@ -11,25 +11,19 @@ from typing import Annotated
 import typer
 
 from glasslab.commands.common import config_from_options, new_run, removed_if_untrained, resuming, run_path
-from glasslab.commands.options import ConfigFile, Json, Name, Overwrite, Preset, Resume, RunsDir, Seed, Sets
+from glasslab.commands.options import StageOptions, stage_command
 from glasslab.errors import GlasslabError
 
 
+@stage_command
 def run(
-    preset: Preset = "tiny",
-    config: ConfigFile = None,
-    set_: Sets = None,
-    name: Name = None,
-    runs_dir: RunsDir = Path("runs"),
-    seed: Seed = None,
     stages: Annotated[str, typer.Option(help="comma-separated, in order: pretrain,sft,rl")] = "pretrain,sft,rl",
     from_: Annotated[
         Path | None, typer.Option("--from", help="start the first stage from this run's checkpoint")
     ] = None,
     report: Annotated[bool, typer.Option(help="write report.html at the end")] = True,
-    overwrite: Overwrite = False,
-    resume: Resume = False,
-    json_: Json = False,
+    *,
+    opts: StageOptions,
 ) -> None:
     """Run the whole pipeline (or the listed stages) in one run directory, evaluate, and write the report."""
     from glasslab.stages.common import load_run_config, save_config
@@ -50,14 +44,14 @@ def run(
         raise GlasslabError(
             f"--stages '{stages}' is out of order or repeats a stage: use some of {','.join(PIPELINE)}, in that order"
         )
-    cfg = config_from_options(preset, config, set_, seed)
+    cfg = config_from_options(opts.preset, opts.config, opts.sets, opts.seed)
     parent = RunDir.open(from_) if from_ else None
     init = latest_checkpoint(parent.checkpoints_dir) if parent else None
     if parent and (init is None or not parent.tokenizer_path.exists()):
         raise GlasslabError(f"run {from_} has no checkpoint (or tokenizer) to start from: train it first")
-    path = run_path(runs_dir, name, f"run-{preset}")
+    path = run_path(opts.runs_dir, opts.name, f"run-{opts.preset}")
     docs, cleanup = None, contextlib.nullcontext()
-    if run_dir := resuming(path, resume):
+    if run_dir := resuming(path, opts.resume):
         cfg = load_run_config(run_dir)
         manifest = run_dir.read_manifest()
         order, init = manifest["pipeline"], Path(manifest["init"]) if manifest.get("init") else None
@@ -66,14 +60,14 @@ def run(
             base = load_run_config(parent)
             cfg.model, cfg.tokenizer = base.model, base.tokenizer
         docs = check_inputs(cfg, order, tokenizer=parent.tokenizer_path if parent else None).docs
-        run_dir = new_run(path, overwrite)
+        run_dir = new_run(path, opts.overwrite)
         cleanup = removed_if_untrained(run_dir)
         if parent:
             shutil.copyfile(parent.tokenizer_path, run_dir.tokenizer_path)
         run_dir.update_manifest(
             command="run",
             pipeline=order,
-            preset=preset,
+            preset=opts.preset,
             init=str(init) if init else None,
             parent=str(parent.path) if parent else None,
             make_report=report,
@@ -83,7 +77,7 @@ def run(
     with cleanup, progress() as bar:
         run_pipeline(cfg, run_dir, order, init=init, progress=bar, docs=docs)
     result = finalize(cfg, run_dir, report=report, started=t0)
-    if json_:
+    if opts.json:
         emit_json(result)
         return
     console.print(

@@ -7,17 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from glasslab.commands.options import (
-    ConfigFile,
-    Json,
-    Name,
-    Overwrite,
-    Preset,
-    Resume,
-    RunsDir,
-    Seed,
-    Sets,
-)
+from glasslab.commands.options import StageOptions, stage_command
 from glasslab.errors import GlasslabError
 from glasslab.ui import console, emit_json
 
@@ -25,6 +15,7 @@ if TYPE_CHECKING:
     from glasslab.config import Config
 
 
+@stage_command
 def sft(
     base: Annotated[Path, typer.Argument(help="the run to fine-tune (its newest checkpoint), e.g. runs/base")],
     tasks: Annotated[str | None, typer.Option(help="task environments, comma-separated: arithmetic,countdown")] = None,
@@ -32,15 +23,8 @@ def sft(
     show_example: Annotated[
         bool, typer.Option(help="print rendered examples, trained tokens highlighted, and exit")
     ] = False,
-    preset: Preset = "tiny",
-    config: ConfigFile = None,
-    set_: Sets = None,
-    name: Name = None,
-    runs_dir: RunsDir = Path("runs"),
-    seed: Seed = None,
-    overwrite: Overwrite = False,
-    resume: Resume = False,
-    json_: Json = False,
+    *,
+    opts: StageOptions,
 ) -> None:
     """Fine-tune a pretrained run on chat conversations from task environments or your own file."""
     import shutil
@@ -66,7 +50,7 @@ def sft(
     init = latest_checkpoint(base_run.checkpoints_dir)
     if init is None or not base_run.tokenizer_path.exists():
         raise GlasslabError(f"run {base_run.path} has no checkpoint (or tokenizer) to fine-tune: train it first")
-    cfg = config_from_options(preset, config, set_, seed)
+    cfg = config_from_options(opts.preset, opts.config, opts.sets, opts.seed)
     base_cfg = load_run_config(base_run)
     tree = cfg.model_dump()
     tree["model"], tree["tokenizer"] = base_cfg.model.model_dump(), base_cfg.tokenizer.model_dump()
@@ -76,20 +60,22 @@ def sft(
         )
     cfg = build_config(tree)
     if show_example:
-        _show_examples(cfg, base_run.tokenizer_path, json_)
+        _show_examples(cfg, base_run.tokenizer_path, opts.json)
         return
-    path = run_path(runs_dir, name, f"sft-{base_run.name}")
-    if existing := resuming(path, resume):
-        resume_run(existing, json_)
+    path = run_path(opts.runs_dir, opts.name, f"sft-{base_run.name}")
+    if existing := resuming(path, opts.resume):
+        resume_run(existing, opts.json)
         return
     check_inputs(cfg, ["sft"], tokenizer=base_run.tokenizer_path)
-    run = new_run(path, overwrite)
+    run = new_run(path, opts.overwrite)
     shutil.copyfile(base_run.tokenizer_path, run.tokenizer_path)
-    run.update_manifest(pipeline=["sft"], preset=preset, init=str(init.resolve()), parent=str(base_run.path.resolve()))
+    run.update_manifest(
+        pipeline=["sft"], preset=opts.preset, init=str(init.resolve()), parent=str(base_run.path.resolve())
+    )
     with removed_if_untrained(run), progress() as bar:
         run_sft(cfg, run, init=init, progress=bar)
     run.set_status("completed")
-    finish(run, json_)
+    finish(run, opts.json)
 
 
 def _show_examples(cfg: Config, tokenizer_path: Path, as_json: bool) -> None:
