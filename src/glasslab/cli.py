@@ -12,6 +12,8 @@ from glasslab.commands import (
     chat,
     compare,
     eval_,
+    experiment,
+    ledger,
     plot,
     pretrain,
     probes,
@@ -61,6 +63,8 @@ COMMANDS = {
     "plot": plot.plot,
     "probes": probes.probes,
     "study": study.study,
+    "experiment": experiment.experiment,
+    "ledger": ledger.ledger,
 }
 for _name, _command in COMMANDS.items():
     app.command(name=_name)(_command)

@@ -14,9 +14,10 @@ from typing import Any, Literal, get_args, get_origin
 
 import tomli_w
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from glasslab.errors import GlasslabError
+from glasslab.train.budget import parse_budget
 
 PRESETS = ("smoke", "tiny", "small", "gpt2-124m")
 
@@ -66,6 +67,9 @@ class TrainConfig(Section):
     """One stage's optimisation: steps, batch, optimiser, schedule, and how often to evaluate and save."""
 
     steps: int = 1000
+    # Stop earlier, after the step that crosses this: "2000steps", "1e6tokens", "90s" (train/budget.py). The
+    # schedule stays over `steps`; seconds depend on the machine's load and are not reproducible.
+    budget: str | None = None
     batch_size: int = 16
     grad_accum: int = 1
     optimizer: Literal["adamw", "muon"] = "adamw"
@@ -87,6 +91,11 @@ class TrainConfig(Section):
     sample_every: int = 0  # 0: only at the end of the stage
     checkpoint_every: int = 200
     keep_last: int = 2
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_parses(cls, v: str | None) -> str | None:
+        return None if v is None else str(parse_budget(v))
 
 
 class SystemConfig(Section):
