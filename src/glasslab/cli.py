@@ -14,6 +14,7 @@ from glasslab.commands import (
     eval_,
     experiment,
     ledger,
+    mcp,
     plot,
     pretrain,
     probes,
@@ -65,6 +66,7 @@ COMMANDS = {
     "study": study.study,
     "experiment": experiment.experiment,
     "ledger": ledger.ledger,
+    "mcp": mcp.mcp,
 }
 for _name, _command in COMMANDS.items():
     app.command(name=_name)(_command)
