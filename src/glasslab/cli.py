@@ -77,7 +77,9 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except GlasslabError as e:
-        errors.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        errors.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # keep [brackets]
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: continue with `glasslab resume RUN`")
