@@ -21,6 +21,7 @@ from glasslab.experiment import ledger
 from glasslab.experiment.arms import Request, prepare
 from glasslab.experiment.decision import judge
 from glasslab.experiment.runner import run_experiment
+from glasslab.experiment.tune import load_tune_spec, tune
 from glasslab.study.stats import paired
 from glasslab.track import layout
 
@@ -145,3 +146,44 @@ def test_aa_check_on_the_smoke_model_is_no_effect(tmp_path) -> None:
     values = [r["value"] for arm in screen["arms"].values() for r in arm["runs"]]
     assert all(v is not None and 1.0 < v < 10.0 for v in values) and entry["noise_floor"] > 0
     assert ledger.aa_rate(ledger.read(root / layout.LEDGER)) == {"checks": 1, "false_effects": 0, "false_kept": 0}
+
+
+TUNE = """
+name = "t"
+base = "smoke"
+seeds = 2
+budget = "6steps"
+max_experiments = 4
+[[knobs]]
+key = "train.lr"
+values = [1e-3, 3e-3, 1e-2]
+[[knobs]]
+key = "train.warmup_steps"
+values = [5, 2]
+"""
+
+
+def test_tune_is_a_deterministic_coordinate_search(tmp_path) -> None:
+    spec_path = tmp_path / "t.toml"
+    spec_path.write_text(TUNE)
+    asked = []
+
+    def fake(req: Request) -> dict:
+        asked.append((tuple(req.base_sets), tuple(req.sets)))
+        kept = req.sets == ["train.lr=0.001"]
+        reason = "better" if kept else "not significant"
+        rounds = [{"judgement": {"reason": reason}}]
+        return {"id": str(len(asked)), "decision": "kept" if kept else "discarded", "reason": reason, "rounds": rounds}
+
+    result = tune(load_tune_spec(spec_path), fake, report=lambda _: None)
+    # lr=3e-3 is smoke's own value and warmup 5 too: skipped; after lr=1e-3 is kept, later ones build on it
+    assert asked == [
+        ((), ("train.lr=0.001",)),
+        (("train.lr=0.001",), ("train.lr=0.003",)),
+        (("train.lr=0.001",), ("train.lr=0.01",)),
+        (("train.lr=0.001",), ("train.warmup_steps=2",)),
+    ]
+    assert result["best_sets"] == ["train.lr=0.001"] and result["improved"] and len(result["experiments"]) == 4
+    spec_path.write_text(TUNE.replace("train.warmup_steps", "train.warmup"))
+    with pytest.raises(GlasslabError, match="train.warmup"):
+        tune(load_tune_spec(spec_path), fake)

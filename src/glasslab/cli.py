@@ -26,6 +26,7 @@ from glasslab.commands import (
     sample,
     sft,
     study,
+    tune,
 )
 from glasslab.errors import GlasslabError
 from glasslab.ui import console, errors
@@ -67,6 +68,7 @@ COMMANDS = {
     "experiment": experiment.experiment,
     "ledger": ledger.ledger,
     "mcp": mcp.mcp,
+    "tune": tune.tune,
 }
 for _name, _command in COMMANDS.items():
     app.command(name=_name)(_command)

@@ -123,16 +123,16 @@ def build_server(root: Path, runs_dir: Path) -> tuple[Any, Jobs]:
         stage_list = [s.strip() for s in stages.split(",") if s.strip()]
         prepare(
             Request(
-                description,
-                list(sets or []),
-                metric,
-                goal,
-                seeds,
-                budget,
-                base,
-                stage_list,
-                min_effect,
-                aa,  # type: ignore[arg-type]
+                description=description,
+                sets=list(sets or []),
+                metric=metric,
+                goal=goal,  # type: ignore[arg-type]
+                seeds=seeds,
+                budget=budget,
+                base=base,
+                stages=stage_list,
+                min_effect=min_effect,
+                aa=aa,
             )
         )
         job_id = new_id()

@@ -46,6 +46,7 @@ class Request:
     seeds: int = 3
     budget: str | None = None
     base: str = "tiny"  # a preset name or a config TOML file
+    base_sets: list[str] = field(default_factory=list)  # overrides the baseline itself carries (tune's best so far)
     stages: list[str] = field(default_factory=lambda: [PRETRAIN])
     min_effect: float = 0.0
     aa: bool = False
@@ -174,7 +175,7 @@ def prepare(req: Request) -> Arms:
     if req.patch is not None and not Path(req.patch).is_file():
         raise GlasslabError(f"--patch '{req.patch}' not found: pass a unified diff file (git diff > change.diff)")
     preset, base_sets = base_layers(req.base)
-    common = base_sets + budget_sets(req.budget, req.stages)
+    common = base_sets + list(req.base_sets) + budget_sets(req.budget, req.stages)
     baseline = resolve(preset, None, common)
     candidate = resolve(preset, None, common + list(req.sets))
     changes = config_changes(baseline, candidate)

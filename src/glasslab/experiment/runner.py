@@ -118,6 +118,7 @@ def _entry(arms: Arms, entry_id: str) -> dict[str, Any]:
         "patch_sha256": None,
         "patch": None,
         "base": req.base,
+        "base_sets": list(req.base_sets),
         "stages": list(req.stages),
         "budget": req.budget,
         "metric": req.metric,
