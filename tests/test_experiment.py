@@ -1,5 +1,6 @@
 """Experiments: the decision rules against hand computations, what makes a candidate (and what is refused), the
-ledger under SIGKILL, and one real A/A check on the smoke model judged "no effect"."""
+ledger under SIGKILL, a patch on an isolated copy of the tree, the searcher, and one real A/A check on the smoke
+model judged "no effect"."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from glasslab.errors import GlasslabError
 from glasslab.experiment import ledger
 from glasslab.experiment.arms import Request, prepare
 from glasslab.experiment.decision import judge
+from glasslab.experiment.patch import patched_tree
 from glasslab.experiment.runner import run_experiment
 from glasslab.experiment.tune import load_tune_spec, tune
 from glasslab.study.stats import paired
@@ -187,3 +189,35 @@ def test_tune_is_a_deterministic_coordinate_search(tmp_path) -> None:
     spec_path.write_text(TUNE.replace("train.warmup_steps", "train.warmup"))
     with pytest.raises(GlasslabError, match="train.warmup"):
         tune(load_tune_spec(spec_path), fake)
+
+
+PATCH = """--- a/plugmod.py
++++ b/plugmod.py
+@@ -1 +1 @@
+-VALUE = 1
++VALUE = 2
+"""
+
+
+def test_patch_applies_to_an_isolated_copy_and_the_users_tree_is_untouched(tmp_path) -> None:
+    tree, root = tmp_path / "mine", tmp_path / "mine" / "experiments"
+    tree.mkdir()
+    (tree / "plugmod.py").write_text("VALUE = 1\n")
+    (root / "runs").mkdir(parents=True)
+    (root / "runs" / "big.bin").write_bytes(b"x")  # the experiments directory is not copied
+    (tmp_path / "change.diff").write_text(PATCH)
+    before = {p: p.read_bytes() for p in tree.rglob("*") if p.is_file()}
+
+    copy = patched_tree(tmp_path / "change.diff", tree, root)
+    assert {p: p.read_bytes() for p in tree.rglob("*") if p.is_file() and "trees" not in p.parts} == before
+    assert (copy.path / "plugmod.py").read_text() == "VALUE = 2\n" and not (copy.path / "experiments").exists()
+    probe = [sys.executable, "-c", "import plugmod; print(plugmod.VALUE)"]
+    shown = subprocess.run(probe, env={**os.environ, **copy.env()}, cwd=tmp_path, capture_output=True, text=True)
+    assert shown.stdout.strip() == "2"  # the candidate's runs import the patched copy
+    assert patched_tree(tmp_path / "change.diff", tree, root).path == copy.path  # same tree and patch: reused
+
+    (tmp_path / "bad.diff").write_text(PATCH.replace("VALUE = 1", "VALUE = 7"))
+    with pytest.raises(GlasslabError, match="does not apply"):
+        patched_tree(tmp_path / "bad.diff", tree, root)
+    assert sorted(p.name for p in (root / layout.EXPERIMENT_TREES).iterdir()) == [copy.path.name]
+    assert (tree / "plugmod.py").read_text() == "VALUE = 1\n"

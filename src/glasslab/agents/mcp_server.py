@@ -109,10 +109,12 @@ def build_server(root: Path, runs_dir: Path) -> tuple[Any, Jobs]:
         min_effect: float = 0.0,
         aa: bool = False,
         workers: int = 1,
+        patch: str | None = None,
     ) -> dict[str, Any]:
         """Start an experiment in the background: the baseline (base preset or config, with the budget) against
         the candidate (baseline + sets, e.g. ["train.lr=1e-3"]) over seeds 0..seeds-1, paired. Returns its id at
-        once; poll status(id). aa=true runs an A/A check instead (no sets)."""
+        once; poll status(id). aa=true runs an A/A check instead (no sets). patch: a unified diff file, applied to
+        an isolated copy of the server's working tree for the candidate."""
         from glasslab.experiment.arms import Request, prepare
         from glasslab.experiment.ledger import new_id
 
@@ -133,6 +135,7 @@ def build_server(root: Path, runs_dir: Path) -> tuple[Any, Jobs]:
                 stages=stage_list,
                 min_effect=min_effect,
                 aa=aa,
+                patch=Path(patch) if patch else None,
             )
         )
         job_id = new_id()
@@ -141,6 +144,8 @@ def build_server(root: Path, runs_dir: Path) -> tuple[Any, Jobs]:
         args += ["--workers", str(workers)] + (["--budget", budget] if budget else []) + (["--aa"] if aa else [])
         for pair in sets or []:
             args += ["--set", pair]
+        if patch:
+            args += ["--patch", patch]
         return jobs.start(job_id, "experiment", args)
 
     @tool

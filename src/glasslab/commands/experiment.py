@@ -21,6 +21,9 @@ def experiment(
     patch: Annotated[
         Path | None, typer.Option(help="a unified diff applied to an isolated copy of the source tree")
     ] = None,
+    tree: Annotated[
+        Path | None, typer.Option(help="the tree --patch applies to (default: the working directory's git top level)")
+    ] = None,
     metric: Annotated[str, typer.Option(help="the one number compared, e.g. val/bpb or eval/arithmetic/accuracy")] = (
         "val/bpb"
     ),
@@ -66,6 +69,7 @@ def experiment(
         min_effect=min_effect,
         aa=aa,
         patch=patch,
+        tree=tree,
     )
 
     def say(line: str) -> None:

@@ -51,6 +51,7 @@ class Request:
     min_effect: float = 0.0
     aa: bool = False
     patch: Path | None = None
+    tree: Path | None = None  # the tree the patch applies to (default: the git top level of the working directory)
 
 
 @dataclass
@@ -68,7 +69,9 @@ class Arms:
     changes: dict[str, list[Any]]  # key -> [baseline value, candidate value]
     refusal: str | None  # why this is not an experiment (seed only, nothing changed), else None
 
-    def plan(self, name: str, seeds: dict[str, list[int]], arm_ids: dict[str, str]) -> Plan:
+    def plan(
+        self, name: str, seeds: dict[str, list[int]], arm_ids: dict[str, str], env: dict[str, dict[str, str]]
+    ) -> Plan:
         """The runs of both arms, pairs interleaved (baseline seed 0, candidate seed 0, baseline seed 1, ...) so
         that with two workers a pair trains side by side, under the same load."""
         metric = MetricSpec(name=self.request.metric, stage=self.metric_stage)
@@ -78,7 +81,14 @@ class Arms:
         for pair in zip(seeds[BASELINE], seeds[CANDIDATE]):
             for arm, seed in zip((BASELINE, CANDIDATE), pair):
                 runs.append(
-                    PlannedRun(f"{arm_ids[arm]}-seed{seed}", seed, list(self.request.stages), sets[arm], {"arm": arm})
+                    PlannedRun(
+                        f"{arm_ids[arm]}-seed{seed}",
+                        seed,
+                        list(self.request.stages),
+                        sets[arm],
+                        {"arm": arm},
+                        env=env.get(arm, {}),
+                    )
                 )
         return Plan(spec, 1.0, sorted({s for v in seeds.values() for s in v}), None, runs)
 

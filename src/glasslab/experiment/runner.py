@@ -18,6 +18,7 @@ from glasslab.errors import GlasslabError
 from glasslab.experiment import ledger
 from glasslab.experiment.arms import BASELINE, CANDIDATE, Arms, Request, arm_id, prepare
 from glasslab.experiment.decision import judge
+from glasslab.experiment.patch import default_tree, patched_tree
 from glasslab.experiment.source import code_hash, git_commit
 from glasslab.study.stats import summarize
 from glasslab.track import layout
@@ -65,9 +66,16 @@ def run_experiment(
         timed = req.budget is not None and parse_budget(req.budget).unit == "seconds"
         # A seconds budget measures the machine's load too: its runs are this experiment's own, never reused.
         nonce = entry["id"] if timed else ""
+        env: dict[str, dict[str, str]] = {}
+        changed = "aa" if req.aa else ""
+        if req.patch is not None:
+            tree = patched_tree(req.patch, req.tree or default_tree(), root)
+            env[CANDIDATE] = tree.env()
+            changed = tree.patch_sha256 + tree.tree_sha256
+            entry |= {"patch_sha256": tree.patch_sha256, "patch": tree.patch_text, "tree": str(tree.path)}
         ids = {
             BASELINE: arm_id(arms.baseline, req.stages, code, nonce),
-            CANDIDATE: arm_id(arms.candidate, req.stages, code, nonce + ("aa" if req.aa else "")),
+            CANDIDATE: arm_id(arms.candidate, req.stages, code, nonce + changed),
         }
         entries = ledger.read(path)
         n = req.seeds
@@ -76,13 +84,13 @@ def run_experiment(
             seeds = {BASELINE: first[:n], CANDIDATE: first[n:]}
         else:
             seeds = {BASELINE: list(range(n)), CANDIDATE: list(range(n))}
-        rounds = [_round(arms, entry["id"], "screen", seeds, ids, root, workers, report)]
+        rounds = [_round(arms, entry["id"], "screen", seeds, ids, env, root, workers, report)]
         if rounds[0]["judgement"]["verdict"] == "better":
             taken = set(seeds[BASELINE]) | set(seeds[CANDIDATE])
             fresh = ledger.fresh_seeds(entries, 2 * n if req.aa else n, taken)
             confirm = {BASELINE: fresh[:n], CANDIDATE: fresh[n:] if req.aa else fresh}
             report(f"better on seeds {seeds[CANDIDATE]}: confirming on fresh seeds {confirm[CANDIDATE]}")
-            rounds.append(_round(arms, entry["id"], "confirm", confirm, ids, root, workers, report))
+            rounds.append(_round(arms, entry["id"], "confirm", confirm, ids, env, root, workers, report))
     final = rounds[-1]["judgement"]
     kept = final["verdict"] == "better"
     if kept:
@@ -117,6 +125,7 @@ def _entry(arms: Arms, entry_id: str) -> dict[str, Any]:
         "code_hash": code_hash(),
         "patch_sha256": None,
         "patch": None,
+        "tree": None,
         "base": req.base,
         "base_sets": list(req.base_sets),
         "stages": list(req.stages),
@@ -137,6 +146,7 @@ def _round(
     name: str,
     seeds: dict[str, list[int]],
     ids: dict[str, str],
+    env: dict[str, dict[str, str]],
     root: Path,
     workers: int,
     report: Callable[[str], None],
@@ -144,7 +154,7 @@ def _round(
     from glasslab.study.aggregate import collect
     from glasslab.study.executor import execute
 
-    plan = arms.plan(f"{entry_id}-{name}", seeds, ids)
+    plan = arms.plan(f"{entry_id}-{name}", seeds, ids, env)
     outcomes = {o.name: o for o in execute(plan, root, workers=workers, report=report)}
     results = collect(plan, root / layout.STUDY_RUNS)
     title = plan.spec.metrics[0].title
