@@ -148,6 +148,8 @@ def test_aa_check_on_the_smoke_model_is_no_effect(tmp_path) -> None:
     values = [r["value"] for arm in screen["arms"].values() for r in arm["runs"]]
     assert all(v is not None and 1.0 < v < 10.0 for v in values) and entry["noise_floor"] > 0
     assert ledger.aa_rate(ledger.read(root / layout.LEDGER)) == {"checks": 1, "false_effects": 0, "false_kept": 0}
+    page = (root / layout.LEDGER_PAGE).read_text()
+    assert "data:image/png" in page and 'href="runs/' in page and "1 called noise an effect" not in page
 
 
 TUNE = """

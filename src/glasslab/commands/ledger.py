@@ -30,7 +30,15 @@ def ledger(
     entries = book.read(path)
     shown = entries[-last:] if last else entries
     if json_:
-        emit_json({"ledger": str(path), "entries": shown, "aa": book.aa_rate(entries)})
+        page = Path(dir_) / layout.LEDGER_PAGE
+        emit_json(
+            {
+                "ledger": str(path),
+                "page": str(page) if page.is_file() else None,
+                "entries": shown,
+                "aa": book.aa_rate(entries),
+            }
+        )
         return
     table = Table("id", "decision", "verdict", "metric", "difference ± 95%", "p", "what", title=str(path))
     for e in shown:
@@ -43,3 +51,5 @@ def ledger(
     aa = book.aa_rate(entries)
     if aa["checks"]:
         console.print(f"A/A checks: {aa['false_effects']} of {aa['checks']} called noise an effect", highlight=False)
+    if (Path(dir_) / layout.LEDGER_PAGE).is_file():
+        console.print(f"page: {Path(dir_) / layout.LEDGER_PAGE}", highlight=False)

@@ -18,6 +18,7 @@ from glasslab.errors import GlasslabError
 from glasslab.experiment import ledger
 from glasslab.experiment.arms import BASELINE, CANDIDATE, Arms, Request, arm_id, prepare
 from glasslab.experiment.decision import judge
+from glasslab.experiment.page import build_ledger_page
 from glasslab.experiment.patch import default_tree, patched_tree
 from glasslab.experiment.source import code_hash, git_commit
 from glasslab.study.stats import summarize
@@ -59,6 +60,7 @@ def run_experiment(
     if arms.refusal:
         entry |= {"decision": "refused", "verdict": None, "reason": arms.refusal}
         ledger.append(path, entry)
+        build_ledger_page(root)
         return entry
     t0 = time.time()
     with lab_lock(root, report):
@@ -111,6 +113,7 @@ def run_experiment(
         "wall_time_s": round(time.time() - t0, 1),
     }
     ledger.append(path, entry)
+    build_ledger_page(root)
     return entry
 
 
