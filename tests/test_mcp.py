@@ -93,4 +93,12 @@ def test_an_agent_runs_an_experiment_to_its_decision_over_stdio(tmp_path: Path) 
             error, message = await call(client, "status", {"id": "nope"})
             assert error and "no job 'nope'" in message
 
+            error, started = await call(client, "start_experiment", args | {"sets": ["train.lr=1e-2"], "seeds": 2})
+            error, cancelled = await call(client, "cancel", {"id": started["id"]})
+            assert not error and cancelled["state"] == "cancelled"
+            while (await call(client, "status", {"id": started["id"]}))[1]["state"] == "running":
+                await anyio.sleep(0.5)
+            error, book = await call(client, "read_ledger", {})
+            assert [e["id"] for e in book["entries"]] == [entry["id"]]  # a cancelled experiment decides nothing
+
     anyio.run(session)
