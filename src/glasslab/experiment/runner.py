@@ -68,6 +68,11 @@ def run_experiment(
         timed = req.budget is not None and parse_budget(req.budget).unit == "seconds"
         # A seconds budget measures the machine's load too: its runs are this experiment's own, never reused.
         nonce = entry["id"] if timed else ""
+        if timed:
+            report(
+                "seconds budget: noisy on a shared machine and not reproducible; arms run interleaved "
+                "(a pair side by side with --workers 2) and these runs are never reused"
+            )
         env: dict[str, dict[str, str]] = {}
         changed = "aa" if req.aa else ""
         if req.patch is not None:
