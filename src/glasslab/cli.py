@@ -12,8 +12,11 @@ from glasslab.commands import (
     chat,
     compare,
     eval_,
+    experiment,
     export,
     import_hf,
+    ledger,
+    mcp,
     plot,
     pretrain,
     probes,
@@ -25,6 +28,7 @@ from glasslab.commands import (
     sample,
     sft,
     study,
+    tune,
 )
 from glasslab.errors import GlasslabError
 from glasslab.ui import console, errors
@@ -76,6 +80,10 @@ COMMANDS = {
     "plot": plot.plot,
     "probes": probes.probes,
     "study": study.study,
+    "experiment": experiment.experiment,
+    "ledger": ledger.ledger,
+    "mcp": mcp.mcp,
+    "tune": tune.tune,
 }
 for _name, _command in COMMANDS.items():
     app.command(name=_name)(_command)

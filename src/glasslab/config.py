@@ -14,9 +14,10 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 
 import tomli_w
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from glasslab.errors import GlasslabError
+from glasslab.train.budget import parse_budget
 
 PRESETS = ("smoke", "tiny", "tiny-moe", "small", "gpt2-124m", "small-moe")
 
@@ -201,6 +202,9 @@ class TrainConfig(Section):
     """One stage's optimisation: steps, batch, optimiser, schedule, and how often to evaluate and save."""
 
     steps: int = Field(1000, ge=1)
+    # Stop earlier, after the step that crosses this: "2000steps", "1e6tokens", "90s" (train/budget.py). The
+    # schedule stays over `steps`; seconds depend on the machine's load and are not reproducible.
+    budget: str | None = None
     batch_size: int = Field(16, ge=1)
     grad_accum: int = Field(1, ge=1)
     optimizer: Literal["adamw", "muon"] = "adamw"
@@ -222,6 +226,11 @@ class TrainConfig(Section):
     sample_every: int = Field(0, ge=0)  # 0: only at the end of the stage
     checkpoint_every: int = Field(200, ge=1)
     keep_last: int = Field(2, ge=1)
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_parses(cls, v: str | None) -> str | None:
+        return None if v is None else str(parse_budget(v))
 
 
 class SystemConfig(Section):

@@ -175,7 +175,8 @@ def _batch(
                 log.write(f"$ {' '.join(cmd[3:])}\n")
                 log.flush()
                 # Own session: a Ctrl-C in the terminal reaches this process only, which then stops each run once.
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                env = {**os.environ, **run.env} if run.env else None
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
                 running.append(_Job(run, action, proc, time.monotonic(), log))
                 report(
                     f"{'resumed' if action == 'resume' else 'started'} {run.name} ({threads} thread{'s' * (threads > 1)})"

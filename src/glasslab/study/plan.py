@@ -31,9 +31,13 @@ class PlannedRun:
     sets: list[str]  # --set KEY=VALUE pairs, in order
     levels: dict[str, Any] = field(default_factory=dict)  # factor name -> value
     from_base: bool = False
+    env: dict[str, str] = field(default_factory=dict)  # extra environment (a patched tree's PYTHONPATH)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.env:  # plan.json of runs without one reads as before
+            del out["env"]
+        return out
 
 
 @dataclass

@@ -21,6 +21,11 @@ in a process without torch. The layout of a run directory `runs/<name>/`:
 Token shards live beside the runs, in `<runs dir>/.cache/`, shared by every run on the same data and tokenizer;
 `glasslab compare` writes compare.html there by default. A study directory holds plan.json, runs/ (run
 directories), logs/<run>.log, report.html, summary.json, findings.md and figures/<name>.png.
+
+An experiments directory (`glasslab experiment`, default `experiments/`) is a study directory shared by every
+experiment: runs/<arm>-seed<S>/ are named by a hash of what makes them (config, stages, code), so a baseline run
+already made is found and reused, never trained twice; ledger.jsonl holds one JSON object per experiment, appended
+atomically; ledger.html is the page over it; trees/<hash>/ are patched copies of the source tree.
 """
 
 from __future__ import annotations
@@ -54,6 +59,13 @@ STUDY_REPORT = REPORT
 STUDY_SUMMARY = "summary.json"
 STUDY_FINDINGS = "findings.md"
 STUDY_FIGURES = "figures"  # <figure name>.png
+
+# An experiments directory (glasslab.experiment): a study directory (plan.json, runs/, logs/) plus these.
+EXPERIMENTS = "experiments"  # the default, relative to the working directory
+LEDGER = "ledger.jsonl"
+LEDGER_PAGE = "ledger.html"
+EXPERIMENT_TREES = "trees"  # <patch hash>/: an isolated, patched copy of the source tree
+EXPERIMENT_LOCK = ".lock"  # held while an experiment runs: experiments sharing runs/ take turns
 
 # Inside one checkpoint directory, checkpoints/<stage>/step-NNNNNNN/.
 CHECKPOINT_MODEL = "model.safetensors"

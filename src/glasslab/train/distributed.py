@@ -51,3 +51,12 @@ def barrier() -> None:
     """Wait for every rank (e.g. until rank 0 has written a file the others read)."""
     if dist.is_initialized():
         dist.barrier()
+
+
+def main_values(*xs: float) -> list[float]:
+    """Rank 0's values on every rank: what must be decided the same everywhere (when a budget is spent)."""
+    if not dist.is_initialized():
+        return list(xs)
+    t = torch.tensor(xs, dtype=torch.float64)
+    dist.broadcast(t, src=0)
+    return t.tolist()

@@ -27,7 +27,8 @@ from glasslab.model.moe import add_router_losses
 from glasslab.track.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from glasslab.track.metrics import MetricStore
 from glasslab.track.rundir import RunDir
-from glasslab.train.distributed import is_main, world_size, wrap
+from glasslab.train.budget import BudgetMeter
+from glasslab.train.distributed import is_main, main_values, world_size, wrap
 from glasslab.train.optim import build_optimizer, set_lr
 from glasslab.train.precision import autocast_dtype
 
@@ -243,9 +244,9 @@ def train(
     progress: Any = None,
     system: SystemConfig | None = None,
 ) -> int:
-    """Run (or resume) one stage to cfg.steps. Returns the final step. With `system.compile`, the objective's
-    training forward runs through torch.compile, and under `system.precision` in bfloat16 autocast; evaluation,
-    sampling and probes use the plain float32 module."""
+    """Run (or resume) one stage to cfg.steps, or until cfg.budget is spent. Returns the final step. With
+    `system.compile`, the objective's training forward runs through torch.compile, and under `system.precision` in
+    bfloat16 autocast; evaluation, sampling and probes use the plain float32 module."""
     system = system or SystemConfig()
     stage = objective.stage
     main = is_main()  # under torchrun, only rank 0 writes the run directory
@@ -258,6 +259,7 @@ def train(
     optimizer = build_optimizer(model, cfg)
     ctx = StepContext(stage, model, optimizer, objective, run, cfg)
     ckpt_root = run.checkpoints_dir
+    budget = BudgetMeter(cfg.budget)
     resume_from = latest_checkpoint(ckpt_root, stage)
     hook_state: dict[str, dict] = {}
     if resume_from is not None:
@@ -268,6 +270,7 @@ def train(
         objective.load_state_dict(ckpt.extra["objective"])
         _set_rng_state(ckpt.rng)
         hook_state = ckpt.extra.get("hooks", {})  # checkpoints from before hooks kept state have none
+        budget.load_state_dict(ckpt.extra.get("budget", {}))
         ctx.step = ckpt.step
     if main:  # what a killed run logged after its last checkpoint: the resumed run logs it again
         store.truncate_after(stage, ctx.step)
@@ -287,6 +290,7 @@ def train(
                 "arch": arch,
                 "objective": objective.state_dict(),
                 "hooks": {key: h.state_dict() for key, h in zip(hook_keys(hooks), hooks)},
+                "budget": budget.state_dict(),
             },
             rng=_rng_state(),
             keep_last=cfg.keep_last,
@@ -299,7 +303,7 @@ def train(
     )
     with StopRequested() as stop, running(hooks, ctx, hook_state):
         model.train()
-        while ctx.step < cfg.steps:
+        while ctx.step < cfg.steps and not budget.spent(ctx.step):
             t0 = time.perf_counter()
             ctx.metrics = {"optim/lr": set_lr(optimizer, ctx.step, cfg)}
             for h in hooks:
@@ -336,7 +340,9 @@ def train(
             ctx.metrics.update({"throughput/tokens_per_s": tokens * world_size() / dt, "time/step_s": dt})
             if main:
                 store.log(ctx.step, stage, ctx.metrics)
-            last = ctx.step == cfg.steps
+            spent = (tokens * world_size(), time.perf_counter() - t0)
+            budget.add(*(main_values(*spent) if budget.measured else spent))  # every rank stops at rank 0's count
+            last = ctx.step == cfg.steps or budget.spent(ctx.step)
             if (cfg.eval_every and ctx.step % cfg.eval_every == 0) or last:
                 ctx.metrics = objective.evaluate(model)
                 for h in hooks:
