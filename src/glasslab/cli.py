@@ -21,6 +21,7 @@ from glasslab.commands import (
     run,
     runs,
     sample,
+    serve,
     sft,
     study,
 )
@@ -55,6 +56,7 @@ COMMANDS = {
     "eval": eval_.eval_,
     "sample": sample.sample,
     "chat": chat.chat,
+    "serve": serve.serve,
     "runs": runs.runs,
     "report": report.report,
     "compare": compare.compare,
