@@ -1,7 +1,7 @@
 """The HTTP side: OpenAI-compatible endpoints, the page, and the runs directory's live data, in one FastAPI app.
 
-Generation happens on each model's engine thread; a request turns into jobs, and the engine's steps come back
-through an asyncio queue. Every mistake a client can make is answered with a 4xx and an OpenAI-style error body
+Generation happens on each model's engine thread; a request turns into jobs, one per choice, and the engine's
+steps come back through the request's asyncio queue (stream.py). Every mistake a client can make is answered with a 4xx and an OpenAI-style error body
 (`{"error": {"message", "type", ...}}`), and never reaches the engine: the body is bounded before it is read,
 parsed and validated before a model is touched, and its prompt and budget checked against the model's context.
 """
@@ -13,7 +13,8 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from importlib import resources
@@ -28,11 +29,13 @@ from starlette.exceptions import HTTPException
 from glasslab.chat.format import Message, render_prompt
 from glasslab.chat.tools import ToolInterceptor
 from glasslab.errors import GlasslabError
-from glasslab.serve.engine import Busy, Job, Sampling, Step
+from glasslab.serve.engine import Busy, Job, Sampling
+from glasslab.serve.errors import ApiError
 from glasslab.serve.live import run_detail, runs_overview
 from glasslab.serve.models import AllBusy, Loaded, ModelPool
 from glasslab.serve.schemas import MAX_STOP, ChatRequest, CompletionRequest, Sampled
-from glasslab.serve.text import ChatText, PlainText, StopStrings, ToolCall
+from glasslab.serve.stream import Choices, Mailbox, chunks, sse, whole
+from glasslab.serve.text import ChatText, PlainText
 
 _PAGE = resources.files("glasslab.serve") / "page"
 _VENDOR = resources.files("glasslab.report") / "vendor"
@@ -52,17 +55,6 @@ class Limits:
     max_tokens: int | None = None  # per completion; None = the model's context
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
-
-
-def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return JSONResponse(body, status_code=status)
-
-
 class BodyLimit:
     """ASGI middleware: a request body past `limit` bytes is refused (413) before the app reads it, whether its
     Content-Length says so or it streams in chunks."""
@@ -76,7 +68,8 @@ class BodyLimit:
         message = f"request body larger than {self.limit} bytes: send a shorter prompt"
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await _error(413, message)(scope, receive, send)
+            e = ApiError(413, message)
+            return await JSONResponse(e.body(), status_code=413)(scope, receive, send)
         seen = 0
 
         async def bounded() -> dict:
@@ -93,16 +86,16 @@ class BodyLimit:
 def create_app(pool: ModelPool, runs_dir: Path, *, limits: Limits = Limits(), api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="glasslab", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-        return _error(e.status, e.message, e.kind, e.param)
+        return JSONResponse(e.body(), status_code=e.status)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
-        return _error(
-            e.status_code, str(e.detail), "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        )
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(ApiError(e.status_code, str(e.detail), kind).body(), status_code=e.status_code)
 
     async def check_key(request: Request) -> None:
         """The API key, when the server has one, compared in constant time."""
@@ -167,12 +160,13 @@ def create_app(pool: ModelPool, runs_dir: Path, *, limits: Limits = Limits(), ap
         if len(req.stops) > MAX_STOP:
             raise ApiError(400, f"at most {MAX_STOP} stop strings", param="stop")
         budget = min(max_tokens or block, block - len(prompt))
-        tok, loop, queue = model.tok, asyncio.get_running_loop(), asyncio.Queue()
+        tok, queue, loop = model.tok, asyncio.Queue(), asyncio.get_running_loop()
+        mailbox = mailboxes.get(loop) or mailboxes.setdefault(loop, Mailbox(loop))
         jobs = [
             Job(
                 prompt,
                 Sampling(budget, req.temperature, req.top_k, req.top_p, None if req.seed is None else req.seed + i),
-                emit=partial(_post, loop, queue, i),
+                emit=partial(mailbox.post, queue, i),
                 interceptor=ToolInterceptor(tok) if chat else None,
                 stop_ids=(tok.end_id,),
             )
@@ -187,18 +181,17 @@ def create_app(pool: ModelPool, runs_dir: Path, *, limits: Limits = Limits(), ap
             "created": int(time.time()),
             "model": req.model,
         }
-        counts = [0] * len(jobs)
-        pieces = _pieces(queue, jobs, [(ChatText if chat else PlainText)(tok) for _ in jobs], req.stops, counts)
-        usage = partial(_usage, len(prompt), counts)
+        choices = Choices(jobs, queue, [(ChatText if chat else PlainText)(tok) for _ in jobs], req.stops)
+        usage = partial(choices.usage, len(prompt))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                _sse(_stream(pieces, head, chat, usage if include_usage else None), jobs),
+                sse(chunks(choices, head, chat, usage if include_usage else None), jobs),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         try:
-            return JSONResponse(await _whole(pieces, head, chat, usage))
+            return JSONResponse(await whole(choices, head, chat, usage))
         finally:
             for job in jobs:
                 job.cancel()
@@ -276,107 +269,3 @@ async def _parse(request: Request, schema: type[BaseModel]) -> Any:
 
 def _message(role: str, text: str) -> Message:
     return Message("system" if role == "developer" else role, text)
-
-
-def _post(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int, step: Step) -> None:
-    """Called on the engine thread: hand the step to the request's event loop."""
-    loop.call_soon_threadsafe(queue.put_nowait, (index, step))
-
-
-@dataclass
-class Piece:
-    index: int
-    text: str
-    calls: list[ToolCall]
-    finish: str | None
-
-
-async def _pieces(
-    queue: asyncio.Queue, jobs: list[Job], decoders: list, stops: list[str], counts: list[int]
-) -> AsyncIterator[Piece]:
-    """The request's choices as they grow: new text and tool calls, then each choice's finish reason. `counts`
-    keeps each choice's completion tokens, up to where it ended."""
-    stoppers = [StopStrings(stops) for _ in jobs]
-    open_ = set(range(len(jobs)))
-    while open_:
-        index, step = await queue.get()
-        if index not in open_:
-            continue  # a choice already ended by a stop string: tokens decoded meanwhile are not part of it
-        if step.error:
-            raise ApiError(500, step.error, "server_error")
-        done = step.finish is not None
-        counts[index] += 1
-        text, calls = decoders[index].feed([step.token], final=done)
-        text, hit = stoppers[index].feed(text, final=done)
-        if hit:
-            jobs[index].cancel()
-        finish = "stop" if hit else step.finish
-        if finish:
-            open_.discard(index)
-        if text or calls or finish:
-            yield Piece(index, text, calls, finish)
-
-
-def _usage(prompt_tokens: int, counts: list[int]) -> dict[str, int]:
-    completion = sum(counts)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
-
-
-def _calls(calls: list[ToolCall]) -> list[dict[str, str]]:
-    return [{"expression": c.expression, "result": c.result} for c in calls]
-
-
-async def _whole(pieces: AsyncIterator[Piece], head: dict, chat: bool, usage: Callable[[], dict]) -> dict:
-    text: dict[int, list[str]] = {}
-    calls: dict[int, list[ToolCall]] = {}
-    finish: dict[int, str | None] = {}
-    async for p in pieces:
-        text.setdefault(p.index, []).append(p.text)
-        calls.setdefault(p.index, []).extend(p.calls)
-        finish[p.index] = p.finish or finish.get(p.index)
-    choices = []
-    for i in sorted(text):
-        if chat:
-            message = {"role": "assistant", "content": "".join(text[i]), "calculator_calls": _calls(calls[i])}
-            choices.append({"index": i, "message": message, "finish_reason": finish[i], "logprobs": None})
-        else:
-            choices.append({"index": i, "text": "".join(text[i]), "finish_reason": finish[i], "logprobs": None})
-    kind = "chat.completion" if chat else "text_completion"
-    return {**head, "object": kind, "choices": choices, "usage": usage()}
-
-
-async def _stream(
-    pieces: AsyncIterator[Piece], head: dict, chat: bool, usage: Callable[[], dict] | None
-) -> AsyncIterator[dict]:
-    """OpenAI's chunks: a role delta first (chat), then text deltas (and, from glasslab, calculator calls), a
-    last chunk per choice with its finish reason, and the usage when the client asked for it."""
-    kind = "chat.completion.chunk" if chat else "text_completion"
-    started: set[int] = set()
-    async for p in pieces:
-        if chat:
-            delta: dict[str, Any] = {} if p.index in started else {"role": "assistant"}
-            started.add(p.index)
-            if p.text or not p.finish:
-                delta["content"] = p.text
-            if p.calls:
-                delta["calculator_calls"] = _calls(p.calls)
-            choice = {"index": p.index, "delta": delta, "finish_reason": p.finish, "logprobs": None}
-        else:
-            choice = {"index": p.index, "text": p.text, "finish_reason": p.finish, "logprobs": None}
-        yield {**head, "object": kind, "choices": [choice]}
-    if usage is not None:
-        yield {**head, "object": kind, "choices": [], "usage": usage()}
-
-
-async def _sse(chunks: AsyncIterator[dict], jobs: list[Job]) -> AsyncIterator[str]:
-    """Server-sent events; an error mid-stream becomes an error event. However the stream ends (finished,
-    failed, or the client went away and the response was cancelled), its rows leave the decode batch."""
-    try:
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
-    except ApiError as e:
-        yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind, 'param': None, 'code': None}})}\n\n"
-    finally:
-        for job in jobs:
-            job.cancel()

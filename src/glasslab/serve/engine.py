@@ -101,6 +101,10 @@ class Engine:
             if len(self._pending) + len(self.rows) + len(jobs) > self.max_queue:
                 raise Busy(f"{len(self._pending) + len(self.rows)} completions queued or running")
             for job in jobs:
+                if not job.prompt or len(job.prompt) + job.sampling.max_tokens > self.block:
+                    raise ValueError(
+                        f"a prompt of {len(job.prompt)} tokens and {job.sampling.max_tokens} more exceed the context"
+                    )
                 job.gen = torch.Generator(device=self.device)
                 job.gen.manual_seed(job.sampling.seed if job.sampling.seed is not None else torch.seed())
             self._pending.extend(jobs)
@@ -204,8 +208,11 @@ class Engine:
         logits = self.model(pb.idx, positions=pb.positions, mask=pb.mask, cache=cache)[pb.rows, -1]
         cache.select(pb.rows)
         if self._cache is None:
-            self._cache = KVCache(self.model, 0, 2 * self.block)
-            self._keys = torch.zeros(0, 2 * self.block, dtype=torch.bool, device=self.device)
+            # Every row spans at most `block` columns (submit checks it) and the columns no row attends are
+            # reclaimed once they reach block // 4, so this many columns always hold the batch.
+            capacity = self.block + self.block // 4 + 1
+            self._cache = KVCache(self.model, 0, capacity)
+            self._keys = torch.zeros(0, capacity, dtype=torch.bool, device=self.device)
         if width > self._cache.length:
             self._shift(width - self._cache.length)
         length, capacity = self._cache.length, self._keys.size(1)
@@ -240,9 +247,10 @@ class Engine:
     def _decode(self, tokens: list[int]) -> None:
         """One step for every row: the token each row just produced goes through the model."""
         assert self._cache is not None
-        if self._cache.length + 1 > self._keys.size(1):
-            attended = self._keys[:, : self._cache.length].any(0).nonzero()
-            self._shift(-int(attended[0]) if len(attended) else -self._cache.length)
+        attended = self._keys[:, : self._cache.length].any(0).nonzero()
+        unused = int(attended[0]) if len(attended) else self._cache.length  # leading columns no row attends
+        if self._cache.length + 1 > self._keys.size(1) or unused >= self.block // 4:
+            self._shift(-unused)  # every step attends over all columns: keep them to what the rows need
         col = self._cache.length
         self._keys[:, col] = True
         token = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
