@@ -251,6 +251,17 @@ def test_greedy_answer_is_glasslab_chats(server, runs_dir: Path):
     assert answer["choices"][0]["message"]["content"] == reply
 
 
+def test_beam_search_request_answers_what_sample_does(server, runs_dir: Path):
+    args = ["sample", str(runs_dir / "a"), "--prompt", "ab", "--max-new-tokens", "12", "--num-beams", "4"]
+    result = CliRunner().invoke(cli, [*args, "--n", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    samples = json.loads(result.stdout)["samples"]
+    body = {"model": "a", "prompt": "ab", "max_tokens": 12, "num_beams": 4, "n": 2}
+    status, answer = _raw(server.port, "POST", "/v1/completions", json.dumps(body))
+    assert status == 200
+    assert ["ab" + c["text"] for c in json.loads(answer)["choices"]] == samples
+
+
 # ---- hostile requests, a client leaving mid-stream ---------------------------------------------------------------
 
 
@@ -283,6 +294,8 @@ HOSTILE = [
     ("POST", "/v1/chat/completions", json.dumps({"model": "a", "messages": [{"role": "user", "content": 5}]}), 400),
     ("POST", "/v1/chat/completions", b"{" + b" " * 100_000 + b"}", 413),
     ("POST", "/v1/completions", json.dumps({"model": "a", "prompt": ["a", "b"]}), 400),
+    ("POST", "/v1/completions", json.dumps({"model": "a", "prompt": "a", "num_beams": 100}), 400),
+    ("POST", "/v1/completions", json.dumps({"model": "a", "prompt": "a", "num_beams": 2, "stream": True}), 400),
     ("GET", "/v1/chat/completions", None, 405),
     ("GET", "/v1/nothing", None, 404),
     ("GET", "/files/../../../etc/passwd", None, 404),

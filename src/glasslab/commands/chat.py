@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from glasslab.commands.options import Json, RunArg
+from glasslab.commands.options import Json, NumBeams, RunArg
 from glasslab.errors import GlasslabError
 from glasslab.ui import console, emit_json
 
@@ -20,6 +20,7 @@ def chat(
     top_k: Annotated[int | None, typer.Option(help="keep the k most likely tokens")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="tokens per answer")] = 64,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    num_beams: NumBeams = 1,
     json_: Json = False,
 ) -> None:
     """Talk to a run's newest checkpoint: streamed answers, multi-turn, calculator tool calls shown."""
@@ -32,11 +33,15 @@ def chat(
     from glasslab.stages.common import load_model
     from glasslab.track.rundir import RunDir
 
+    if num_beams < 1:
+        raise GlasslabError(f"--num-beams must be at least 1, got {num_beams}")
     if json_ and prompt is None:
         raise GlasslabError("--json needs --prompt: the interactive chat has no JSON form")
     model, tok, _ = load_model(RunDir.open(run_dir))
     out = Console(file=sys.stdout, highlight=False)
-    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    sampling = dict(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams
+    )
     if prompt is None:
         repl(model, tok, system=system, seed=seed, out=out, ui=console, **sampling)
         return

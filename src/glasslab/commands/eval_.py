@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from glasslab.commands.options import Json, RunArg, Sets
+from glasslab.commands.options import Json, NumBeams, RunArg, Sets
 from glasslab.errors import GlasslabError
 from glasslab.ui import console, emit_json
 
@@ -27,6 +27,7 @@ def eval_(
     text: Annotated[
         bool, typer.Option("--text", help="also loss and bits per byte on the pretraining's held-out text")
     ] = False,
+    num_beams: NumBeams = 1,
     set_: Sets = None,
     json_: Json = False,
 ) -> None:
@@ -44,6 +45,8 @@ def eval_(
         pass_k = [int(x) for x in k.split(",")] if k else cfg.eval.pass_k
     except ValueError:
         raise GlasslabError(f"--k '{k}' is not a list of integers: write it like --k 1,4") from None
+    if num_beams < 1:
+        raise GlasslabError(f"--num-beams must be at least 1, got {num_beams}")
     seed = cfg.seed if seed is None else seed
     done = evaluate_run(
         run,
@@ -56,6 +59,7 @@ def eval_(
         temperature=cfg.eval.temperature if temperature is None else temperature,
         max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens,
         text=text,
+        num_beams=num_beams,
     )
     result, text_metrics, step = done.result, done.text, done.step
     if json_:
@@ -66,7 +70,7 @@ def eval_(
     )
     table.add_column("metric")
     table.add_column("value", justify="right")
-    table.add_row("accuracy (greedy)", f"{result.accuracy:.1%}")
+    table.add_row("accuracy (greedy)" if num_beams == 1 else f"accuracy ({num_beams} beams)", f"{result.accuracy:.1%}")
     for kk, v in result.pass_at_k.items():
         table.add_row(f"pass@{kk}", f"{v:.1%}")
     for name, v in result.rewards.items():

@@ -16,4 +16,5 @@ Overwrite = Annotated[bool, typer.Option(help="replace an existing run of that n
 Resume = Annotated[bool, typer.Option(help="continue an existing run of that name")]
 RunArg = Annotated[Path, typer.Argument(help="a run directory, e.g. runs/my-run")]
 Runs = Annotated[list[Path], typer.Argument(help="run directories, e.g. runs/a runs/b")]
+NumBeams = Annotated[int, typer.Option(help="beam search with this many beams (length-normalised); 1 = off")]
 Align = Annotated[str, typer.Option(help="x axis: step, or tokens seen (from the logged throughput)")]

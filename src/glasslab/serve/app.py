@@ -29,7 +29,8 @@ from starlette.exceptions import HTTPException
 from glasslab.chat.format import Message, render_prompt
 from glasslab.chat.tools import ToolInterceptor
 from glasslab.errors import GlasslabError
-from glasslab.serve.engine import Busy, Job, Sampling
+from glasslab.model.beam import beam_search
+from glasslab.serve.engine import Busy, Job, Sampling, Step
 from glasslab.serve.errors import ApiError
 from glasslab.serve.live import run_detail, runs_overview
 from glasslab.serve.models import AllBusy, Loaded, ModelPool
@@ -53,6 +54,7 @@ class Limits:
     max_n: int = 8
     max_concurrent: int = 64  # completions queued or generating, per model; more get 429
     max_tokens: int | None = None  # per completion; None = the model's context
+    max_beams: int = 8
 
 
 class BodyLimit:
@@ -86,6 +88,7 @@ class BodyLimit:
 def create_app(pool: ModelPool, runs_dir: Path, *, limits: Limits = Limits(), api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="glasslab", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    beam_lock = asyncio.Lock()
     mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
 
     @app.exception_handler(ApiError)
@@ -160,6 +163,8 @@ def create_app(pool: ModelPool, runs_dir: Path, *, limits: Limits = Limits(), ap
         if len(req.stops) > MAX_STOP:
             raise ApiError(400, f"at most {MAX_STOP} stop strings", param="stop")
         budget = min(max_tokens or block, block - len(prompt))
+        if req.num_beams > 1:
+            return await _beams(req, model, prompt, budget, chat)
         tok, queue, loop = model.tok, asyncio.Queue(), asyncio.get_running_loop()
         mailbox = mailboxes.get(loop) or mailboxes.setdefault(loop, Mailbox(loop))
         jobs = [
@@ -176,11 +181,7 @@ def create_app(pool: ModelPool, runs_dir: Path, *, limits: Limits = Limits(), ap
             model.engine.submit(jobs)
         except Busy as e:
             raise ApiError(429, f"{e}: retry shortly", "rate_limit_error") from None
-        head = {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-            "created": int(time.time()),
-            "model": req.model,
-        }
+        head = _head(req, chat)
         choices = Choices(jobs, queue, [(ChatText if chat else PlainText)(tok) for _ in jobs], req.stops)
         usage = partial(choices.usage, len(prompt))
         if req.stream:
@@ -195,6 +196,36 @@ def create_app(pool: ModelPool, runs_dir: Path, *, limits: Limits = Limits(), ap
         finally:
             for job in jobs:
                 job.cancel()
+
+    async def _beams(req: Sampled, model: Loaded, prompt: list[int], budget: int, chat: bool) -> Response:
+        """Beam search runs beside the decode batch, one search at a time; its best `n` beams are answered as
+        if generated, through the same text and stop-string handling."""
+        if req.num_beams > limits.max_beams:
+            raise ApiError(400, f"num_beams is at most {limits.max_beams}", param="num_beams")
+        if req.n > req.num_beams:
+            raise ApiError(400, f"n {req.n} is more than num_beams {req.num_beams}", param="n")
+        if req.stream:
+            raise ApiError(400, "beam search answers at once: send num_beams with stream false", param="stream")
+        tok = model.tok
+        async with beam_lock:
+            beams = await asyncio.to_thread(
+                beam_search,
+                model.engine.model,
+                prompt,
+                budget,
+                num_beams=req.num_beams,
+                stop_ids=(tok.end_id,),
+                interceptor=ToolInterceptor(tok) if chat else None,
+                n=req.n,
+            )
+        jobs = [Job(prompt, Sampling(budget), emit=lambda step: None) for _ in beams]
+        queue: asyncio.Queue = asyncio.Queue()
+        for i, beam in enumerate(beams):
+            for j, token in enumerate(beam.tokens):
+                last = j == len(beam.tokens) - 1
+                queue.put_nowait((i, Step(token, ("length" if beam.truncated else "stop") if last else None)))
+        choices = Choices(jobs, queue, [(ChatText if chat else PlainText)(tok) for _ in jobs], req.stops)
+        return JSONResponse(await whole(choices, _head(req, chat), chat, partial(choices.usage, len(prompt))))
 
     # The page and the runs directory
 
@@ -237,6 +268,14 @@ def create_app(pool: ModelPool, runs_dir: Path, *, limits: Limits = Limits(), ap
         return path
 
     return app
+
+
+def _head(req: Sampled, chat: bool) -> dict[str, Any]:
+    return {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "created": int(time.time()),
+        "model": req.model,
+    }
 
 
 def _inside(root: Path, relative: str) -> Path:

@@ -1,8 +1,8 @@
 """The OpenAI request bodies the server accepts, validated strictly: a wrong type is a 400, never a guess.
 
 Fields OpenAI defines that glasslab does not implement (logprobs, tools, response_format, ...) are ignored, as
-OpenAI-compatible servers do, so that client libraries which always send some of them still work. `top_k` is
-glasslab's own addition.
+OpenAI-compatible servers do, so that client libraries which always send some of them still work. `top_k` and
+`num_beams` (beam search, length-normalised) are glasslab's own additions.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class Sampled(_Request):
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    num_beams: int = Field(1, ge=1)
 
     @property
     def stops(self) -> list[str]:

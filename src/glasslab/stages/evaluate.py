@@ -44,6 +44,7 @@ def evaluate_run(
     temperature: float,
     max_new_tokens: int,
     text: bool,
+    num_beams: int = 1,
 ) -> TaskEvaluation:
     env = get_env(task, cfg.envs.get(task, {}))
     device = setup_runtime(cfg.system, seed)
@@ -61,6 +62,7 @@ def evaluate_run(
         temperature=temperature,
         max_new_tokens=max_new_tokens,
         task=task,
+        num_beams=num_beams,
     )
     text_metrics = held_out_text(run, model, tok, device) if text else {}
     with MetricStore(run.metrics_db_path) as store:
