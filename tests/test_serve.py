@@ -375,11 +375,47 @@ def test_a_directory_serves_its_completed_runs_with_a_bounded_number_loaded(runs
         pool.close()
 
 
+def test_glasslab_serve_command_end_to_end(runs_dir: Path, tmp_path: Path):
+    """The command as a user runs it: its own process on loopback, the API key from the environment."""
+    import os
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "GLASSLAB_API_KEY": "k3y", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "glasslab", "serve", str(runs_dir), "--port", str(port), "--max-loaded", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, status = time.time() + 60, None
+        while status != 200 and time.time() < deadline and proc.poll() is None:
+            try:
+                status = _raw(port, "GET", "/health")[0]
+            except OSError:
+                time.sleep(0.1)
+        assert status == 200
+        assert _raw(port, "GET", "/v1/models")[0] == 401
+        key = {"Authorization": "Bearer k3y"}
+        status, body = _raw(port, "GET", "/v1/models", headers=key)
+        assert status == 200 and sorted(m["id"] for m in json.loads(body)["data"]) == ["a", "b"]
+        for model in ("a", "b", "a"):  # one model in memory at a time, loaded on demand
+            body = json.dumps({"model": model, "prompt": "ab", "max_tokens": 3})
+            assert _raw(port, "POST", "/v1/completions", body, key)[0] == 200
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert f"http://127.0.0.1:{port}/" in err and "WARNING" not in err
+
+
 def test_serve_says_what_to_install_and_refuses_bad_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     with pytest.raises(GlasslabError, match="neither a run nor a directory"):
         servable_runs(tmp_path / "missing", None)
     with pytest.raises(GlasslabError, match="no completed run"):
         servable_runs(tmp_path, None)
+    from glasslab.commands.serve import _loopback
+
+    assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("localhost")
+    assert not _loopback("0.0.0.0") and not _loopback("192.168.1.4") and not _loopback("example.org")
     monkeypatch.setitem(sys.modules, "uvicorn", None)
     result = CliRunner().invoke(cli, ["serve", str(tmp_path)])
     assert isinstance(result.exception, GlasslabError) and "pip install 'glasslab[serve]'" in str(result.exception)

@@ -2,12 +2,13 @@
 
 Each loaded model has its own `Engine` (scheduler thread and decode batch). When a model must be loaded and the
 bound is reached, the least recently used model with nothing to generate is unloaded; if every loaded model is
-busy the request is refused (503) rather than queued behind another model's traffic.
+busy for a couple of seconds the request is refused (503) rather than queued behind another model's traffic.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from glasslab.data.tokenizer import Tokenizer
 from glasslab.errors import GlasslabError
 from glasslab.serve.engine import Engine
 from glasslab.track.rundir import RunDir, list_runs
+
+BUSY_WAIT_S = 2.0  # how long a request for an unloaded model waits for a loaded one to fall idle
 
 
 @dataclass
@@ -71,21 +74,28 @@ class ModelPool:
         """The model called `name`, loading it (and unloading an idle one) if needed. Blocks while loading:
         call it from a worker thread. KeyError for a name the server does not offer."""
         path = self.runs[name]
-        with self._lock:
-            if name in self.loaded:
-                self.loaded.move_to_end(name)
-                return self.loaded[name]
-            while len(self.loaded) >= self.max_loaded:
+        deadline = time.monotonic() + BUSY_WAIT_S
+        while True:
+            with self._lock:
+                if name in self.loaded:
+                    self.loaded.move_to_end(name)
+                    return self.loaded[name]
                 idle = next((n for n, m in self.loaded.items() if m.engine.idle), None)
-                if idle is None:
-                    raise AllBusy(f"all {len(self.loaded)} loaded models are busy")
-                self.loaded.pop(idle).engine.close()
-            from glasslab.stages.common import load_model
+                if len(self.loaded) < self.max_loaded or idle is not None:
+                    if len(self.loaded) >= self.max_loaded:
+                        self.loaded.pop(idle).engine.close()
+                    return self._load(name, path)
+            if time.monotonic() > deadline:
+                raise AllBusy(f"all {len(self.loaded)} loaded models are busy")
+            time.sleep(0.02)  # a model's last rows leave its batch just after their answers are sent
 
-            model, tok, cfg = load_model(RunDir.open(path), self.device, self.stage)
-            engine = Engine(model, pad_id=tok.pad_id, max_batch=self.max_batch, max_queue=self.max_queue)
-            self.loaded[name] = Loaded(name, tok, cfg, engine)
-            return self.loaded[name]
+    def _load(self, name: str, path: Path) -> Loaded:
+        from glasslab.stages.common import load_model
+
+        model, tok, cfg = load_model(RunDir.open(path), self.device, self.stage)
+        engine = Engine(model, pad_id=tok.pad_id, max_batch=self.max_batch, max_queue=self.max_queue)
+        self.loaded[name] = Loaded(name, tok, cfg, engine)
+        return self.loaded[name]
 
     def close(self) -> None:
         with self._lock:
