@@ -339,10 +339,29 @@ def test_a_client_leaving_mid_stream_frees_its_row(server, slow_model):
     while b"data: " not in seen:
         seen += sock.recv(4096)
     sock.close()
-    deadline = time.time() + 5
+    deadline = time.time() + 20
     while engine.load != (0, 0) and time.time() < deadline:
         time.sleep(0.01)
     assert engine.load == (0, 0) and len(calls) < 60  # left long before its 80 tokens
+
+
+def test_more_completions_than_the_queue_holds_get_429(server, slow_model):
+    engine, _ = slow_model
+    streams = []
+    for _ in range(4):  # 4 requests of n=4 fill the server's queue of 16 completions
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", json.dumps(chat_body(max_tokens=60, n=4, stream=True)))
+        streams.append((conn, conn.getresponse()))
+    status, body = _raw(server.port, "POST", "/v1/chat/completions", json.dumps(chat_body(max_tokens=5)))
+    assert status == 429 and "retry" in json.loads(body)["error"]["message"]
+    for conn, response in streams:
+        assert response.status == 200
+        response.close()  # the clients leave; their rows leave the batch
+        conn.close()
+    deadline = time.time() + 20
+    while engine.load != (0, 0) and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.load == (0, 0), [(len(j.tokens), j.cancelled, j.sampling) for j in engine.rows]
 
 
 def test_api_key_is_required_when_set(runs_dir: Path):

@@ -121,14 +121,14 @@ def create_app(pool: ModelPool, runs_dir: Path, *, limits: Limits = Limits(), ap
     @app.post("/v1/chat/completions", dependencies=guard)
     async def chat_completions(request: Request) -> Response:
         req = await _parse(request, ChatRequest)
-        model = await _model(req.model)
+        model = await _model(req)
         prompt = render_prompt([_message(m.role, m.text) for m in req.messages], model.tok)
         return await _complete(req, model, prompt, req.max_completion_tokens or req.max_tokens, chat=True)
 
     @app.post("/v1/completions", dependencies=guard)
     async def completions(request: Request) -> Response:
         req = await _parse(request, CompletionRequest)
-        model = await _model(req.model)
+        model = await _model(req)
         prompt = [model.tok.bos_id, *model.tok.encode(req.prompt)]
         return await _complete(req, model, prompt, req.max_tokens, chat=False)
 
@@ -137,7 +137,15 @@ def create_app(pool: ModelPool, runs_dir: Path, *, limits: Limits = Limits(), ap
         loaded = {m.name: dict(zip(("decoding", "waiting"), m.engine.load)) for m in list(pool.loaded.values())}
         return JSONResponse({"status": "ok", "models": list(pool.runs), "loaded": loaded})
 
-    async def _model(name: str) -> Loaded:
+    async def _model(req: Sampled) -> Loaded:
+        """The request's model, once what can be checked without it has been."""
+        if req.n > limits.max_n:
+            raise ApiError(400, f"n is at most {limits.max_n}", param="n")
+        if len(req.stops) > MAX_STOP:
+            raise ApiError(400, f"at most {MAX_STOP} stop strings", param="stop")
+        if req.num_beams > limits.max_beams:
+            raise ApiError(400, f"num_beams is at most {limits.max_beams}", param="num_beams")
+        name = req.model
         if name not in pool.runs:
             raise ApiError(404, f"unknown model '{name}': GET /v1/models lists the ones served", param="model")
         try:
@@ -158,10 +166,6 @@ def create_app(pool: ModelPool, runs_dir: Path, *, limits: Limits = Limits(), ap
                 f"the prompt has {len(prompt)} tokens and the model's context {block}: shorten it",
                 param="messages",
             )
-        if req.n > limits.max_n:
-            raise ApiError(400, f"n is at most {limits.max_n}", param="n")
-        if len(req.stops) > MAX_STOP:
-            raise ApiError(400, f"at most {MAX_STOP} stop strings", param="stop")
         budget = min(max_tokens or block, block - len(prompt))
         if req.num_beams > 1:
             return await _beams(req, model, prompt, budget, chat)
@@ -200,8 +204,6 @@ def create_app(pool: ModelPool, runs_dir: Path, *, limits: Limits = Limits(), ap
     async def _beams(req: Sampled, model: Loaded, prompt: list[int], budget: int, chat: bool) -> Response:
         """Beam search runs beside the decode batch, one search at a time; its best `n` beams are answered as
         if generated, through the same text and stop-string handling."""
-        if req.num_beams > limits.max_beams:
-            raise ApiError(400, f"num_beams is at most {limits.max_beams}", param="num_beams")
         if req.n > req.num_beams:
             raise ApiError(400, f"n {req.n} is more than num_beams {req.num_beams}", param="n")
         if req.stream:
