@@ -3,7 +3,9 @@
 A server is started as its own process (`glasslab serve RUN --max-batch B`) on 127.0.0.1 for each setting; C
 client threads each send streaming chat requests one after another until R requests have been answered in all.
 Reported per setting: throughput (completion tokens per second of wall time, from the usage the server
-returns), time to first token and time per output token after the first (p50, p99 over requests), and errors. A last phase sends
+returns), time to first token and time per output token after the first (p50, p99 over requests), errors, and
+the server's CPU time (tokens per CPU-second: on a machine shared with other work, wall-clock throughput
+measures the share of the CPU the server got as much as the server itself). A last phase sends
 `--memory-requests` short requests to the batching server and samples its resident memory along the way, to
 show it stays bounded.
 
@@ -90,6 +92,11 @@ class Server:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
+
+    def cpu_s(self) -> float:
+        """CPU seconds the server has used (user + system, all its threads)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -195,12 +202,24 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         run = args.run or random_tiny_run(Path(tmp) / "runs" / "tiny")
-        result: dict = {"clients": args.clients, "max_tokens": args.max_tokens, "cpus": os.cpu_count()}
+        result: dict = {
+            "clients": args.clients,
+            "max_tokens": args.max_tokens,
+            "threads": args.threads,
+            "cpus": os.cpu_count(),
+            "load_average": os.getloadavg()[0],
+        }
         for name, max_batch in (("batching_off", 1), ("batching_on", args.max_batch)):
             server = Server(run, max_batch, args.threads)
             try:
                 stream_once(server.port, run.name, PROMPTS[0], 4, 0, args.timeout)  # warm-up
+                cpu = server.cpu_s()
                 result[name] = load(server.port, run.name, args.clients, args.requests, args.max_tokens, args.timeout)
+                cpu = server.cpu_s() - cpu
+                result[name] |= {
+                    "server_cpu_s": round(cpu, 2),
+                    "tokens_per_cpu_s": round(result[name]["completion_tokens"] / cpu, 1),
+                }
                 print(name, json.dumps(result[name]), flush=True)
                 if name == "batching_on" and args.memory_requests:
                     rss, errors = [round(server.rss_mb(), 1)], 0
@@ -215,6 +234,8 @@ def main() -> None:
                 server.stop()
         off, on = result["batching_off"]["tokens_per_s"], result["batching_on"]["tokens_per_s"]
         result["speedup"] = round(on / off, 2) if off else None
+        off_cpu, on_cpu = result["batching_off"]["tokens_per_cpu_s"], result["batching_on"]["tokens_per_cpu_s"]
+        result["speedup_per_cpu_s"] = round(on_cpu / off_cpu, 2)
         print(json.dumps(result, indent=2))
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -420,6 +420,8 @@ def test_glasslab_serve_command_end_to_end(runs_dir: Path, tmp_path: Path):
         for model in ("a", "b", "a"):  # one model in memory at a time, loaded on demand
             body = json.dumps({"model": model, "prompt": "ab", "max_tokens": 3})
             assert _raw(port, "POST", "/v1/completions", body, key)[0] == 200
+        busy = CliRunner().invoke(cli, ["serve", str(runs_dir), "--port", str(port)])
+        assert isinstance(busy.exception, GlasslabError) and "cannot listen" in str(busy.exception)
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=30)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -22,6 +23,19 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a busy port or an unknown host is one clear line."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except (OSError, OverflowError) as e:
+        reason = getattr(e, "strerror", None) or e
+        raise GlasslabError(f"cannot listen on {host}:{port} ({reason}): pick another --port or --host") from None
+    return sock
 
 
 def serve(
@@ -51,10 +65,17 @@ def serve(
         raise GlasslabError("glasslab serve needs FastAPI and uvicorn: pip install 'glasslab[serve]'") from None
     from glasslab.serve.models import ModelPool, servable_runs
 
-    for name, value in (("max-batch", max_batch), ("max-loaded", max_loaded), ("max-concurrent", max_concurrent)):
+    bounds = (
+        ("max-batch", max_batch),
+        ("max-loaded", max_loaded),
+        ("max-concurrent", max_concurrent),
+        ("max-n", max_n),
+    )
+    for name, value in bounds:
         if value < 1:
             raise GlasslabError(f"--{name} must be at least 1, got {value}")
     runs, runs_dir = servable_runs(path, stage)
+    sock = _listen(host, port)
     pool = ModelPool(runs, stage=stage, max_loaded=max_loaded, max_batch=max_batch, max_queue=max_concurrent)
     if len(runs) == 1:
         pool.get(next(iter(runs)))  # a single run loads now, so a missing checkpoint is said here, not per request
@@ -71,6 +92,7 @@ def serve(
         highlight=False,
     )
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     finally:
         pool.close()
+        sock.close()
