@@ -348,9 +348,10 @@ def test_a_client_leaving_mid_stream_frees_its_row(server, slow_model):
 def test_more_completions_than_the_queue_holds_get_429(server, slow_model):
     engine, _ = slow_model
     streams = []
-    for _ in range(4):  # 4 requests of n=4 fill the server's queue of 16 completions
+    for _ in range(4):  # 4 requests of n=4 fill the server's queue of 16 completions (greedy: none stops early)
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-        conn.request("POST", "/v1/chat/completions", json.dumps(chat_body(max_tokens=60, n=4, stream=True)))
+        body = chat_body(max_tokens=40, n=4, temperature=0, stream=True)
+        conn.request("POST", "/v1/chat/completions", json.dumps(body))
         streams.append((conn, conn.getresponse()))
     status, body = _raw(server.port, "POST", "/v1/chat/completions", json.dumps(chat_body(max_tokens=5)))
     assert status == 429 and "retry" in json.loads(body)["error"]["message"]

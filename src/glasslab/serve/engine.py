@@ -13,6 +13,7 @@ draws from its own seeded generator, so a seeded request gets the same tokens wh
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -140,19 +141,27 @@ class Engine:
                     for job in [*self.rows, *self._pending]:
                         _tell(job, Step(None, "error", "the server is shutting down"))
                     return
-                free = self.max_batch - len(self.rows)
-                admitted = [self._pending.popleft() for _ in range(min(free, len(self._pending)))]
+                # Jobs stay in the queue until they are rows, so a job being prefilled is always counted.
+                taken = list(itertools.islice(self._pending, self.max_batch - len(self.rows)))
             try:
-                self._step([j for j in admitted if not j.cancelled])
+                self._step(taken)
             except Exception as e:  # a failed step fails its rows, never the server
-                for job in dict.fromkeys([*self.rows, *admitted]):
+                for job in dict.fromkeys([*self.rows, *taken]):
                     _tell(job, Step(None, "error", f"generation failed: {type(e).__name__}: {e}"))
                 self._reset()
+                self._dequeue(taken)
 
-    def _step(self, admitted: list[Job]) -> None:
+    def _dequeue(self, taken: list[Job]) -> None:
+        with self._wake:
+            while self._pending and self._pending[0] in taken:
+                self._pending.popleft()
+
+    def _step(self, taken: list[Job]) -> None:
         self._drop([j for j, job in enumerate(self.rows) if job.cancelled])
+        admitted = [j for j in taken if not j.cancelled]
         if admitted:
             self._admit(admitted)
+        self._dequeue(taken)
         if not self.rows:
             return
         choice = self._choose()
