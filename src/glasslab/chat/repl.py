@@ -13,6 +13,7 @@ from torch import nn
 from glasslab.chat.format import Message, parse_completion, render_prompt
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.errors import GlasslabError
+from glasslab.model.beam import beam_search
 from glasslab.model.generate import generate
 from glasslab.train.evaluate import completion_text
 
@@ -106,17 +107,24 @@ def reply(
     top_p: float | None,
     seed: int,
     console: Console | None = None,
+    num_beams: int = 1,
 ) -> tuple[list[Message], list[Message]]:
     """The assistant's turns (tool calls and results included) answering `history`, streamed to `console`
-    when given; also returns the history actually used, trimmed to leave room for the answer."""
+    when given; also returns the history actually used, trimmed to leave room for the answer. With
+    `num_beams` > 1 the answer is the best beam, shown once the search ends."""
     block = model.cfg.block_size
     history = fit_history(history, tok, block - min(max_new_tokens, block // 2))
     prompt = render_prompt(history, tok)
     stream = StreamingTools(tok, TokenPrinter(tok, console) if console else None)
+    budget = min(max_new_tokens, block - len(prompt))
+    if num_beams > 1:
+        best = beam_search(model, prompt, budget, num_beams=num_beams, stop_ids=(tok.end_id,), interceptor=stream.tools)
+        stream.flush(best[0].tokens)
+        return parse_completion(completion_text(tok, best[0].tokens)), history
     out = generate(
         model,
         [prompt],
-        min(max_new_tokens, block - len(prompt)),
+        budget,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from glasslab.commands.options import CheckpointStage, CheckpointStep, Json, RunArg
+from glasslab.commands.options import CheckpointStage, CheckpointStep, Json, NumBeams, RunArg
 from glasslab.errors import GlasslabError
 from glasslab.ui import console, emit_json
 
@@ -22,6 +22,7 @@ def chat(
     seed: Annotated[int, typer.Option(min=0, help="sampling seed")] = 0,
     stage: CheckpointStage = None,
     step: CheckpointStep = None,
+    num_beams: NumBeams = 1,
     json_: Json = False,
 ) -> None:
     """Talk to a run's checkpoint (the newest, or --stage/--step): streamed answers, multi-turn, calculator tool
@@ -36,6 +37,8 @@ def chat(
     from glasslab.stages.common import checkpoint_info, choose_checkpoint, load_model
     from glasslab.track.rundir import RunDir
 
+    if num_beams < 1:
+        raise GlasslabError(f"--num-beams must be at least 1, got {num_beams}")
     if json_ and prompt is None:
         raise GlasslabError("--json needs --prompt: the interactive chat has no JSON form")
     check_top_p(top_p)
@@ -43,7 +46,9 @@ def chat(
     checkpoint = choose_checkpoint(run, stage, step)
     model, tok, _ = load_model(run, checkpoint=checkpoint)
     out = Console(file=sys.stdout, highlight=False)
-    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    sampling = dict(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams
+    )
     if prompt is None:
         repl(model, tok, system=system, seed=seed, out=out, ui=console, **sampling)
         return

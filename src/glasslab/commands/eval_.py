@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from glasslab.commands.options import CheckpointStage, CheckpointStep, Json, RunArg, Sets
+from glasslab.commands.options import CheckpointStage, CheckpointStep, Json, NumBeams, RunArg, Sets
 from glasslab.errors import GlasslabError
 from glasslab.ui import console, emit_json
 
@@ -31,6 +31,7 @@ def eval_(
     ] = False,
     stage: CheckpointStage = None,
     step: CheckpointStep = None,
+    num_beams: NumBeams = 1,
     set_: Sets = None,
     json_: Json = False,
 ) -> None:
@@ -65,6 +66,7 @@ def eval_(
         text=text,
         stage=stage,
         step=step,
+        num_beams=num_beams,
     )
     result, text_metrics, step = done.result, done.text, done.step
     if json_:
@@ -75,7 +77,7 @@ def eval_(
     )
     table.add_column("metric")
     table.add_column("value", justify="right")
-    table.add_row("accuracy (greedy)", f"{result.accuracy:.1%}")
+    table.add_row("accuracy (greedy)" if num_beams == 1 else f"accuracy ({num_beams} beams)", f"{result.accuracy:.1%}")
     for kk, v in result.pass_at_k.items():
         table.add_row(f"pass@{kk}", f"{v:.1%}")
     for name, v in result.rewards.items():

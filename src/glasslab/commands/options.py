@@ -32,6 +32,7 @@ CheckpointStage = Annotated[
 CheckpointStep = Annotated[
     int | None, typer.Option("--step", min=0, help="the checkpoint at this step (default: the stage's newest)")
 ]
+NumBeams = Annotated[int, typer.Option(min=1, help="beam search with this many beams (length-normalised); 1 = off")]
 Align = Annotated[str, typer.Option(help="x axis: step, or tokens seen (from the logged throughput)")]
 
 

@@ -57,11 +57,17 @@ def sample(probs: Tensor, gen: torch.Generator, block: int = 64) -> Tensor:
     same token a full-CDF inversion picks. Sums run in float64 so that even a token
     of probability 1e-12 keeps its share. Zero-probability tokens are never drawn: u' = 1 - u is in (0, 1], and
     the first index whose CDF reaches u'·total is never on a flat step of the CDF."""
+    u = torch.rand(probs.size(0), 1, generator=gen, dtype=torch.float64, device=probs.device)
+    return sample_at(probs, u, block)
+
+
+def sample_at(probs: Tensor, u: Tensor, block: int = 64) -> Tensor:
+    """`sample` at given (B, 1) float64 uniform draws: a server whose rows each follow their own seeded
+    generator draws each row's uniform from it, then inverts every row's CDF in one batched call."""
     B, V = probs.shape
     padded = F.pad(probs, (0, -V % block)).view(B, -1, block)
     mass = padded.sum(-1, dtype=torch.float64)  # (B, blocks)
     cdf = mass.cumsum(-1)
-    u = torch.rand(B, 1, generator=gen, dtype=torch.float64, device=probs.device)
     target = (1 - u) * cdf[:, -1:]
     j = torch.searchsorted(cdf, target).clamp_(max=cdf.size(1) - 1)  # the block, (B, 1)
     inside = padded[torch.arange(B, device=probs.device), j.squeeze(1)].double().cumsum(-1)  # (B, block)

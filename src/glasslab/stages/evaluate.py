@@ -53,6 +53,7 @@ def evaluate_run(
     text: bool,
     stage: str | None = None,
     step: int | None = None,
+    num_beams: int = 1,
 ) -> TaskEvaluation:
     """Evaluate the checkpoint choose_checkpoint picks for `stage` and `step` (default: the newest); its metrics
     are logged at that checkpoint's step."""
@@ -72,6 +73,7 @@ def evaluate_run(
         temperature=temperature,
         max_new_tokens=max_new_tokens,
         task=task,
+        num_beams=num_beams,
     )
     text_metrics = held_out_text(run, model, tok, device) if text else {}
     with MetricStore(run.metrics_db_path) as store:

@@ -17,6 +17,7 @@ from glasslab.chat.format import render_prompt
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.envs.base import Environment, Problem, Split
 from glasslab.errors import GlasslabError
+from glasslab.model.beam import beam_search
 from glasslab.model.generate import generate
 
 
@@ -84,9 +85,21 @@ def complete(
     batch_size: int,
     top_k: int | None = None,
     top_p: float | None = None,
+    num_beams: int = 1,
 ) -> list[str]:
-    """Completions of many prompts, `batch_size` at a time, with the calculator tool available."""
+    """Completions of many prompts, `batch_size` at a time, with the calculator tool available; with
+    `num_beams` > 1, each prompt's best beam instead (beam search is deterministic: temperature is not used)."""
     interceptor = tok.chat.interceptor()
+    if num_beams > 1:
+        return [
+            completion_text(
+                tok,
+                beam_search(
+                    model, p, max_new_tokens, num_beams=num_beams, stop_ids=(tok.end_id,), interceptor=interceptor
+                )[0].tokens,
+            )
+            for p in prompts
+        ]
     texts = []
     for i in range(0, len(prompts), batch_size):
         out = generate(
@@ -119,9 +132,11 @@ def evaluate_env(
     split: Split = "eval",
     batch_size: int = 64,
     task: str | None = None,
+    num_beams: int = 1,
 ) -> EvalResult:
-    """Greedy answers give accuracy, per-difficulty accuracy and mean rewards; `samples` answers per problem at
-    `temperature` give pass@k for each k in `pass_k` (none when samples is 0)."""
+    """Greedy answers (or each problem's best of `num_beams` beams) give accuracy, per-difficulty accuracy and
+    mean rewards; `samples` answers per problem at `temperature` give pass@k for each k in `pass_k` (none when
+    samples is 0)."""
     if samples and any(k < 1 or k > samples for k in pass_k):
         raise GlasslabError(
             f"pass@k needs 1 <= k <= samples ({samples}), got k = {list(pass_k)}: raise --samples or lower --k"
@@ -129,7 +144,7 @@ def evaluate_env(
     problems = env.problems(split, n, seed)
     prompts = [prompt_tokens(env, p, tok) for p in problems]
     kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
-    greedy = complete(model, tok, prompts, temperature=0.0, seed=seed, **kwargs)
+    greedy = complete(model, tok, prompts, temperature=0.0, seed=seed, num_beams=num_beams, **kwargs)
     scores = [env.score(p, c) for p, c in zip(problems, greedy)]
 
     n_correct = [0] * len(problems)
