@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from test_probes import model_for, objective_for, tok  # noqa: F401 - tok is a fixture
 
+from glasslab.budget import Budget, BudgetMeter, parse_budget
 from glasslab.config import TrainConfig, resolve
 from glasslab.errors import GlasslabError
 from glasslab.track.checkpoint import latest_checkpoint, load_checkpoint
 from glasslab.track.metrics import MetricStore
 from glasslab.track.rundir import RunDir
-from glasslab.train.budget import Budget, BudgetMeter, parse_budget
 from glasslab.train.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

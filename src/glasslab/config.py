@@ -16,8 +16,8 @@ import tomli_w
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from glasslab.budget import parse_budget
 from glasslab.errors import GlasslabError
-from glasslab.train.budget import parse_budget
 
 PRESETS = ("smoke", "tiny", "tiny-moe", "small", "gpt2-124m", "small-moe")
 
@@ -202,7 +202,7 @@ class TrainConfig(Section):
     """One stage's optimisation: steps, batch, optimiser, schedule, and how often to evaluate and save."""
 
     steps: int = Field(1000, ge=1)
-    # Stop earlier, after the step that crosses this: "2000steps", "1e6tokens", "90s" (train/budget.py). The
+    # Stop earlier, after the step that crosses this: "2000steps", "1e6tokens", "90s" (budget.py). The
     # schedule stays over `steps`; seconds depend on the machine's load and are not reproducible.
     budget: str | None = None
     batch_size: int = Field(16, ge=1)

@@ -82,7 +82,7 @@ def build_server(root: Path, runs_dir: Path) -> tuple[Any, Jobs]:
         """The presets (each one's settings over the defaults), every config key with its type, default and help
         (change them with sets=["key=value"]), the budget forms and the rules of evidence."""
         from glasslab.agents.schema import config_schema, presets
-        from glasslab.train.budget import EXAMPLES
+        from glasslab.budget import EXAMPLES
 
         out: dict[str, Any] = {
             "presets": presets(),

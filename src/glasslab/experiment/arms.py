@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from glasslab.budget import parse_budget
 from glasslab.config import PRESETS, Config, load_toml, resolve
 from glasslab.errors import GlasslabError
 from glasslab.study.plan import Plan, PlannedRun, flatten, toml_literal
 from glasslab.study.spec import MetricSpec, StudySpec
 from glasslab.track.layout import EVAL, EVAL_FAMILY, PIPELINE, PRETRAIN, RL, SFT
-from glasslab.train.budget import parse_budget
 
 BASELINE, CANDIDATE = "baseline", "candidate"
 Goal = Literal["auto", "min", "max"]

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from glasslab.budget import parse_budget
 from glasslab.errors import GlasslabError
 from glasslab.experiment import ledger
 from glasslab.experiment.arms import BASELINE, CANDIDATE, Arms, Request, arm_id, prepare
@@ -23,7 +24,6 @@ from glasslab.experiment.patch import default_tree, patched_tree
 from glasslab.experiment.source import code_hash, git_commit
 from glasslab.study.stats import summarize
 from glasslab.track import layout
-from glasslab.train.budget import parse_budget
 
 
 @contextlib.contextmanager

@@ -21,13 +21,13 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from glasslab.budget import BudgetMeter
 from glasslab.config import ModelConfig, SystemConfig, TrainConfig
 from glasslab.errors import GlasslabError
 from glasslab.model.moe import add_router_losses
 from glasslab.track.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from glasslab.track.metrics import MetricStore
 from glasslab.track.rundir import RunDir
-from glasslab.train.budget import BudgetMeter
 from glasslab.train.distributed import is_main, main_values, world_size, wrap
 from glasslab.train.optim import build_optimizer, set_lr
 from glasslab.train.precision import autocast_dtype
