@@ -64,7 +64,7 @@ def test_candidate_is_the_config_difference_whatever_the_spelling() -> None:
     assert a.baseline_sets == ['train.budget="6steps"', "train.steps=6"] and a.refusal is None
     assert prepare(Request("seed", ["seed=7"], **SMOKE)).refusal.startswith("the candidate changes only the seed")
     assert "changes nothing" in prepare(Request("same lr", ["train.lr=3e-3"], **SMOKE)).refusal
-    assert "do not read" in prepare(Request("probes", ["probes.mode=off", "rl.beta=0.2"], **SMOKE)).refusal
+    assert "do not read" in prepare(Request("probes", ["probes.mode=off", "rl.grpo.beta=0.2"], **SMOKE)).refusal
     assert prepare(Request("acc", metric="eval/arithmetic/accuracy")).goal == "max"
 
 
