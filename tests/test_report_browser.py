@@ -6,27 +6,15 @@ browser is absent, never silently passed.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import pytest
+from browser import browser_page, needs_chromium
 from test_report import make_run
 
 from glasslab.report import build_report
 from glasslab.report.compare import build_compare
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
-
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+pytestmark = needs_chromium
 
 # For each figure: does its canvas hold any pixel that is neither transparent nor white?
 INKED = """() => Array.from(document.querySelectorAll('.figure')).map(el => {
@@ -41,33 +29,15 @@ INKED = """() => Array.from(document.querySelectorAll('.figure')).map(el => {
 
 
 def _render(page_path: Path, tmp_path: Path) -> tuple[list[str], list[list], dict]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, args=ARGS, viewport={"width": 1300, "height": 900}
-        )
-        try:
-            page = browser.new_page()
-            errors: list[str] = []
-            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.on(
-                "request",
-                lambda req: (
-                    errors.append(f"network request {req.url}") if not req.url.startswith(("file:", "data:")) else None
-                ),
-            )
-            page.goto(page_path.as_uri())
-            page.wait_for_function("document.body.dataset.drawn !== undefined", timeout=20_000)
-            inked = page.evaluate(INKED)
-            counts = page.evaluate("({figures: +document.body.dataset.figures, drawn: +document.body.dataset.drawn})")
-            with page.expect_download() as download:  # the PNG export of the first figure
-                page.click(".figure button.png")
-            png = Path(download.value.path()).read_bytes()
-            counts["png_magic"] = png[:8] == b"\x89PNG\r\n\x1a\n"
-        finally:
-            browser.close()
+    with browser_page(tmp_path / "profile", ("file:", "data:")) as (page, errors):
+        page.goto(page_path.as_uri())
+        page.wait_for_function("document.body.dataset.drawn !== undefined", timeout=20_000)
+        inked = page.evaluate(INKED)
+        counts = page.evaluate("({figures: +document.body.dataset.figures, drawn: +document.body.dataset.drawn})")
+        with page.expect_download() as download:  # the PNG export of the first figure
+            page.click(".figure button.png")
+        png = Path(download.value.path()).read_bytes()
+        counts["png_magic"] = png[:8] == b"\x89PNG\r\n\x1a\n"
     return errors, inked, counts
 
 
