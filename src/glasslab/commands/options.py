@@ -11,6 +11,13 @@ Sets = Annotated[list[str] | None, typer.Option("--set", help="override a config
 Name = Annotated[str | None, typer.Option(help="the run's name (default: stage-preset-time)")]
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="where runs live")]
 Seed = Annotated[int | None, typer.Option(help="random seed (overrides the config)")]
+Profile = Annotated[
+    int,
+    typer.Option(
+        "--profile",
+        help="profile N steps of each stage (torch.profiler): profile/<stage>/trace.json and a table of time by part",
+    ),
+]
 Json = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
 Overwrite = Annotated[bool, typer.Option(help="replace an existing run of that name")]
 Resume = Annotated[bool, typer.Option(help="continue an existing run of that name")]

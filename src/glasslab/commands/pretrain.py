@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import typer
 
 from glasslab.commands.common import config_from_options, finish, new_run, resume_run
-from glasslab.commands.options import ConfigFile, Json, Name, Overwrite, Preset, Resume, RunsDir, Seed, Sets
+from glasslab.commands.options import ConfigFile, Json, Name, Overwrite, Preset, Profile, Resume, RunsDir, Seed, Sets
 
 
 def pretrain(
@@ -25,13 +25,14 @@ def pretrain(
         Literal["off", "default", "full"] | None,
         typer.Option(help="probes: off | default cadences | full (every step)"),
     ] = None,
+    profile: Profile = 0,
     json_: Json = False,
 ) -> None:
     """Pretrain a GPT on the embedded Shakespeare corpus or your own text."""
     from glasslab.stages.pretrain import pretrain as run_pretrain
     from glasslab.ui import progress
 
-    cfg = config_from_options(preset, config, set_, seed)
+    cfg = config_from_options(preset, config, set_, seed, profile)
     if data is not None:
         cfg.data.source = data
     if probes is not None:

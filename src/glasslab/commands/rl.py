@@ -9,7 +9,19 @@ from typing import Annotated
 import typer
 
 from glasslab.commands.common import config_from_options, finish, new_run, resume_run
-from glasslab.commands.options import ConfigFile, Json, Name, Overwrite, Preset, Resume, RunArg, RunsDir, Seed, Sets
+from glasslab.commands.options import (
+    ConfigFile,
+    Json,
+    Name,
+    Overwrite,
+    Preset,
+    Profile,
+    Resume,
+    RunArg,
+    RunsDir,
+    Seed,
+    Sets,
+)
 from glasslab.errors import GlasslabError
 
 
@@ -28,6 +40,7 @@ def rl(
     seed: Seed = None,
     overwrite: Overwrite = False,
     resume: Resume = False,
+    profile: Profile = 0,
     json_: Json = False,
 ) -> None:
     """Improve a chat model with rewards from a task environment: GRPO with a KL-anchored reference, or DPO."""
@@ -41,7 +54,7 @@ def rl(
     from glasslab.ui import console, progress
 
     overrides = [*(set_ or []), *([f'rl.algo="{algo}"'] if algo else []), *([f'rl.env="{env}"'] if env else [])]
-    cfg = config_from_options(preset, config, overrides, seed)
+    cfg = config_from_options(preset, config, overrides, seed, profile)
     check_reward_weights(rl_env(cfg), cfg.rl.reward_weights)  # mistakes fail before a run directory exists
     base = RunDir.open(parent)
     init = latest_checkpoint(base.checkpoints_dir)

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from glasslab.commands.common import config_from_options, new_run
-from glasslab.commands.options import ConfigFile, Json, Name, Overwrite, Preset, Resume, RunsDir, Seed, Sets
+from glasslab.commands.options import ConfigFile, Json, Name, Overwrite, Preset, Profile, Resume, RunsDir, Seed, Sets
 from glasslab.errors import GlasslabError
 
 
@@ -28,6 +28,7 @@ def run(
     report: Annotated[bool, typer.Option(help="write report.html at the end")] = True,
     overwrite: Overwrite = False,
     resume: Resume = False,
+    profile: Profile = 0,
     json_: Json = False,
 ) -> None:
     """Run the whole pipeline (or the listed stages) in one run directory, evaluate, and write the report."""
@@ -44,7 +45,7 @@ def run(
         raise GlasslabError(
             f"unknown stage '{','.join(unknown)}' in --stages: use some of {','.join(PIPELINE)}, in that order"
         )
-    cfg = config_from_options(preset, config, set_, seed)
+    cfg = config_from_options(preset, config, set_, seed, profile)
     parent = RunDir.open(from_) if from_ else None
     init = latest_checkpoint(parent.checkpoints_dir) if parent else None
     if parent and init is None:

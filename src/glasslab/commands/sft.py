@@ -13,6 +13,7 @@ from glasslab.commands.options import (
     Name,
     Overwrite,
     Preset,
+    Profile,
     Resume,
     RunsDir,
     Seed,
@@ -40,6 +41,7 @@ def sft(
     seed: Seed = None,
     overwrite: Overwrite = False,
     resume: Resume = False,
+    profile: Profile = 0,
     json_: Json = False,
 ) -> None:
     """Fine-tune a pretrained run on chat conversations from task environments or your own file."""
@@ -61,7 +63,7 @@ def sft(
     init = latest_checkpoint(base_run.checkpoints_dir)
     if init is None or not base_run.tokenizer_path.exists():
         raise GlasslabError(f"run {base_run.path} has no checkpoint (or tokenizer) to fine-tune: train it first")
-    cfg = config_from_options(preset, config, set_, seed)
+    cfg = config_from_options(preset, config, set_, seed, profile)
     base_cfg = load_run_config(base_run)
     tree = cfg.model_dump()
     tree["model"], tree["tokenizer"] = base_cfg.model.model_dump(), base_cfg.tokenizer.model_dump()

@@ -38,13 +38,13 @@ class ValBatches(Protocol):
 
 
 @runtime_checkable
-@runtime_checkable
 class PositionBatches(Protocol):
     """More fixed evaluation windows than the validation loss reads, for loss by position (pretraining)."""
 
     def position_batches(self, windows: int) -> list: ...
 
 
+@runtime_checkable
 class BatchIds(Protocol):
     """The (B, T) input and target token ids of a batch, to decode a spike's worst tokens."""
 
@@ -57,6 +57,14 @@ class KindedBatches(Protocol):
     compares like with like."""
 
     def batch_kind(self, batch: Any) -> str: ...
+
+
+@runtime_checkable
+class StaticShapes(Protocol):
+    """`static_shapes` is True when every training batch has the same shape (pretraining's (B, block_size)
+    windows), so a compiled forward compiles once: what `system.compile = "auto"` requires."""
+
+    static_shapes: bool
 
 
 @runtime_checkable
