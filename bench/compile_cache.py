@@ -2,7 +2,8 @@
 
 Each run is a fresh process (no in-memory cache) that builds the model at a shape, compiles it as `train()` does
 (glasslab.train.compiling: the FX graph and AOTAutograd caches on, in the cache directory given) and times the
-first training step (compilation included) and the median of the next steps. The first run of a shape starts
+first training step (compilation included) and the median of the next steps, in wall time and in CPU time (the
+process's and its compiler subprocesses'; on a busy machine the CPU time is the steadier figure). The first run of a shape starts
 from an empty cache directory; the runs after it find the compiled graphs there. `--eager` times the same
 steps without compiling, to show how many steps a compilation takes to pay for itself.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -44,17 +46,29 @@ def child(shape: str, precision: str, compile_: bool, steps: int) -> dict:
     fwd = compiled(model) if compile_ else model
     amp = autocast_dtype(precision, "cpu")
     B, T = cfg.train.batch_size, cfg.model.block_size
-    times = []
+    times, cpu = [], []
     for _ in range(steps):
         x = torch.randint(0, cfg.model.vocab_size, (B, T))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_s()
         with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
             loss = F.cross_entropy(fwd(x).flatten(0, 1), x.flatten())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    return {"first_step_s": times[0], "median_step_s": statistics.median(times[1:])}
+        cpu.append(cpu_s() - c0)
+    return {
+        "first_step_s": times[0],
+        "median_step_s": statistics.median(times[1:]),
+        "first_step_cpu_s": cpu[0],
+        "median_step_cpu_s": statistics.median(cpu[1:]),
+    }
+
+
+def cpu_s() -> float:
+    """CPU seconds of this process and of its finished subprocesses (inductor's C++ compiler)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def main() -> None:
@@ -76,7 +90,8 @@ def main() -> None:
         return
     results: dict = {"shape": args.shape, "precision": args.precision, "load_before": os.getloadavg(), "runs": []}
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        # one compile thread: inductor compiles in-process, so its C++ compiler runs are counted in the CPU time
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TORCHINDUCTOR_COMPILE_THREADS": "1"}
         for i in range(args.runs + 1):
             compile_ = i < args.runs
             cmd = [sys.executable, __file__, "--child", args.shape, args.precision, "1" if compile_ else "0"]

@@ -11,8 +11,9 @@ its CPU shape in the same process, eager (its README's CPU setting) and compiled
 rounds, so a change in machine load hits every variant alike; the figure is the median step time over all rounds,
 with the range of the per-round medians.
 
-The variant glasslab trains with at default settings (`system.compile = "auto"`, glasslab.train.compiling) for a
-pretraining run of `--run-steps` steps is reported as `defaults`, in each precision: `defaults_vs_nanoGPT`.
+The variant glasslab trains with at default settings (`system.compile = "auto"`, glasslab.train.compiling: it
+depends on whether this machine's inductor caches are warm for the shape) for a pretraining run of `--run-steps`
+steps is reported as `defaults_vs_nanoGPT`, in each precision.
 
     python bench/throughput.py [--nanogpt DIR] [--rounds 5] [--steps 40] [--out bench/results/throughput.json]
 """
@@ -38,7 +39,7 @@ from glasslab.data.tokenizer import Tokenizer
 from glasslab.data.tokens import BatchSampler, build_token_splits
 from glasslab.model.gpt import GPT
 from glasslab.objectives.lm import LanguageModeling
-from glasslab.train.compiling import compiled, should_compile
+from glasslab.train.compiling import compile_key, compiled, should_compile
 from glasslab.train.optim import build_optimizer
 from glasslab.train.precision import autocast_dtype
 
@@ -93,6 +94,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=40, help="timed steps per variant per round")
     ap.add_argument("--warmup", type=int, default=15)
+    ap.add_argument("--eager-only", action="store_true", help="leave out the compiled variants (and their compiling)")
     ap.add_argument("--run-steps", type=int, default=2000, help="the pretraining run whose defaults are reported")
     ap.add_argument("--shapes", nargs="+", default=["nanogpt_shape", "tiny_preset"])
     ap.add_argument("--out", type=Path, default=Path("bench/results/throughput.json"))
@@ -116,12 +118,12 @@ def main() -> None:
             splits = build_token_splits(docs, tok, Path(cache), 0.05, 0)
             tokens = cfg.train.batch_size * cfg.model.block_size
             for precision in ("float32", "auto"):
-                for compile_ in (False, True):
+                for compile_ in (False,) if args.eager_only else (False, True):
                     sampler = BatchSampler(splits.train, cfg.train.batch_size, cfg.model.block_size, 0)
                     label = f"{name}/{precision}{'/compiled' if compile_ else ''}"
                     steps[label] = (glasslab_step(cfg.model_copy(deep=True), sampler, precision, compile_), tokens)
             if name == "nanogpt_shape" and args.nanogpt:
-                for compile_ in (False, True):
+                for compile_ in (False,) if args.eager_only else (False, True):
                     sampler = BatchSampler(splits.train, 12, 64, 0)
                     label = f"nanogpt_shape/nanoGPT{'/compiled' if compile_ else ''}"
                     steps[label] = (nanogpt_step(args.nanogpt, tok.vocab_size, sampler, compile_), tokens)
@@ -154,10 +156,11 @@ def main() -> None:
                 if label.startswith("nanogpt_shape/"):
                     results[label][key] = results[label]["tokens_per_s"] / results[ref]["tokens_per_s"]
             print(f"{key}:", {k: round(v[key], 2) for k, v in results.items() if isinstance(v, dict) and key in v})
-    compile_default = should_compile("auto", LanguageModeling, "cpu", args.run_steps)
-    results["defaults_compile"] = compile_default
+    cfg = shapes["nanogpt_shape"][0]
     nano = results.get("nanogpt_shape/nanoGPT")
     for precision in ("float32", "auto"):
+        key = compile_key(cfg.model.model_dump(), cfg.train.batch_size, autocast_dtype(precision, "cpu"), "cpu")
+        compile_default = should_compile("auto", LanguageModeling, "cpu", args.run_steps, key)
         label = f"nanogpt_shape/{precision}{'/compiled' if compile_default else ''}"
         if nano and label in results:
             # per round, so the range shows how much the machine's load moved the ratio
@@ -167,9 +170,8 @@ def main() -> None:
                 "median": results[label]["vs_nanoGPT"],
                 "round_range": [min(ratios), max(ratios)],
             }
-            print(
-                f"defaults ({label}) vs nanoGPT eager: {results[label]['vs_nanoGPT']:.2f}x, rounds {min(ratios):.2f}-{max(ratios):.2f}"
-            )
+            median = results[label]["vs_nanoGPT"]
+            print(f"defaults ({label}) vs nanoGPT eager: {median:.2f}x, rounds {min(ratios):.2f}-{max(ratios):.2f}")
     results["load_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

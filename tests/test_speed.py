@@ -130,19 +130,47 @@ def test_cli_profile_flag_sets_system_profile(tmp_path, monkeypatch):
     assert seen["p"] == 5
 
 
-def test_auto_compiles_long_static_shape_stages_only(tok, monkeypatch):
-    lm, steps = objective_for(tok), compiling.CPU_MIN_STEPS
+def test_auto_compiles_long_static_shape_stages_and_sooner_once_warm(tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    lm, cold, warm = objective_for(tok), compiling.CPU_MIN_STEPS_COLD, compiling.CPU_MIN_STEPS_WARM
+    key = compiling.compile_key({"n_layer": 2}, 4, torch.bfloat16, "cpu")
+    assert key != compiling.compile_key({"n_layer": 3}, 4, torch.bfloat16, "cpu")
+    assert key != compiling.compile_key({"n_layer": 2}, 4, None, "cpu")
 
     class Varying:
         stage = "rl"
 
     monkeypatch.setattr(compiling, "has_cxx", lambda: True)
-    assert compiling.should_compile("auto", lm, "cpu", steps)
-    assert not compiling.should_compile("auto", lm, "cpu", steps - 1)
-    assert not compiling.should_compile("auto", Varying(), "cpu", 10 * steps)
-    assert compiling.should_compile("auto", lm, "cuda", 1)
-    assert not compiling.should_compile("auto", Varying(), "cuda", 10 * steps)
-    assert compiling.should_compile(True, Varying(), "cpu", 1)
-    assert not compiling.should_compile(False, lm, "cuda", 10 * steps)
+    assert compiling.should_compile("auto", lm, "cpu", cold, key)
+    assert not compiling.should_compile("auto", lm, "cpu", cold - 1, key)
+    assert not compiling.should_compile("auto", lm, "cpu", warm, key)
+    compiling.mark_warm(key)
+    assert compiling.should_compile("auto", lm, "cpu", warm, key)
+    assert not compiling.should_compile("auto", lm, "cpu", warm - 1, key)
+    assert not compiling.should_compile("auto", Varying(), "cpu", 10 * cold, key)
+    assert compiling.should_compile("auto", lm, "cuda", 1, key)
+    assert not compiling.should_compile("auto", Varying(), "cuda", 10 * cold, key)
+    assert compiling.should_compile(True, Varying(), "cpu", 1, key)
+    assert not compiling.should_compile(False, lm, "cuda", 10 * cold, key)
     monkeypatch.setattr(compiling, "has_cxx", lambda: False)
-    assert not compiling.should_compile("auto", lm, "cpu", steps)
+    assert not compiling.should_compile("auto", lm, "cpu", 10 * cold, key)
+
+
+def test_rmsnorm_trains_like_the_plain_formulation():
+    """The eager fused RMSNorm: the same outputs, and gradients equal to float rounding."""
+    from glasslab.model.gpt import RMSNorm
+
+    torch.manual_seed(0)
+    for shape, eps in [((3, 5, 16), None), ((2, 4, 5, 8), 1e-6)]:
+        norm = RMSNorm(shape[-1], eps=eps)
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+        x, g = torch.randn(*shape, requires_grad=True), torch.randn(*shape)
+        plain = torch.nn.functional.rms_norm(x, norm.normalized_shape, norm.weight, eps)
+        dx, dw = torch.autograd.grad(plain, (x, norm.weight), g)
+        fused = norm(x)
+        assert fused.grad_fn is not None and "RMSNorm" in type(fused.grad_fn).__name__
+        fx, fw = torch.autograd.grad(fused, (x, norm.weight), g)
+        torch.testing.assert_close(fused, plain)
+        torch.testing.assert_close(fx, dx)
+        torch.testing.assert_close(fw, dw)

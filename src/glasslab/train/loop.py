@@ -26,7 +26,7 @@ from glasslab.errors import GlasslabError
 from glasslab.track.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from glasslab.track.metrics import MetricStore
 from glasslab.track.rundir import RunDir
-from glasslab.train.compiling import compiled, should_compile
+from glasslab.train.compiling import compile_key, compiled, mark_warm, should_compile
 from glasslab.train.distributed import is_main, world_size, wrap
 from glasslab.train.mfu import flops_per_token, peak_flops
 from glasslab.train.optim import build_optimizer, set_lr
@@ -254,9 +254,10 @@ def train(
         hooks, progress = [h for h in hooks if h.every_rank], None
     device = next(model.parameters()).device
     device_type = device.type
-    compile_ = should_compile(system.compile, objective, device_type, cfg.steps)
-    forward = wrap(compiled(model) if compile_ else model)
     amp = autocast_dtype(system.precision, device_type)
+    shape_key = compile_key(arch, cfg.batch_size, amp, device_type)
+    compile_ = should_compile(system.compile, objective, device_type, cfg.steps, shape_key)
+    forward = wrap(compiled(model) if compile_ else model)
     model_flops = flops_per_token(model)
     peak = peak_flops(device, amp or torch.float32)
     optimizer = build_optimizer(model, cfg)
@@ -307,6 +308,7 @@ def train(
         run if main else None, stage, model, system.profile, cfg.steps - ctx.step, compiled=compile_
     )
     part = profiler.part
+    marked = False
 
     def call(moment: str) -> None:
         for h in hooks:
@@ -348,6 +350,9 @@ def train(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             ctx.step += 1
+            if compile_ and main and not marked:  # a compiled step ran: inductor's caches hold its graphs
+                mark_warm(shape_key)
+                marked = True
             ctx.metrics.update(parts)
             ctx.metrics.update({"optim/grad_norm": grad_norm, "optim/clipped": float(grad_norm > clip)})
             call("on_optimizer_step")
