@@ -48,45 +48,6 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x * cos + torch.cat((x2, x1), dim=-1) * sin).type_as(x)
 
 
-class _RMSNormFn(torch.autograd.Function):
-    """RMSNorm over the last dimension with its backward written out. With gradients, eager `F.rms_norm` on CPU is
-    decomposed into element-wise ops (square, mean, rsqrt, two products) whose autograd backward launches about
-    twice as many full-size kernels; this forward is torch's fused kernel and the backward is the closed form
-    dx = rstd·(g·w - x̂·mean(g·w·x̂)), dw = Σ g·x̂ with x̂ = x·rstd."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eps: float | None) -> Tensor:
-        y, rstd = torch.ops.aten._fused_rms_norm(x, [x.size(-1)], weight, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, rstd = ctx.saved_tensors
-        xhat = x * rstd
-        dw = (grad * xhat).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
-        gw = grad * weight
-        mean = (gw * xhat).mean(-1, keepdim=True)
-        return torch.addcmul(gw, xhat, mean, value=-1).mul_(rstd), dw, None
-
-
-class RMSNorm(nn.RMSNorm):
-    """nn.RMSNorm (same parameters, same outputs) that trains in fewer kernels in eager mode on CPU (_RMSNormFn).
-    Compiled, inductor fuses the plain formulation itself; without gradients torch already runs the fused kernel."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if (
-            x.device.type == "cpu"
-            and torch.is_grad_enabled()
-            and self.weight is not None
-            and x.dtype == self.weight.dtype
-            and len(self.normalized_shape) == 1
-            and not torch.compiler.is_compiling()
-        ):
-            return _RMSNormFn.apply(x, self.weight, self.eps)
-        return super().forward(x)
-
-
 class AttentionCore(nn.Module):
     """softmax(q kᵀ / √d + mask) v. Its own module so a probe can hook the exact q, k, v the model attends with."""
 
@@ -111,8 +72,8 @@ class Attention(nn.Module):
         self.k = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.v = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.o = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=False)
-        self.q_norm = RMSNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
+        self.q_norm = nn.RMSNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
         self.core = AttentionCore()
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: CacheLayer | None) -> Tensor:
@@ -162,8 +123,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.norm1, self.attn = RMSNorm(cfg.n_embd), Attention(cfg)
-        self.norm2, self.mlp = RMSNorm(cfg.n_embd), MLP(cfg)
+        self.norm1, self.attn = nn.RMSNorm(cfg.n_embd), Attention(cfg)
+        self.norm2, self.mlp = nn.RMSNorm(cfg.n_embd), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: CacheLayer | None) -> Tensor:
@@ -180,7 +141,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.n_embd)
+        self.norm = nn.RMSNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.wte.weight
