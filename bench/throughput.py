@@ -7,8 +7,13 @@ forward, backward, clip, optimizer step.
 
 With `--nanogpt DIR` (a checkout of karpathy/nanoGPT), nanoGPT's `model.py` is imported from DIR and its
 training step (its GPT, its `configure_optimizers`, float32 as its train.py runs on CPU, clip 1.0) is timed at
-its CPU shape in the same process, eager (its README's CPU setting) and compiled. Variants are timed in interleaved rounds, so a change in machine load hits
-every variant alike; the figure is the median step time over all rounds.
+its CPU shape in the same process, eager (its README's CPU setting) and compiled. Variants are timed in interleaved
+rounds, so a change in machine load hits every variant alike; the figure is the median step time over all rounds,
+with the range of the per-round medians.
+
+The variant glasslab trains with at default settings (`system.compile = "auto"`, glasslab.train.compiling: it
+depends on whether this machine's inductor caches are warm for the shape) for a pretraining run of `--run-steps`
+steps is reported as `defaults_vs_nanoGPT`, in each precision.
 
     python bench/throughput.py [--nanogpt DIR] [--rounds 5] [--steps 40] [--out bench/results/throughput.json]
 """
@@ -33,6 +38,8 @@ from glasslab.data.corpus import load_documents
 from glasslab.data.tokenizer import Tokenizer
 from glasslab.data.tokens import BatchSampler, build_token_splits
 from glasslab.model.gpt import GPT
+from glasslab.objectives.lm import LanguageModeling
+from glasslab.train.compiling import compiled, should_compile
 from glasslab.train.optim import build_optimizer
 from glasslab.train.precision import autocast_dtype
 
@@ -43,7 +50,7 @@ def glasslab_step(cfg, sampler: BatchSampler, precision: str, compile_: bool) ->
     torch.manual_seed(0)
     model = GPT(cfg.model)
     opt = build_optimizer(model, cfg.train)
-    fwd = torch.compile(model) if compile_ else model
+    fwd = compiled(model) if compile_ else model
     amp = autocast_dtype(precision, "cpu")
 
     def step() -> None:
@@ -87,6 +94,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=40, help="timed steps per variant per round")
     ap.add_argument("--warmup", type=int, default=15)
+    ap.add_argument("--eager-only", action="store_true", help="leave out the compiled variants (and their compiling)")
+    ap.add_argument("--run-steps", type=int, default=2000, help="the pretraining run whose defaults are reported")
     ap.add_argument("--shapes", nargs="+", default=["nanogpt_shape", "tiny_preset"])
     ap.add_argument("--out", type=Path, default=Path("bench/results/throughput.json"))
     args = ap.parse_args()
@@ -109,12 +118,12 @@ def main() -> None:
             splits = build_token_splits(docs, tok, Path(cache), 0.05, 0)
             tokens = cfg.train.batch_size * cfg.model.block_size
             for precision in ("float32", "auto"):
-                for compile_ in (False, True):
+                for compile_ in (False,) if args.eager_only else (False, True):
                     sampler = BatchSampler(splits.train, cfg.train.batch_size, cfg.model.block_size, 0)
                     label = f"{name}/{precision}{'/compiled' if compile_ else ''}"
                     steps[label] = (glasslab_step(cfg.model_copy(deep=True), sampler, precision, compile_), tokens)
             if name == "nanogpt_shape" and args.nanogpt:
-                for compile_ in (False, True):
+                for compile_ in (False,) if args.eager_only else (False, True):
                     sampler = BatchSampler(splits.train, 12, 64, 0)
                     label = f"nanogpt_shape/nanoGPT{'/compiled' if compile_ else ''}"
                     steps[label] = (nanogpt_step(args.nanogpt, tok.vocab_size, sampler, compile_), tokens)
@@ -132,7 +141,13 @@ def main() -> None:
                 times[label].append(time.perf_counter() - t0)
     for label, (_, tokens) in steps.items():
         median = statistics.median(times[label])
-        results[label] = {"median_step_ms": median * 1e3, "tokens_per_s": tokens / median, "tokens_per_step": tokens}
+        rounds = [statistics.median(times[label][r * args.steps : (r + 1) * args.steps]) for r in range(args.rounds)]
+        results[label] = {
+            "median_step_ms": median * 1e3,
+            "round_medians_ms": [t * 1e3 for t in rounds],
+            "tokens_per_s": tokens / median,
+            "tokens_per_step": tokens,
+        }
         print(f"{label:36s} {tokens / median:9.0f} tok/s  ({median * 1e3:.2f} ms/step)")
     for ref in ("nanogpt_shape/nanoGPT", "nanogpt_shape/nanoGPT/compiled"):
         if ref in results:
@@ -141,6 +156,21 @@ def main() -> None:
                 if label.startswith("nanogpt_shape/"):
                     results[label][key] = results[label]["tokens_per_s"] / results[ref]["tokens_per_s"]
             print(f"{key}:", {k: round(v[key], 2) for k, v in results.items() if isinstance(v, dict) and key in v})
+    cfg = shapes["nanogpt_shape"][0]
+    nano = results.get("nanogpt_shape/nanoGPT")
+    for precision in ("float32", "auto"):
+        compile_default = should_compile("auto", LanguageModeling, "cpu", args.run_steps)
+        label = f"nanogpt_shape/{precision}{'/compiled' if compile_default else ''}"
+        if nano and label in results:
+            # per round, so the range shows how much the machine's load moved the ratio
+            ratios = [n / g for g, n in zip(results[label]["round_medians_ms"], nano["round_medians_ms"])]
+            results[f"defaults_vs_nanoGPT/{precision}"] = {
+                "variant": label,
+                "median": results[label]["vs_nanoGPT"],
+                "round_range": [min(ratios), max(ratios)],
+            }
+            median = results[label]["vs_nanoGPT"]
+            print(f"defaults ({label}) vs nanoGPT eager: {median:.2f}x, rounds {min(ratios):.2f}-{max(ratios):.2f}")
     results["load_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

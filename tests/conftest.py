@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from glasslab.config import ModelConfig
 from glasslab.model.gpt import GPT
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory):
+    """The measured peak FLOP/s and inductor's caches go to a directory of the test session, not the user's."""
+    before = os.environ.get("GLASSLAB_CACHE_DIR")
+    os.environ["GLASSLAB_CACHE_DIR"] = str(tmp_path_factory.mktemp("glasslab-cache"))
+    yield
+    if before is None:
+        os.environ.pop("GLASSLAB_CACHE_DIR")
+    else:
+        os.environ["GLASSLAB_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="module")

@@ -235,11 +235,15 @@ class TrainConfig(Section):
 
 class SystemConfig(Section):
     device: str = "auto"  # auto: cuda when available, else cpu
-    compile: bool = False
+    # torch.compile the training forward. auto: when the stage's batches have one shape (pretraining) and, on CPU,
+    # it has enough steps to win the compilation back (glasslab.train.compiling).
+    compile: bool | Literal["auto"] = "auto"
     threads: int | None = Field(None, ge=1)  # None: torch's default
     # Training matmuls under bfloat16 autocast (weights, optimizer state and evaluation stay float32).
     # auto: on where the hardware has fast bf16 (CUDA with bf16, a CPU with AVX512-BF16 or AMX), else off.
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    # --profile N: torch.profiler over N steps of each stage after a short warm-up; writes profile/<stage>/ (0: off)
+    profile: int = Field(0, ge=0)
 
 
 class ProbesConfig(Section):

@@ -17,13 +17,14 @@ errors = Console(stderr=True)
 
 
 def progress() -> Progress:
-    """Step bar with loss, tokens/s and ETA; one instance can carry every stage of a pipeline."""
+    """Step bar with loss, tokens/s, model FLOPs utilisation and ETA; one instance can carry every stage of a pipeline."""
     return Progress(
         TextColumn("[bold]{task.description:<8}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}"),
         TextColumn("{task.fields[tps]:>7.0f} tok/s"),
+        TextColumn("MFU {task.fields[mfu]:>5.1%}"),
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),

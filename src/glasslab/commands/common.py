@@ -16,10 +16,15 @@ from glasslab.track.runname import check_run_name
 from glasslab.ui import console, emit_json
 
 
-def config_from_options(preset: str, config_file: Path | None, sets: list[str] | None, seed: int | None) -> Config:
+def config_from_options(
+    preset: str, config_file: Path | None, sets: list[str] | None, seed: int | None, profile: int = 0
+) -> Config:
+    """The config from a command's options; `profile` (--profile N), when given, sets system.profile."""
     from glasslab.train.distributed import init_from_env
 
     cfg = resolve(preset, config_file, [*(sets or []), *([f"seed={seed}"] if seed is not None else [])])
+    if profile:
+        cfg.system.profile = profile
     init_from_env(cfg.system.device)  # under torchrun: join the process group before touching the run
     return cfg
 

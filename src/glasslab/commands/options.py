@@ -21,6 +21,15 @@ Sets = Annotated[
 Name = Annotated[str | None, typer.Option(metavar="NAME", help="the run's name (default: stage-preset-time)")]
 RunsDir = Annotated[Path, typer.Option("--runs-dir", metavar="DIR", help="where runs live")]
 Seed = Annotated[int | None, typer.Option(min=0, metavar="INT", help="random seed (overrides the config)")]
+Profile = Annotated[
+    int,
+    typer.Option(
+        "--profile",
+        min=0,
+        metavar="N",
+        help="profile N steps of each stage (torch.profiler): profile/<stage>/trace.json and a table of time by part",
+    ),
+]
 Json = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
 Overwrite = Annotated[bool, typer.Option(help="replace an existing run of that name")]
 Resume = Annotated[bool, typer.Option(help="continue an existing run of that name")]
@@ -54,6 +63,7 @@ class StageOptions:
     seed: int | None
     overwrite: bool
     resume: bool
+    profile: int
     json: bool
 
 
@@ -67,6 +77,7 @@ _STAGE_OPTIONS = [
     ("seed", "seed", Seed, None),
     ("overwrite", "overwrite", Overwrite, False),
     ("resume", "resume", Resume, False),
+    ("profile", "profile", Profile, 0),
     ("json_", "json", Json, False),
 ]
 

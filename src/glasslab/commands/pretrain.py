@@ -33,7 +33,7 @@ def pretrain(
     from glasslab.stages.pretrain import pretrain as run_pretrain
     from glasslab.ui import progress
 
-    cfg = config_from_options(opts.preset, opts.config, opts.sets, opts.seed)
+    cfg = config_from_options(opts.preset, opts.config, opts.sets, opts.seed, opts.profile)
     if data is not None:
         cfg.data.source = data
     if probes is not None:

@@ -41,7 +41,7 @@ def rl(
     from glasslab.ui import console, progress
 
     overrides = [*(opts.sets or []), *([f'rl.algo="{algo}"'] if algo else []), *([f'rl.env="{env}"'] if env else [])]
-    cfg = config_from_options(opts.preset, opts.config, overrides, opts.seed)
+    cfg = config_from_options(opts.preset, opts.config, overrides, opts.seed, opts.profile)
     base = RunDir.open(parent)
     init = latest_checkpoint(base.checkpoints_dir)
     if init is None or not base.tokenizer_path.exists():

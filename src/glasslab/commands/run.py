@@ -44,7 +44,7 @@ def run(
         raise GlasslabError(
             f"--stages '{stages}' is out of order or repeats a stage: use some of {','.join(PIPELINE)}, in that order"
         )
-    cfg = config_from_options(opts.preset, opts.config, opts.sets, opts.seed)
+    cfg = config_from_options(opts.preset, opts.config, opts.sets, opts.seed, opts.profile)
     parent = RunDir.open(from_) if from_ else None
     init = latest_checkpoint(parent.checkpoints_dir) if parent else None
     if parent and (init is None or not parent.tokenizer_path.exists()):

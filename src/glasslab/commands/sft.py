@@ -50,7 +50,7 @@ def sft(
     init = latest_checkpoint(base_run.checkpoints_dir)
     if init is None or not base_run.tokenizer_path.exists():
         raise GlasslabError(f"run {base_run.path} has no checkpoint (or tokenizer) to fine-tune: train it first")
-    cfg = config_from_options(opts.preset, opts.config, opts.sets, opts.seed)
+    cfg = config_from_options(opts.preset, opts.config, opts.sets, opts.seed, opts.profile)
     base_cfg = load_run_config(base_run)
     tree = cfg.model_dump()
     tree["model"], tree["tokenizer"] = base_cfg.model.model_dump(), base_cfg.tokenizer.model_dump()

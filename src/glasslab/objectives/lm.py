@@ -53,6 +53,7 @@ class LanguageModeling:
     """Random windows of the training tokens; validation on a fixed set of windows so curves are comparable."""
 
     stage = "pretrain"
+    static_shapes = True  # every batch is (batch_size, block_size): a compiled forward compiles once
 
     def __init__(
         self,

@@ -1,6 +1,7 @@
-"""`glasslab probes RUN`: the latest probe values per block, loss by position, and the spike dossiers.
+"""`glasslab probes RUN`: the latest probe values per block, loss by position, the spike dossiers, and where a
+profiled step's time went (`--profile N`).
 
-Reads only the run directory (metrics and spikes/*.json), so it works on a finished run and, through the
+Reads only the run directory (metrics, spikes/*.json and profile/<stage>/summary.json), so it works on a finished run and, through the
 WAL metric store, on one that is still training.
 """
 
@@ -63,7 +64,7 @@ GLOBAL_METRICS = [
 def probe_summary(run_path: Path) -> dict:
     """Everything the view shows, as plain data (what `--json` prints): per block, the latest value and step of
     each per-block metric (and per attention head); the latest loss by position; a few global values; every
-    dossier in spikes/."""
+    dossier in spikes/; each profiled stage's time by part of a step."""
     run = RunDir.open(Path(run_path))
     run_path = run.path
     table = read_metrics(run_path)
@@ -100,13 +101,16 @@ def probe_summary(run_path: Path) -> dict:
         "router": {layer: router[layer] for layer in sorted(router, key=natural_key)},
         "global": {n: latest[n] for n in GLOBAL_METRICS if n in latest},
         "spikes": spikes,
+        "profile": run.read_profiles(),
     }
 
 
 def render(summary: dict, spike_step: int | None = None) -> None:
     """Rich tables on the console: blocks, loss by position, dossiers, and one dossier in full."""
     chosen = pick_dossier(summary, spike_step) if summary["spikes"] or spike_step is not None else None
-    if not summary["blocks"] and not summary["spikes"] and not summary["router"]:
+    for stage, prof in summary.get("profile", {}).items():
+        _profile_table(stage, prof)
+    if not (summary["blocks"] or summary["spikes"] or summary["router"] or summary.get("profile")):
         console.print(f"no probe metrics in {summary['run']} yet (probes off, or the run has not logged a probe step)")
         return
     if summary["blocks"]:
@@ -173,6 +177,20 @@ def _router_table(summary: dict) -> None:
         ]
         table.add_row(layer, *cells)
     console.print(table)
+
+
+def _profile_table(stage: str, prof: dict) -> None:
+    """Time by part of a profiled step, and the costliest ops."""
+    compiled = ", compiled" if prof.get("compiled") else ""
+    title = f"where {stage}'s step time goes: {prof['steps']} profiled steps, {prof['step_ms']:.1f} ms/step{compiled}"
+    table = Table("part", "ms/step", "share", title=title)
+    for name, part in prof["parts"].items():
+        table.add_row(name, f"{part['ms_per_step']:.2f}", f"{part['share']:.1%}")
+    console.print(table)
+    ops = Table("op", "self ms/step", "calls/step", title=f"{stage}: ops with the most self time")
+    for op in prof["top_ops"][:8]:
+        ops.add_row(op["op"], f"{op['self_ms_per_step']:.2f}", f"{op['calls_per_step']:.0f}")
+    console.print(ops)
 
 
 def _spikes_table(dossiers: list[dict]) -> None:

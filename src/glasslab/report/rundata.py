@@ -42,6 +42,7 @@ class RunData:
     rollouts: dict[int, list[dict]] = field(default_factory=dict)  # step -> completions
     evals: dict[str, list[dict]] = field(default_factory=dict)  # "<task>-seed<S>" -> records
     final_eval: dict[str, dict] = field(default_factory=dict)  # eval/final.json: stage -> environment -> summary
+    profiles: dict[str, dict] = field(default_factory=dict)  # profile/<stage>/summary.json: stage -> time by part
 
     @property
     def name(self) -> str:
@@ -80,6 +81,7 @@ def load_run(path: Path) -> RunData:
         rollouts={step: read_jsonl(p) for step, p in run.rollout_files()},
         evals={p.stem: read_jsonl(p) for p in run.eval_tables()},
         final_eval=run.read_final_eval(),
+        profiles=run.read_profiles(),
     )
 
 

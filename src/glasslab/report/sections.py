@@ -646,6 +646,7 @@ def timing_section(run: RunData, claims: Claims) -> Section | None:
         steps = max(int(s.steps.max()) for s in m.values())
         tps = m.get("throughput/tokens_per_s")
         step_s = m.get("time/step_s")
+        mfu = m.get("throughput/mfu")
         rows.append(
             (
                 stage,
@@ -653,6 +654,7 @@ def timing_section(run: RunData, claims: Claims) -> Section | None:
                 float(times.max() - times.min()),
                 float(np.nanmedian(tps.values)) if tps else None,
                 float(np.nanmedian(step_s.values)) if step_s else None,
+                f"{np.nanmedian(mfu.values):.2%}" if mfu else None,
             )
         )
         names = claims.take(stage, _family(m, layout.THROUGHPUT_FAMILY) + _family(m, layout.TIME_FAMILY))
@@ -665,8 +667,30 @@ def timing_section(run: RunData, claims: Claims) -> Section | None:
             if layout.family_of(n) == layout.THROUGHPUT_FAMILY and n != "throughput/tokens_per_s":
                 sec.figure(_lines_of(m, [n], f"{n} ({stage})"))
     if rows:
-        sec.html(table(["stage", "last step", "wall time (s)", "median tokens/s", "median step time (s)"], rows))
+        header = ["stage", "last step", "wall time (s)", "median tokens/s", "median step time (s)", "median MFU"]
+        sec.html(table(header, rows))
     return sec if rows else None
+
+
+def profile_section(run: RunData) -> Section | None:
+    """`--profile N`: each profiled stage's time by part of a step and its costliest ops (profile/<stage>/)."""
+    if not run.profiles:
+        return None
+    sec = Section(
+        "profile",
+        "Where the time goes",
+        intro="torch.profiler over a few steps of each profiled stage (--profile N): time by part of the step, and "
+        "the ops with the most self time. The profiler slows every op a little: read the shares. The Chrome trace is "
+        "profile/<stage>/trace.json (chrome://tracing or ui.perfetto.dev).",
+    )
+    for stage, summary in run.profiles.items():
+        compiled = " (compiled: the forward's submodules are one graph)" if summary.get("compiled") else ""
+        sec.html(f"<h3>{escape(stage)}: {summary['steps']} steps, {summary['step_ms']:.1f} ms per step{compiled}</h3>")
+        rows = [(name, p["ms_per_step"], f"{p['share']:.1%}") for name, p in summary["parts"].items()]
+        sec.html(table(["part", "ms per step", "share of step"], rows))
+        ops = [(o["op"], o["self_ms_per_step"], o["calls_per_step"]) for o in summary["top_ops"]]
+        sec.html(table(["op", "self ms per step", "calls per step"], ops))
+    return sec
 
 
 def other_section(run: RunData, claims: Claims) -> Section | None:
@@ -704,6 +728,7 @@ def build_sections(run: RunData) -> list[Section]:
         moe_section(run, claims),
         spikes_section(run, claims),
         timing_section(run, claims),
+        profile_section(run),
         events_section(run),
         other_section(run, claims),
     ]

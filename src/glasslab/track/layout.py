@@ -16,6 +16,8 @@ in a process without torch. The layout of a run directory `runs/<name>/`:
     rollouts/step-20.jsonl              an RL step's completions with their scores
     eval/<task>-seed<S>.jsonl           `glasslab eval`'s answers, one line per problem
     eval/final.json                     the main job's held-out evaluation: stage -> task -> summary
+    profile/<stage>/trace.json          `--profile N`: a Chrome trace of N steps (chrome://tracing, Perfetto)
+    profile/<stage>/summary.json        the same steps' time by part of a step, and the costliest ops
     report.html                         the run report
 
 Token shards live beside the runs, in `<runs dir>/.cache/`, shared by every run on the same data and tokenizer;
@@ -48,6 +50,9 @@ SPIKES = "spikes"
 ROLLOUTS = "rollouts"
 EVAL_DIR = "eval"
 FINAL_EVAL = "final.json"  # inside eval/
+PROFILE_DIR = "profile"
+PROFILE_TRACE = "trace.json"  # inside profile/<stage>/
+PROFILE_SUMMARY = "summary.json"  # inside profile/<stage>/
 TOKEN_CACHE = ".cache"  # beside the run directories, not inside one
 COMPARE = "compare.html"  # `glasslab compare`'s default page, beside the first run compared
 
@@ -139,7 +144,7 @@ RL_FAMILY = "rl"  # rewards, KL, entropy, clipping, completion lengths (rl/rewar
 EVAL_FAMILY = "eval"  # task evaluation: eval/<task>/accuracy, pass@k, eval/<task>/after_<stage>/...
 SPIKE_FAMILY = "spike"  # spike detector scores
 TIME_FAMILY = "time"  # seconds per step and per part of a step
-THROUGHPUT_FAMILY = "throughput"  # tokens per second
+THROUGHPUT_FAMILY = "throughput"  # tokens per second, model FLOPs per second, MFU
 LOGITS_FAMILY = "logits"  # output-logit max and log-partition
 MOE_FAMILY = "moe"  # MoE routing: moe/<kind>/blocks.i[.e<k>] (probes/router.py)
 LOSS_BY_POS = "loss_by_pos"  # validation loss per position bucket: loss_by_pos/004-007

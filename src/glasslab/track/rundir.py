@@ -157,6 +157,25 @@ class RunDir:
     def final_eval_path(self) -> Path:
         return self.eval_dir / layout.FINAL_EVAL
 
+    def profile_dir(self, stage: str) -> Path:
+        """profile/<stage>/: the trace and time-by-part summary of `--profile N`."""
+        return self.path / layout.PROFILE_DIR / stage
+
+    def read_profiles(self) -> dict[str, dict]:
+        """stage -> profile/<stage>/summary.json for the stages profiled, in pipeline order (unreadable ones left out)."""
+        order = {s: i for i, s in enumerate(layout.STAGES)}
+        found = sorted(
+            (self.path / layout.PROFILE_DIR).glob(f"*/{layout.PROFILE_SUMMARY}"),
+            key=lambda p: (order.get(p.parent.name, len(order)), p.parent.name),
+        )
+        out = {}
+        for path in found:
+            try:
+                out[path.parent.name] = json.loads(path.read_text())
+            except ValueError:
+                continue
+        return out
+
     @property
     def token_cache_dir(self) -> Path:
         """Token shards are cached beside the runs, shared by every run on the same data and tokenizer."""

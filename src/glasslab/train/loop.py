@@ -28,9 +28,12 @@ from glasslab.model.moe import add_router_losses
 from glasslab.track.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from glasslab.track.metrics import MetricStore
 from glasslab.track.rundir import RunDir
+from glasslab.train.compiling import compiled, should_compile
 from glasslab.train.distributed import is_main, main_values, world_size, wrap
+from glasslab.train.mfu import flops_per_token, peak_flops
 from glasslab.train.optim import build_optimizer, set_lr
 from glasslab.train.precision import autocast_dtype
+from glasslab.train.profile import StepProfiler
 
 
 class Objective(Protocol):
@@ -244,18 +247,24 @@ def train(
     progress: Any = None,
     system: SystemConfig | None = None,
 ) -> int:
-    """Run (or resume) one stage to cfg.steps, or until cfg.budget is spent. Returns the final step. With
-    `system.compile`, the objective's training forward runs through torch.compile, and under `system.precision` in
-    bfloat16 autocast; evaluation, sampling and probes use the plain float32 module."""
+    """Run (or resume) one stage to cfg.steps, or until cfg.budget is spent. Returns the final step. When
+    `system.compile` says so (glasslab.train.compiling), the objective's training forward runs through
+    torch.compile, and under `system.precision` in bfloat16 autocast; evaluation, sampling and probes use the plain
+    float32 module. Every step logs its model FLOPs per second and MFU (glasslab.train.mfu); `system.profile`
+    profiles that many steps (glasslab.train.profile)."""
     system = system or SystemConfig()
     stage = objective.stage
     main = is_main()  # under torchrun, only rank 0 writes the run directory
     hooks = sorted(hooks, key=lambda h: h.order)
     if not main:
         hooks, progress = [h for h in hooks if h.every_rank], None
-    forward = wrap(torch.compile(model) if system.compile else model)
-    device_type = next(model.parameters()).device.type
+    device = next(model.parameters()).device
+    device_type = device.type
     amp = autocast_dtype(system.precision, device_type)
+    compile_ = should_compile(system.compile, objective, device_type, cfg.steps)
+    forward = wrap(compiled(model) if compile_ else model)
+    model_flops = flops_per_token(model)
+    peak = peak_flops(device, amp or torch.float32)
     optimizer = build_optimizer(model, cfg)
     ctx = StepContext(stage, model, optimizer, objective, run, cfg)
     ckpt_root = run.checkpoints_dir
@@ -299,67 +308,94 @@ def train(
     if main:
         run.update_manifest(status="running", stage=stage, last_step=ctx.step)
     task = (
-        progress.add_task(stage, total=cfg.steps, completed=ctx.step, loss=float("nan"), tps=0.0) if progress else None
+        progress.add_task(stage, total=cfg.steps, completed=ctx.step, loss=float("nan"), tps=0.0, mfu=0.0)
+        if progress
+        else None
     )
-    with StopRequested() as stop, running(hooks, ctx, hook_state):
+    profiler = StepProfiler(
+        run if main else None, stage, model, system.profile, cfg.steps - ctx.step, compiled=compile_
+    )
+    part = profiler.part
+
+    def call(moment: str) -> None:
+        for h in hooks:
+            with part(f"hook/{type(h).__name__}"):
+                getattr(h, moment)(ctx)
+
+    with StopRequested() as stop, running(hooks, ctx, hook_state), contextlib.closing(profiler):
         model.train()
         while ctx.step < cfg.steps and not budget.spent(ctx.step):
+            profiler.step_start()
             t0 = time.perf_counter()
             ctx.metrics = {"optim/lr": set_lr(optimizer, ctx.step, cfg)}
-            for h in hooks:
-                h.on_step_start(ctx)
+            call("on_step_start")
             loss_sum, tokens, parts = 0.0, 0, {}
             for _ in range(cfg.grad_accum):
                 with torch.autocast(device_type, dtype=amp, enabled=amp is not None):
-                    ctx.batch = objective.next_batch(model)
-                    loss, parts = add_router_losses(model, *objective.loss(forward, ctx.batch))
-                (loss / cfg.grad_accum).backward()
-                loss_sum += loss.item() / cfg.grad_accum
+                    with part("data"):
+                        ctx.batch = objective.next_batch(model)
+                    with profiler.forward():
+                        loss, parts = add_router_losses(model, *objective.loss(forward, ctx.batch))
+                with part("backward"):
+                    (loss / cfg.grad_accum).backward()
+                    loss_sum += loss.item() / cfg.grad_accum
                 tokens += objective.batch_tokens(ctx.batch)
             ctx.loss = loss_sum
             if not math.isfinite(loss_sum):
                 for h in hooks:
                     h.on_nonfinite(ctx)
                 raise Diverged(_diverged("loss", loss_sum, ctx.step + 1, ckpt_root, stage))
-            for h in hooks:
-                h.on_backward(ctx)
+            call("on_backward")
             clip = cfg.grad_clip if cfg.grad_clip else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+            with part("clip"):
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
             if not math.isfinite(grad_norm):
                 for h in hooks:
                     h.on_nonfinite(ctx)
                 raise Diverged(_diverged("gradient norm", grad_norm, ctx.step + 1, ckpt_root, stage))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            with part("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             ctx.step += 1
             ctx.metrics.update(parts)
             ctx.metrics.update({"optim/grad_norm": grad_norm, "optim/clipped": float(grad_norm > clip)})
-            for h in hooks:
-                h.on_optimizer_step(ctx)
+            call("on_optimizer_step")
             dt = time.perf_counter() - t0
-            ctx.metrics.update({"throughput/tokens_per_s": tokens * world_size() / dt, "time/step_s": dt})
-            if main:
-                store.log(ctx.step, stage, ctx.metrics)
+            flops_per_s = tokens * model_flops / dt  # this process's; MFU is per process against its own peak
+            ctx.metrics.update(
+                {
+                    "throughput/tokens_per_s": tokens * world_size() / dt,
+                    "throughput/model_flops_per_s": flops_per_s * world_size(),
+                    "throughput/mfu": flops_per_s / peak,
+                    "time/step_s": dt,
+                }
+            )
+            with part("log"):
+                if main:
+                    store.log(ctx.step, stage, ctx.metrics)
+                if progress:
+                    progress.update(task, completed=ctx.step, loss=loss_sum, tps=tokens / dt, mfu=flops_per_s / peak)
             spent = (tokens * world_size(), time.perf_counter() - t0)
             budget.add(*(main_values(*spent) if budget.measured else spent))  # every rank stops at rank 0's count
             last = ctx.step == cfg.steps or budget.spent(ctx.step)
             if (cfg.eval_every and ctx.step % cfg.eval_every == 0) or last:
-                ctx.metrics = objective.evaluate(model)
-                for h in hooks:
-                    h.on_eval(ctx)
-                if main:
-                    store.log(ctx.step, stage, ctx.metrics)
-                model.train()
+                with part("eval"):
+                    ctx.metrics = objective.evaluate(model)
+                    call("on_eval")
+                    if main:
+                        store.log(ctx.step, stage, ctx.metrics)
+                    model.train()
             if main and ((cfg.sample_every and ctx.step % cfg.sample_every == 0) or last):
-                for record in objective.samples(model):
-                    run.log_sample({"stage": stage, "step": ctx.step, **record})
-                model.train()
+                with part("samples"):
+                    for record in objective.samples(model):
+                        run.log_sample({"stage": stage, "step": ctx.step, **record})
+                    model.train()
             if ctx.step % cfg.checkpoint_every == 0 or last or stop.requested:
-                checkpoint()
-                if main:
-                    run.update_manifest(last_step=ctx.step)
-            if progress:
-                progress.update(task, completed=ctx.step, loss=loss_sum, tps=tokens / dt)
+                with part("checkpoint"):
+                    checkpoint()
+                    if main:
+                        run.update_manifest(last_step=ctx.step)
+            profiler.step_end()
             if stop.requested and not last:
                 raise Interrupted(f"stopped at step {ctx.step} of {stage}")
         for h in hooks:

@@ -60,6 +60,14 @@ class KindedBatches(Protocol):
 
 
 @runtime_checkable
+class StaticShapes(Protocol):
+    """`static_shapes` is True when every training batch has the same shape (pretraining's (B, block_size)
+    windows), so a compiled forward compiles once: what `system.compile = "auto"` requires."""
+
+    static_shapes: bool
+
+
+@runtime_checkable
 class TimedBatch(Protocol):
     """A batch that knows when it became ready to train on (`time.perf_counter()`), after sampling and scoring."""
 
