@@ -154,7 +154,7 @@ def test_an_imported_run_fine_tunes_evaluates_and_chats(tmp_path, one_thread):
     result = json.loads(invoke("eval", run.path, "--task", "arithmetic", "--n", "3", "--samples", "0", "--json").stdout)
     assert result["n"] == 3 and 0 <= result["accuracy"] <= 1
     said = json.loads(invoke("chat", run.path, "--prompt", "1+2=", "--max-new-tokens", "3", "--json").stdout)
-    assert set(said) == {"prompt", "reply"}
+    assert set(said) == {"prompt", "reply", "checkpoint", "stage", "step"} and said["stage"] == "sft"
 
 
 def test_import_without_jinja2_names_the_extra(tmp_path, monkeypatch, one_thread):
