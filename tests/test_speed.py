@@ -62,6 +62,7 @@ def test_the_peak_is_measured_once_per_key_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("GLASSLAB_CACHE_DIR", str(tmp_path))
     calls = []
     monkeypatch.setattr(mfu, "measure_peak", lambda device, dtype: calls.append(dtype) or 1e9 * (len(calls)))
+    monkeypatch.setattr(mfu, "quiet_cpu", lambda: True)
     cpu = torch.device("cpu")
     assert mfu.peak_flops(cpu, torch.float32) == 1e9
     assert mfu.peak_flops(cpu, torch.float32) == 1e9  # from the file
@@ -69,6 +70,14 @@ def test_the_peak_is_measured_once_per_key_and_cached(tmp_path, monkeypatch):
     assert calls == [torch.float32, torch.bfloat16]
     cached = json.loads((tmp_path / mfu.PEAK_FILE).read_text())
     assert len(cached) == 2 and all(f"threads={torch.get_num_threads()}" in k for k in cached)
+
+
+def test_a_peak_measured_on_a_busy_machine_is_not_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLASSLAB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(mfu, "measure_peak", lambda device, dtype: 5e8)
+    monkeypatch.setattr(mfu, "quiet_cpu", lambda: False)
+    assert mfu.peak_flops(torch.device("cpu"), torch.float32) == 5e8
+    assert not (tmp_path / mfu.PEAK_FILE).exists()
 
 
 def test_the_measured_peak_is_a_matmul_rate():

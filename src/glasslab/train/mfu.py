@@ -11,7 +11,8 @@ The peak: on CUDA, the device's dense tensor-core figure from a specification ta
 not in it); on CPU, measured once per machine: the best of a few large matmuls in the run's precision and thread
 count, cached in `peak_flops.json` under the user's cache directory (`GLASSLAB_CACHE_DIR`, else
 `$XDG_CACHE_HOME/glasslab`, else `~/.cache/glasslab`). A peak measured on a busy machine is low, and so makes MFU
-high: delete the file to measure again.
+high: it is kept only when the load average was at most the core count (else measured again by the next run);
+delete the file to measure again.
 """
 
 from __future__ import annotations
@@ -100,8 +101,16 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         cached = {}
-    if key not in cached:
-        cached[key] = measure_peak(device, dtype)
+    if key in cached:
+        return float(cached[key])
+    peak = measure_peak(device, dtype)
+    if device.type != "cpu" or quiet_cpu():  # a peak measured beside other work is too low, and would stay so
+        cached[key] = peak
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, cached)
-    return float(cached[key])
+    return peak
+
+
+def quiet_cpu() -> bool:
+    """Is the machine idle enough for a CPU peak worth keeping: a 1-minute load average no higher than its cores?"""
+    return os.getloadavg()[0] <= (os.cpu_count() or 1)
